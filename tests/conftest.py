@@ -35,3 +35,14 @@ def default_model():
 @pytest.fixture(scope="session")
 def seeds_dir() -> Path:
     return REPO / "seeds"
+
+
+# ---- export
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tiny_hf_dir, tmp_path_factory) -> Path:
+    """The tiny model as an f32 GGUF, written by localalign's own exporter (`write_gguf`)."""
+    from localalign.export import write_gguf
+
+    return write_gguf(tiny_hf_dir, tmp_path_factory.mktemp("tiny_gguf") / "tiny.f32.gguf", out_type="f32")

@@ -1,0 +1,477 @@
+"""Export a (tuned) Hugging Face model back to GGUF, and check the result against HF.
+
+The crossing HF -> GGUF is where peer tools break most often: a pre-tokenizer llama.cpp
+does not know, a chat template that is not carried over, BOS added twice, an attention
+tensor not permuted for llama.cpp's RoPE. This module writes the file with the `gguf`
+library (its tensor-name map and `SpecialVocab`), quantizes with llama.cpp's own quantizer,
+and then checks every export against the HF model (tokens, special ids, template, logits).
+
+Public entry points:
+  write_gguf(hf_dir, out, out_type)          HF dir -> f32/f16/bf16 GGUF
+  quantize_gguf(in, out, qtype)              GGUF -> q8_0, q4_k_m, ... (llama.cpp in-process)
+  write_lora_gguf(adapter_dir, base_hf, out) PEFT LoRA -> GGUF LoRA adapter
+  export_model / export_adapter              the above + parity check + Modelfile
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from localalign.errors import UserError
+from localalign.fsutil import commit_temp, temp_path_for
+from localalign.models import SUPPORTED_ARCHS
+
+log = logging.getLogger(__name__)
+
+OUT_TYPES = ("f32", "f16", "bf16")
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    gguf_arch: str  # llama.cpp's name for the architecture
+    # llama.cpp applies RoPE to interleaved (re, im) pairs, HF llama to two halves; Q and K
+    # rows are permuted at conversion so that both compute the same thing. Qwen2 uses
+    # llama.cpp's NEOX RoPE, which matches HF's halves directly.
+    permute_qk: bool
+
+
+# HF `model_type` -> how llama.cpp stores it. The keys must be the pipeline's SUPPORTED_ARCHS.
+ARCHS: dict[str, ArchSpec] = {
+    "llama": ArchSpec("llama", permute_qk=True),
+    "qwen2": ArchSpec("qwen2", permute_qk=False),
+}
+assert tuple(ARCHS) == tuple(SUPPORTED_ARCHS)
+
+
+# ---------------------------------------------------------------------------- reading HF
+
+
+def read_config(hf_dir: Path) -> dict[str, Any]:
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise UserError(f"{hf_dir}: not a Hugging Face model directory (no config.json)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: invalid JSON ({e})") from None
+
+
+def arch_spec(config: dict[str, Any], where: Path | str) -> ArchSpec:
+    """The export spec for a config, or a UserError naming the supported architectures."""
+    model_type = config.get("model_type")
+    if model_type not in ARCHS:
+        raise UserError(
+            f"{where}: architecture {model_type!r} cannot be exported to GGUF "
+            f"(supported: {', '.join(ARCHS)})"
+        )
+    return ARCHS[model_type]
+
+
+def rope_theta(config: dict[str, Any]) -> float:
+    # transformers 5 moved rope settings into `rope_parameters`; older configs have them on top.
+    params = config.get("rope_parameters") or {}
+    return float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
+
+
+def rope_type(config: dict[str, Any]) -> str:
+    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    return params.get("rope_type", params.get("type", "default")) or "default"
+
+
+# Pre-tokenizer regexes as they appear in HF tokenizer.json `Split` pre-tokenizers, and the
+# name llama.cpp gives the same split (llama-vocab.cpp implements each name by its own regex).
+_LLAMA3_REGEX = (
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
+    "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+)
+_QWEN2_REGEX = (
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
+    "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+)
+_SPLIT_REGEX_PRE = {_LLAMA3_REGEX: "llama-bpe", _QWEN2_REGEX: "qwen2"}
+
+# Normalizers that leave the text llama.cpp sees unchanged for practical input. Qwen2 ships
+# NFC; llama.cpp does not normalize, which differs only on non-NFC input (rare, and the
+# parity check's probes would show it).
+_HARMLESS_NORMALIZERS = (None, "NFC")
+
+
+def llama_cpp_pre_name(tokenizer_json: dict[str, Any]) -> str:
+    """llama.cpp's `tokenizer.ggml.pre` for an HF byte-level BPE tokenizer, from its structure.
+
+    llama.cpp's own converter identifies the pre-tokenizer by hashing the token ids of a
+    probe string, which needs a table entry per released model. A fine-tuned copy keeps the
+    structure of its tokenizer.json, so the structure is what we recognise. Anything else is
+    refused: a GGUF with the wrong pre name loads fine and tokenizes wrong.
+    """
+    model = tokenizer_json.get("model") or {}
+    if model.get("type") != "BPE":
+        raise UserError(
+            f"tokenizer model {model.get('type')!r} is not supported for export "
+            "(only byte-level BPE tokenizers, as in SmolLM2, Llama 3 and Qwen2)"
+        )
+    norm = tokenizer_json.get("normalizer")
+    if (norm or {}).get("type") not in _HARMLESS_NORMALIZERS:
+        raise UserError(f"tokenizer normalizer {norm.get('type')!r} is not supported for export")
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    kinds = [s.get("type") for s in steps]
+
+    def byte_level(step: dict, regex: bool) -> bool:
+        return (
+            step.get("type") == "ByteLevel"
+            and bool(step.get("use_regex", True)) == regex
+            and not step.get("add_prefix_space", False)
+        )
+
+    if kinds == ["ByteLevel"] and byte_level(steps[0], regex=True):
+        return "gpt-2"
+    if (
+        kinds == ["Digits", "ByteLevel"]
+        and steps[0].get("individual_digits")
+        and byte_level(steps[1], regex=True)
+    ):
+        # Digits one by one, then GPT-2's regex: what llama.cpp calls "smollm" (also StarCoder).
+        return "smollm"
+    if kinds == ["Split", "ByteLevel"] and byte_level(steps[1], regex=False):
+        regex = (steps[0].get("pattern") or {}).get("Regex")
+        if regex in _SPLIT_REGEX_PRE and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert"):
+            return _SPLIT_REGEX_PRE[regex]
+    raise UserError(
+        f"pre-tokenizer {json.dumps(pre, ensure_ascii=False)[:200]} has no known llama.cpp equivalent; "
+        "refusing to write a GGUF that would tokenize differently"
+    )
+
+
+@dataclass
+class VocabInfo:
+    tokens: list[str]
+    types: list[int]
+    pre: str
+    add_bos: bool
+    add_eos: bool
+    chat_template: str | None
+
+
+def read_vocab(hf_dir: Path, vocab_size: int) -> VocabInfo:
+    """Tokens, token types, pre name, add-BOS/EOS flags and chat template of an HF tokenizer.
+
+    Read from tokenizer.json / tokenizer_config.json with the `tokenizers` library (not
+    transformers: importing it costs seconds); the parity check then compares the result
+    with transformers' own tokenizer.
+    """
+    from gguf import TokenType
+    from tokenizers import Tokenizer
+
+    tok_path = hf_dir / "tokenizer.json"
+    if not tok_path.is_file():
+        raise UserError(f"{hf_dir}: no tokenizer.json (only fast byte-level BPE tokenizers can be exported)")
+    tj = json.loads(tok_path.read_text(encoding="utf-8"))
+    pre = llama_cpp_pre_name(tj)
+    cfg_path = hf_dir / "tokenizer_config.json"
+    tcfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+
+    added = {t["id"]: t for t in tj.get("added_tokens", [])}
+    by_id: dict[int, str] = {i: t for t, i in tj["model"]["vocab"].items()}
+    by_id.update({i: t["content"] for i, t in added.items()})
+    if max(by_id) >= vocab_size:
+        raise UserError(f"{hf_dir}: tokenizer has id {max(by_id)} but the model's vocab_size is {vocab_size}")
+    tokens: list[str] = []
+    types: list[int] = []
+    for i in range(vocab_size):
+        if i not in by_id:  # embedding rows past the tokenizer (padding to a round size)
+            tokens.append(f"[PAD{i}]")
+            types.append(TokenType.UNUSED)
+            continue
+        tokens.append(by_id[i])
+        if i in added:
+            # The same rule as llama.cpp's converter: special added tokens (and ones that
+            # look like <|...|>) are CONTROL, and only match when parsing specials.
+            text = added[i]["content"]
+            special = added[i].get("special") or (text.startswith("<|") and text.endswith("|>"))
+            types.append(TokenType.CONTROL if special else TokenType.USER_DEFINED)
+        else:
+            types.append(TokenType.NORMAL)
+
+    # Whether HF adds BOS/EOS: tokenizer_config's flag wins (transformers rebuilds the
+    # post-processor from it); otherwise whatever tokenizer.json's post-processor does.
+    ids = Tokenizer.from_str(json.dumps(tj)).encode("a", add_special_tokens=True).ids
+    bos_id, eos_id = _special_id(tj, tcfg, "bos"), _special_id(tj, tcfg, "eos")
+    add_bos = tcfg.get("add_bos_token") if isinstance(tcfg.get("add_bos_token"), bool) else (
+        bos_id is not None and len(ids) > 1 and ids[0] == bos_id
+    )
+    add_eos = tcfg.get("add_eos_token") if isinstance(tcfg.get("add_eos_token"), bool) else (
+        eos_id is not None and len(ids) > 1 and ids[-1] == eos_id
+    )
+    return VocabInfo(tokens, types, pre, bool(add_bos), bool(add_eos), read_chat_template(hf_dir, tcfg))
+
+
+def _special_id(tj: dict, tcfg: dict, kind: str) -> int | None:
+    entry = tcfg.get(f"{kind}_token")
+    text = entry.get("content") if isinstance(entry, dict) else entry
+    for t in tj.get("added_tokens", []):
+        if t["content"] == text:
+            return t["id"]
+    return tj["model"]["vocab"].get(text) if text else None
+
+
+def read_chat_template(hf_dir: Path, tokenizer_config: dict[str, Any]) -> str | None:
+    """The template as transformers 5 loads it: chat_template.jinja, else tokenizer_config's."""
+    jinja = hf_dir / "chat_template.jinja"
+    if jinja.is_file():
+        # newline="" keeps \r\n as written: the GGUF copy must be byte-identical.
+        with open(jinja, encoding="utf-8", newline="") as f:
+            return f.read()
+    template = tokenizer_config.get("chat_template")
+    if isinstance(template, list):  # named templates: llama.cpp's default is "default"
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    return template if isinstance(template, str) else None
+
+
+# ---------------------------------------------------------------------------- tensors
+
+
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF's rotate-half Q/K rows -> llama.cpp's interleaved pairs (as llama.cpp's converter)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def iter_hf_tensors(hf_dir: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, float32-or-float16 numpy array) for every tensor in the directory's safetensors."""
+    import torch
+    from safetensors import safe_open
+
+    files = sorted(hf_dir.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{hf_dir}: no .safetensors weights (pytorch .bin files are not read: no unpickling)")
+    for f in files:
+        with safe_open(f, framework="pt") as st:
+            for name in st.keys():
+                t = st.get_tensor(name)
+                if t.dtype not in (torch.float32, torch.float16):
+                    t = t.to(torch.float32)
+                yield name, t.numpy()
+
+
+def gguf_tensors(
+    hf_dir: Path, config: dict[str, Any], spec: ArchSpec
+) -> Iterator[tuple[str, np.ndarray]]:
+    """HF tensors renamed, permuted and filtered into llama.cpp's layout (still float)."""
+    import gguf
+
+    n_layers = config["num_hidden_layers"]
+    n_head = config["num_attention_heads"]
+    n_kv = config.get("num_key_value_heads", n_head)
+    name_map = gguf.get_tensor_name_map(_gguf_arch_enum(spec), n_layers)
+    tied = config.get("tie_word_embeddings", False)
+    for name, data in iter_hf_tensors(hf_dir):
+        if name.endswith(".rotary_emb.inv_freq"):  # recomputed by llama.cpp
+            continue
+        if tied and name == "lm_head.weight":  # llama.cpp reuses token_embd when output is absent
+            continue
+        new = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
+        if new is None:
+            raise UserError(f"{hf_dir}: tensor {name!r} has no GGUF name for {spec.gguf_arch}; cannot export")
+        if spec.permute_qk and name.endswith(("q_proj.weight", "q_proj.bias")):
+            data = permute_qk(data, n_head)
+        elif spec.permute_qk and name.endswith(("k_proj.weight", "k_proj.bias")):
+            data = permute_qk(data, n_kv)
+        yield new, data
+
+
+def _gguf_arch_enum(spec: ArchSpec):
+    import gguf
+
+    return next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == spec.gguf_arch)
+
+
+def storage_type(gguf_name: str, data: np.ndarray, out_type: str):
+    """GGML type of one tensor: norms and 1-D tensors stay f32 (llama.cpp expects it)."""
+    from gguf import GGMLQuantizationType as Q
+
+    if data.ndim <= 1 or gguf_name.endswith("_norm.weight"):
+        return Q.F32
+    return {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16}[out_type]
+
+
+def convert(data: np.ndarray, qtype) -> np.ndarray:
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import quantize
+
+    if qtype == Q.F32:
+        return data.astype(np.float32, copy=False)
+    if qtype == Q.F16:
+        return data.astype(np.float16)
+    return quantize(data.astype(np.float32, copy=False), qtype)  # bf16: gguf's round-to-nearest-even
+
+
+# ---------------------------------------------------------------------------- writer
+
+
+def write_gguf(hf_dir: str | Path, out_path: str | Path, out_type: str = "f32") -> Path:
+    """Write the HF model in `hf_dir` as a GGUF file of `out_type` (f32, f16 or bf16).
+
+    Unsupported architectures, tokenizers and output types are refused before anything is
+    written. The file appears only when complete.
+    """
+    import gguf
+
+    hf_dir, out_path = Path(hf_dir), Path(out_path)
+    if out_type not in OUT_TYPES:
+        raise UserError(f"output type {out_type!r} is not one of {', '.join(OUT_TYPES)} (quantize afterwards)")
+    config = read_config(hf_dir)
+    spec = arch_spec(config, hf_dir)
+    _check_rope(config, hf_dir)
+    vocab = read_vocab(hf_dir, config["vocab_size"])
+
+    tmp = temp_path_for(out_path)
+    try:
+        w = gguf.GGUFWriter(tmp, spec.gguf_arch)
+        _add_hparams(w, config, spec, out_type)
+        _add_tokenizer(w, hf_dir, vocab, config["vocab_size"])
+        for name, data in gguf_tensors(hf_dir, config, spec):
+            qtype = storage_type(name, data, out_type)
+            w.add_tensor(name, convert(data, qtype), raw_dtype=qtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        commit_temp(tmp, out_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out_path
+
+
+def _check_rope(config: dict[str, Any], where: Path) -> None:
+    kind = rope_type(config)
+    if kind not in ("default", "linear"):
+        raise UserError(f"{where}: RoPE scaling {kind!r} is not supported for export (default, linear)")
+
+
+_FILE_TYPES = {"f32": 0, "f16": 1, "bf16": 32}  # llama_ftype values (gguf.LlamaFileType)
+
+
+def _add_hparams(w, config: dict[str, Any], spec: ArchSpec, out_type: str) -> None:
+    n_head = config["num_attention_heads"]
+    w.add_name(str(config.get("_name_or_path") or "localalign export"))
+    w.add_block_count(config["num_hidden_layers"])
+    w.add_context_length(config["max_position_embeddings"])
+    w.add_embedding_length(config["hidden_size"])
+    w.add_feed_forward_length(config["intermediate_size"])
+    w.add_head_count(n_head)
+    w.add_head_count_kv(config.get("num_key_value_heads", n_head))
+    w.add_rope_freq_base(rope_theta(config))
+    w.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    head_dim = config.get("head_dim") or config["hidden_size"] // n_head
+    if config.get("head_dim") is not None:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    if rope_type(config) == "linear":
+        import gguf
+
+        params = config.get("rope_parameters") or config.get("rope_scaling") or {}
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(params["factor"]))
+    if spec.gguf_arch == "llama":
+        w.add_vocab_size(config["vocab_size"])
+        w.add_rope_dimension_count(head_dim)
+    w.add_file_type(_FILE_TYPES[out_type])
+
+
+def _add_tokenizer(w, hf_dir: Path, vocab: VocabInfo, vocab_size: int) -> None:
+    import gguf
+
+    w.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
+    w.add_tokenizer_pre(vocab.pre)
+    w.add_token_list(vocab.tokens)
+    w.add_token_types(vocab.types)
+    special = gguf.SpecialVocab(hf_dir, load_merges=True, n_vocab=vocab_size)
+    special.chat_template = None  # written below, exactly as read
+    special.add_special_token = {}  # decided in read_vocab from the tokenizer's behaviour
+    special.add_to_gguf(w, quiet=True)
+    # Written explicitly both ways: llama.cpp's default for a missing flag depends on the
+    # pre name, and a wrong default is the classic double-BOS export.
+    w.add_add_bos_token(vocab.add_bos)
+    w.add_add_eos_token(vocab.add_eos)
+    if vocab.chat_template:
+        w.add_chat_template(vocab.chat_template)
+
+
+# ---------------------------------------------------------------------------- parity
+
+# Tolerances, measured (tests/test_export.py, bench runs) on the tiny fixture (logits std ~1.6)
+# and on SmolLM2-135M (logits std ~?), llama.cpp 0.3.36 CPU. llama.cpp keeps its KV cache in
+# f16 even for an f32 model, so f32 files do not match HF to float32 precision.
+F32_MAX_ABS_LOGIT_DIFF = 0.1
+F16_MAX_ABS_LOGIT_DIFF = 0.5
+QUANT_MIN_TOP1 = 0.8
+FLOAT_MIN_TOP1 = 0.95
+ADAPTER_MIN_TOP1 = 0.8
+
+
+def check_export(
+    hf_dir: str | Path,
+    gguf_path: str | Path,
+    max_abs_tol: float | None,
+    min_top1: float,
+    lora_path: str | Path | None = None,
+):
+    """Parity of an exported GGUF (optionally with a LoRA adapter) against the HF model."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from localalign.parity import (
+        ParityReport,
+        compare_logits,
+        compare_special_tokens,
+        compare_tokenizers,
+        read_gguf_metadata,
+    )
+    from localalign.runtime import load_llama
+
+    report = ParityReport()
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, trust_remote_code=False).eval()
+    llm = load_llama(gguf_path, n_ctx=512, logits_all=True, lora_path=lora_path)
+    try:
+        compare_tokenizers(tokenizer, llm, report)
+        compare_special_tokens(tokenizer, read_gguf_metadata(gguf_path), report)
+        compare_stop_tokens(model, tokenizer, llm, report)
+        compare_logits(model, tokenizer, llm, report, max_abs_tol=max_abs_tol, min_top1=min_top1)
+    finally:
+        llm.close()
+    report.details["gguf"] = str(gguf_path)
+    report.details["hf_dir"] = str(hf_dir)
+    if lora_path is not None:
+        report.details["adapter"] = str(lora_path)
+    return report
+
+
+def compare_stop_tokens(hf_model, hf_tokenizer, llm, report) -> None:
+    """Every id HF stops generation on must end generation in llama.cpp too.
+
+    An exported model that "never stops" is one whose end-of-turn token llama.cpp does not
+    treat as end-of-generation.
+    """
+    from localalign.runtime import llama_cpp
+
+    module = llama_cpp()
+    eos = hf_model.generation_config.eos_token_id if hf_model.generation_config else None
+    hf_stops = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if hf_tokenizer.eos_token_id is not None:
+        hf_stops.add(hf_tokenizer.eos_token_id)
+    vocab = module.llama_model_get_vocab(llm.model)
+    not_eog = sorted(i for i in hf_stops if not module.llama_vocab_is_eog(vocab, i))
+    report.details["stop_ids"] = {"hf": sorted(hf_stops), "gguf_eos": llm.token_eos()}
+    report.record(
+        "stop_tokens",
+        bool(hf_stops) and not not_eog,
+        f"HF stop id(s) {not_eog} do not end generation in llama.cpp" if not_eog else "HF defines no stop token",
+    )
