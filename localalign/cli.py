@@ -81,3 +81,64 @@ def models_pull(name: str) -> None:
     check = read_copy_check(name)
     if check is not None and not check.get("ok"):
         raise UserError(f"{name}: the HF copy does not match the GGUF: " + "; ".join(check.get("problems", [])))
+
+
+# ---- eval
+
+
+@main.group("eval", cls=LocalalignGroup, invoke_without_command=True)
+@click.option("--model", "model", type=click.Path(dir_okay=False), help="GGUF model to evaluate.")
+@click.option("--lora", type=click.Path(dir_okay=False), help="GGUF LoRA adapter applied at load time.")
+@click.option("--suite", "suites", multiple=True, help="safety, instruction-following, truthfulness, ifeval, harmbench (repeatable).")
+@click.option("--out", type=click.Path(dir_okay=False), help="Where to write the result JSON.")
+@click.option("--limit", type=int, help="Evaluate only the first N items of each suite (quick mode).")
+@click.option("--max-tokens", type=int, default=512, show_default=True, help="Reply budget for suites that check the whole reply.")
+@click.option("--threads", type=int, help="CPU threads (default: every core).")
+@click.pass_context
+def eval_(ctx, model, lora, suites, out, limit, max_tokens, threads) -> None:
+    """Score a model offline on held-out suites; `eval compare A.json B.json` for a paired test."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from localalign.eval_report import format_table
+    from localalign.evaluate import EvalConfig, evaluate, write_eval
+
+    if model is None or out is None or not suites:
+        raise UserError("eval needs --model PATH.gguf, at least one --suite and --out FILE.json")
+    config = EvalConfig(model=model, lora=lora, suites=tuple(suites), limit=limit, max_tokens=max_tokens, threads=threads)
+    result = evaluate(config, log=lambda m: click.echo(m, err=True))
+    write_eval(result, out)
+    click.echo(format_table({config.model.stem + (f"+{config.lora.stem}" if config.lora else ""): result}))
+    click.echo("wall time: " + ", ".join(f"{s} {d['wall_s']:.1f} s" for s, d in result["suites"].items()))
+    click.echo(f"wrote {out}")
+
+
+@eval_.command("compare")
+@click.argument("a", type=click.Path(dir_okay=False))
+@click.argument("b", type=click.Path(dir_okay=False))
+def eval_compare(a: str, b: str) -> None:
+    """Differences B - A per metric on shared items, with exact McNemar p-values."""
+    from localalign.eval_report import compare, format_comparison
+    from localalign.evaluate import read_eval
+
+    rows = compare(read_eval(a), read_eval(b))
+    if not rows:
+        raise UserError(f"{a} and {b} share no scored items")
+    click.echo(f"A = {a}\nB = {b}")
+    click.echo(format_comparison(rows))
+
+
+@eval_.command("report")
+@click.argument("results", nargs=-1, required=True)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Directory for report.md and plots.")
+def eval_report(results: tuple[str, ...], out_dir: str) -> None:
+    """Markdown report + plots from result files, in the order given ([LABEL=]FILE.json)."""
+    from localalign.eval_report import write_report
+    from localalign.evaluate import read_eval
+
+    loaded = {}
+    for spec in results:
+        label, _, path = spec.partition("=") if "=" in spec else (spec.rsplit("/", 1)[-1].removesuffix(".json"), "", spec)
+        if label in loaded:
+            raise UserError(f"label {label!r} given twice")
+        loaded[label] = read_eval(path)
+    click.echo(f"wrote {write_report(loaded, out_dir)}")
