@@ -142,3 +142,63 @@ def eval_report(results: tuple[str, ...], out_dir: str) -> None:
             raise UserError(f"label {label!r} given twice")
         loaded[label] = read_eval(path)
     click.echo(f"wrote {write_report(loaded, out_dir)}")
+
+
+# ---- train
+
+
+@main.command("train")
+@click.option("--model", "model_name", default="smollm2-135m-instruct", show_default=True, help="Registry name or HF model directory.")
+@click.option("--data", "data_path", required=True, type=click.Path(dir_okay=False), help="Samples to train on (JSONL).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run directory (adapter/, checkpoints/, train_log.jsonl).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML file with TrainConfig fields (top level or [train]).")
+@click.option("--epochs", type=int)
+@click.option("--lr", "learning_rate", type=float)
+@click.option("--batch-size", type=int)
+@click.option("--grad-accum", type=int)
+@click.option("--rank", "r", type=int, help="LoRA rank r.")
+@click.option("--alpha", type=float, help="LoRA alpha.")
+@click.option("--batching", type=click.Choice(["pack", "bucket"]))
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--threads", type=int)
+@click.option("--seed", type=int)
+@click.option("--checkpoint-every", type=int)
+@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None)
+@click.option("--cpu-bf16/--fp32", "cpu_bf16", default=None, help="CPU: bf16 autocast (default) or plain fp32.")
+@click.option("--progress/--no-progress", default=None)
+@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
+@click.option("--init-adapter", type=click.Path(file_okay=False), help="Start from this adapter (round policy 'continue').")
+@click.option("--merged", is_flag=True, help="Also write the merged model to OUT/merged (HF dir, ready for export).")
+def train_cmd(model_name, data_path, out_dir, config_path, resume, init_adapter, merged, **overrides) -> None:
+    """Fine-tune a LoRA adapter on the samples in --data."""
+    import tomllib
+    from pathlib import Path
+
+    from localalign.merge import merge_adapter
+    from localalign.models import resolve_model
+    from localalign.samples import read_samples
+    from localalign.train import TrainConfig, train
+
+    settings: dict = {}
+    if config_path:
+        try:
+            with open(config_path, "rb") as f:
+                raw = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise UserError(f"{config_path}: {e}") from None
+        settings = raw.get("train", raw)
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    config = TrainConfig.from_dict(settings)
+    samples = read_samples(data_path)
+    files = resolve_model(model_name)
+    if files.hf_dir is None:
+        raise UserError(f"{model_name}: training needs a Hugging Face model directory, not a GGUF file")
+    res = train(files.hf_dir, samples, out_dir, config, resume=resume, init_adapter=init_adapter,
+                log=lambda m: click.echo(m, err=True))
+    click.echo(
+        f"trained {res.steps} steps on {len(samples) - res.dropped} samples: loss {res.losses[0]:.3f} -> "
+        f"{res.final_loss:.3f}, {res.tokens_per_s:.0f} tokens/s; adapter: {res.adapter_dir}"
+    )
+    if merged:
+        click.echo(f"merged model: {merge_adapter(files.hf_dir, res.adapter_dir, Path(out_dir) / 'merged')}")
+
