@@ -202,3 +202,48 @@ def train_cmd(model_name, data_path, out_dir, config_path, resume, init_adapter,
     if merged:
         click.echo(f"merged model: {merge_adapter(files.hf_dir, res.adapter_dir, Path(out_dir) / 'merged')}")
 
+
+# ---- export
+
+
+@main.command("export")
+@click.option("--model", "model", required=True, help="HF model directory (or registry name) to export.")
+@click.option("--adapter", type=click.Path(file_okay=False), help="PEFT LoRA adapter trained on --model.")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="GGUF file to write.")
+@click.option("--quant", help="Quantize: q8_0, q4_k_m, q4_0, q5_k_m, q6_k, ... (default: none).")
+@click.option("--out-type", default="f16", show_default=True, type=click.Choice(["f32", "f16", "bf16"]),
+              help="Float type written (the input of --quant, if given).")
+@click.option("--adapter-only", is_flag=True, help="Write only --adapter, as a GGUF LoRA for --base-gguf.")
+@click.option("--base-gguf", type=click.Path(dir_okay=False),
+              help="Base GGUF the adapter is applied to (default: the registry model's GGUF).")
+@click.option("--no-check", is_flag=True, help="Skip the parity check against the HF model (not recommended).")
+def export_cmd(model, adapter, out_path, quant, out_type, adapter_only, base_gguf, no_check) -> None:
+    """Export to GGUF (+ Ollama Modelfile + parity report), checked against the HF model."""
+    import tempfile
+    from pathlib import Path
+
+    from localalign.export import export_adapter, export_model
+    from localalign.merge import merge_adapter
+    from localalign.models import resolve_model
+
+    files = resolve_model(model, pull_if_missing=False)
+    if files.hf_dir is None:
+        raise UserError(f"{model}: export needs a Hugging Face model directory (run `localalign models pull`)")
+    if adapter_only:
+        if adapter is None:
+            raise UserError("--adapter-only needs --adapter DIR")
+        if quant:
+            raise UserError("--quant does not apply to --adapter-only (quantize the base GGUF instead)")
+        base = Path(base_gguf) if base_gguf else files.gguf
+        if base is None:
+            raise UserError("--adapter-only needs --base-gguf FILE.gguf (the model the adapter is applied to)")
+        report = export_adapter(files.hf_dir, adapter, out_path, base, check=not no_check)
+    elif adapter:
+        Path(out_path).resolve().parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".merge-", dir=Path(out_path).resolve().parent) as tmp:
+            merged = merge_adapter(files.hf_dir, adapter, Path(tmp) / "merged")
+            report = export_model(merged, out_path, quant=quant, out_type=out_type, check=not no_check)
+    else:
+        report = export_model(files.hf_dir, out_path, quant=quant, out_type=out_type, check=not no_check)
+    click.echo(report.summary() if not no_check else "parity check skipped (--no-check)")
+    click.echo(f"wrote {out_path} (+ .parity.json, .Modelfile)")

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -404,16 +406,185 @@ def _add_tokenizer(w, hf_dir: Path, vocab: VocabInfo, vocab_size: int) -> None:
         w.add_chat_template(vocab.chat_template)
 
 
+
+# ---------------------------------------------------------------------------- quantization
+
+# Quantization types offered, as llama.cpp's llama_ftype values (llama.h). K-quants (_k)
+# work on 256-value super-blocks: tensors whose rows are not a multiple of 256 fall back
+# to another type inside llama.cpp.
+QUANT_TYPES: dict[str, int] = {
+    "q8_0": 7,
+    "q6_k": 18,
+    "q5_k_m": 17,
+    "q5_k_s": 16,
+    "q5_0": 8,
+    "q5_1": 9,
+    "q4_k_m": 15,
+    "q4_k_s": 14,
+    "q4_0": 2,
+    "q4_1": 3,
+    "q3_k_m": 12,
+    "q3_k_s": 11,
+    "q3_k_l": 13,
+    "q2_k": 10,
+}
+
+
+def quantize_gguf(in_path: str | Path, out_path: str | Path, qtype: str = "q8_0") -> Path:
+    """Quantize a float GGUF with llama.cpp's own quantizer, in-process (no external binary)."""
+    from localalign.gguf_check import check_gguf_file
+    from localalign.runtime import default_threads, llama_cpp
+
+    in_path, out_path = Path(in_path), Path(out_path)
+    if qtype not in QUANT_TYPES:
+        raise UserError(f"quantization type {qtype!r} is not one of {', '.join(QUANT_TYPES)}")
+    check_gguf_file(in_path)
+    module = llama_cpp()
+    params = module.llama_model_quantize_default_params()
+    params.ftype = QUANT_TYPES[qtype]
+    params.nthread = default_threads()
+    tmp = temp_path_for(out_path)
+    try:
+        rc = module.llama_model_quantize(str(in_path).encode(), str(tmp).encode(), params)
+        if rc != 0:
+            raise UserError(
+                f"llama.cpp could not quantize {in_path} to {qtype} (code {rc}; "
+                "set LOCALALIGN_LLAMA_LOG=1 to see its log)"
+            )
+        commit_temp(tmp, out_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out_path
+
+
+# ---------------------------------------------------------------------------- LoRA adapters
+
+
+def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
+    path = adapter_dir / "adapter_config.json"
+    if not path.is_file():
+        raise UserError(f"{adapter_dir}: not a PEFT adapter directory (no adapter_config.json)")
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    if cfg.get("peft_type") != "LORA":
+        raise UserError(f"{adapter_dir}: adapter type {cfg.get('peft_type')!r} is not LoRA")
+    # Each of these changes what the adapter computes in a way a GGUF LoRA cannot express:
+    # refused rather than exported as a different model.
+    unsupported = {
+        "use_dora": bool(cfg.get("use_dora")),
+        "rank_pattern": bool(cfg.get("rank_pattern")),
+        "alpha_pattern": bool(cfg.get("alpha_pattern")),
+        "modules_to_save": bool(cfg.get("modules_to_save")),
+        "bias": cfg.get("bias", "none") != "none",
+    }
+    if bad := [k for k, v in unsupported.items() if v]:
+        raise UserError(
+            f"{adapter_dir}: adapter uses {', '.join(bad)}, which a GGUF LoRA adapter cannot carry; "
+            "export the merged model instead (drop --adapter-only)"
+        )
+    return cfg
+
+
+def lora_alpha_for_gguf(cfg: dict[str, Any]) -> float:
+    """The alpha llama.cpp needs: it scales by alpha / r, PEFT by alpha / r or alpha / sqrt(r)."""
+    r, alpha = cfg["r"], float(cfg["lora_alpha"])
+    return alpha * math.sqrt(r) if cfg.get("use_rslora") else alpha
+
+
+def lora_pairs(adapter_dir: Path) -> dict[str, dict[str, np.ndarray]]:
+    """{HF module weight name: {"A": (r, in), "B": (out, r)}} from adapter_model.safetensors."""
+    from safetensors import safe_open
+
+    path = adapter_dir / "adapter_model.safetensors"
+    if not path.is_file():
+        raise UserError(f"{adapter_dir}: no adapter_model.safetensors (pickled .bin adapters are not read)")
+    pairs: dict[str, dict[str, np.ndarray]] = {}
+    with safe_open(path, framework="pt") as st:
+        for key in st.keys():
+            m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight", key)
+            if m is None:
+                raise UserError(f"{path}: tensor {key!r} is not a LoRA A/B weight; cannot export as a GGUF adapter")
+            pairs.setdefault(m.group(1) + ".weight", {})[m.group(2)] = st.get_tensor(key).float().numpy()
+    for name, pair in pairs.items():
+        if set(pair) != {"A", "B"}:
+            raise UserError(f"{path}: {name} has LoRA {''.join(pair)} but not both A and B")
+    return pairs
+
+
+def write_lora_gguf(adapter_dir: str | Path, base_hf_dir: str | Path, out_path: str | Path) -> Path:
+    """Write a PEFT LoRA adapter as a GGUF LoRA that llama.cpp applies on the base GGUF.
+
+    A is stored as (r, in) and B as (out, r), as llama.cpp's own converter does; B of the
+    Q/K projections gets the same row permutation as the base weights.
+    """
+    import gguf
+
+    adapter_dir, base_hf_dir, out_path = Path(adapter_dir), Path(base_hf_dir), Path(out_path)
+    lcfg = read_adapter_config(adapter_dir)
+    config = read_config(base_hf_dir)
+    spec = arch_spec(config, base_hf_dir)
+    pairs = lora_pairs(adapter_dir)
+    name_map = gguf.get_tensor_name_map(_gguf_arch_enum(spec), config["num_hidden_layers"])
+    n_head = config["num_attention_heads"]
+    n_kv = config.get("num_key_value_heads", n_head)
+    tensors = []
+    for name, pair in sorted(pairs.items()):
+        new = name_map.get_name(name, try_suffixes=(".weight",))
+        if new is None or name.startswith(("lm_head", "model.embed_tokens")):
+            raise UserError(f"{adapter_dir}: LoRA on {name!r} cannot be exported as a GGUF adapter")
+        a, b = pair["A"], pair["B"]
+        if spec.permute_qk and name.endswith("q_proj.weight"):
+            b = permute_qk(b, n_head)
+        elif spec.permute_qk and name.endswith("k_proj.weight"):
+            b = permute_qk(b, n_kv)
+        tensors += [(new + ".lora_a", a), (new + ".lora_b", b)]
+
+    tmp = temp_path_for(out_path)
+    try:
+        w = gguf.GGUFWriter(tmp, spec.gguf_arch)
+        w.add_type(gguf.GGUFType.ADAPTER)
+        w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, lora_alpha_for_gguf(lcfg))
+        for name, data in tensors:
+            w.add_tensor(name, np.ascontiguousarray(data, dtype=np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        commit_temp(tmp, out_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out_path
+
+
 # ---------------------------------------------------------------------------- parity
 
-# Tolerances, measured (tests/test_export.py, bench runs) on the tiny fixture (logits std ~1.6)
-# and on SmolLM2-135M (logits std ~?), llama.cpp 0.3.36 CPU. llama.cpp keeps its KV cache in
-# f16 even for an f32 model, so f32 files do not match HF to float32 precision.
-F32_MAX_ABS_LOGIT_DIFF = 0.1
-F16_MAX_ABS_LOGIT_DIFF = 0.5
-QUANT_MIN_TOP1 = 0.8
-FLOAT_MIN_TOP1 = 0.95
-ADAPTER_MIN_TOP1 = 0.8
+# Tolerances for the parity check, measured with llama-cpp-python 0.3.36 on this CPU
+# (numbers in docs/benchmarks.md and the final report of issue 5):
+#   max |logit diff| HF vs GGUF: tiny fixture f32 0.013; SmolLM2-135M f32 0.050, f16 0.089.
+# llama.cpp keeps its KV cache in f16 even for an f32 model, so an f32 file does not match HF
+# to float32 precision. The bounds are about 2x the worst measured value: a wrong tensor
+# layout (unpermuted Q/K, a transposed weight) moves logits by whole units.
+MAX_ABS_LOGIT_DIFF = {"f32": 0.1, "f16": 0.2, "bf16": 0.6}
+# Share of the 139 (SmolLM2) / 186 (tiny) probe positions whose top-1 token agrees with HF.
+# Measured: float files 1.0 everywhere; q8_0 0.978 on SmolLM2 and 0.941 on the random tiny
+# model (near-flat logits: ties flip easily); q4_k_m 0.871 on SmolLM2; a LoRA adapter on the
+# shipped Q4_1 SmolLM2 vs the merged HF model 1.0. Other 4-bit types on the random tiny model
+# fall to 0.4-0.7, so tests check them for loading and tokens, not top-1.
+MIN_TOP1 = {"float": 0.97, "q8": 0.9, "quant": 0.8}
+
+_FLOAT_FILE_TYPES = {0: "f32", 1: "f16", 32: "bf16"}  # general.file_type -> out type
+
+
+def tolerances_for(gguf_path: str | Path) -> tuple[float | None, float]:
+    """(max |logit diff| or None, min top-1 agreement) for a GGUF, by its file type."""
+    from localalign.parity import read_gguf_metadata
+
+    ftype = read_gguf_metadata(gguf_path).get("general.file_type", 0)
+    if ftype in _FLOAT_FILE_TYPES:
+        return MAX_ABS_LOGIT_DIFF[_FLOAT_FILE_TYPES[ftype]], MIN_TOP1["float"]
+    return None, MIN_TOP1["q8" if ftype == QUANT_TYPES["q8_0"] else "quant"]
 
 
 def check_export(
@@ -463,10 +634,8 @@ def compare_stop_tokens(hf_model, hf_tokenizer, llm, report) -> None:
     from localalign.runtime import llama_cpp
 
     module = llama_cpp()
-    eos = hf_model.generation_config.eos_token_id if hf_model.generation_config else None
-    hf_stops = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if hf_tokenizer.eos_token_id is not None:
-        hf_stops.add(hf_tokenizer.eos_token_id)
+    hf_stops = set(_ids(hf_model.generation_config.eos_token_id if hf_model.generation_config else None))
+    hf_stops |= set(_ids(hf_tokenizer.eos_token_id))
     vocab = module.llama_model_get_vocab(llm.model)
     not_eog = sorted(i for i in hf_stops if not module.llama_vocab_is_eog(vocab, i))
     report.details["stop_ids"] = {"hf": sorted(hf_stops), "gguf_eos": llm.token_eos()}
@@ -475,3 +644,158 @@ def compare_stop_tokens(hf_model, hf_tokenizer, llm, report) -> None:
         bool(hf_stops) and not not_eog,
         f"HF stop id(s) {not_eog} do not end generation in llama.cpp" if not_eog else "HF defines no stop token",
     )
+
+
+def _ids(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+# ---------------------------------------------------------------------------- export
+
+
+def export_model(
+    hf_dir: str | Path,
+    out_path: str | Path,
+    quant: str | None = None,
+    out_type: str = "f16",
+    check: bool = True,
+):
+    """Write `out_path` (GGUF of `out_type`, quantized to `quant` if given), its Modelfile
+    and `<out>.parity.json`; returns the ParityReport.
+
+    The file reaches `out_path` only after it passed the parity check. A file that fails is
+    kept for inspection as `<stem>.parity-failed.gguf` with its report beside it, and a
+    UserError says what differed.
+    """
+    hf_dir, out_path = Path(hf_dir), Path(out_path)
+    if quant is not None and quant not in QUANT_TYPES:
+        raise UserError(f"quantization type {quant!r} is not one of {', '.join(QUANT_TYPES)}")
+    if out_type not in OUT_TYPES:
+        raise UserError(f"output type {out_type!r} is not one of {', '.join(OUT_TYPES)}")
+    unchecked = out_path.with_name(f".{out_path.name}.unchecked")
+    try:
+        if quant is None:
+            write_gguf(hf_dir, unchecked, out_type)
+        else:
+            intermediate = out_path.with_name(f".{out_path.name}.{out_type}")
+            try:
+                write_gguf(hf_dir, intermediate, out_type)
+                quantize_gguf(intermediate, unchecked, quant)
+            finally:
+                intermediate.unlink(missing_ok=True)
+        report = _check_or_skip(check, hf_dir, unchecked)
+        report.details.update({"out_type": out_type, "quant": quant})
+        _finish(report, unchecked, out_path, _modelfile(hf_dir, f"./{out_path.name}"))
+    except BaseException:
+        unchecked.unlink(missing_ok=True)
+        raise
+    return report
+
+
+def export_adapter(
+    base_hf_dir: str | Path,
+    adapter_dir: str | Path,
+    out_path: str | Path,
+    base_gguf: str | Path,
+    check: bool = True,
+):
+    """Write a PEFT adapter as a GGUF LoRA for `base_gguf`, check base+adapter against the
+    merged HF model, and write a Modelfile (FROM base, ADAPTER this) and the parity JSON."""
+    import shutil
+    import tempfile
+
+    from localalign.gguf_check import check_gguf_file
+    from localalign.merge import merge_adapter
+
+    base_hf_dir, adapter_dir, out_path, base_gguf = map(Path, (base_hf_dir, adapter_dir, out_path, base_gguf))
+    check_gguf_file(base_gguf)
+    unchecked = out_path.with_name(f".{out_path.name}.unchecked")
+    try:
+        write_lora_gguf(adapter_dir, base_hf_dir, unchecked)
+        if check:
+            scratch = Path(tempfile.mkdtemp(prefix=".merged-", dir=out_path.parent))
+            try:
+                merged = merge_adapter(base_hf_dir, adapter_dir, scratch / "merged")
+                report = _check_or_skip(True, merged, base_gguf, lora_path=unchecked)
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+        else:
+            report = _check_or_skip(False, base_hf_dir, base_gguf)
+        report.details.update({"base_gguf": str(base_gguf), "adapter_dir": str(adapter_dir)})
+        from_path = f"./{base_gguf.name}" if base_gguf.resolve().parent == out_path.resolve().parent else str(base_gguf.resolve())
+        _finish(report, unchecked, out_path, _modelfile(base_hf_dir, from_path, adapter=f"./{out_path.name}"), key="adapter")
+    except BaseException:
+        unchecked.unlink(missing_ok=True)
+        raise
+    return report
+
+
+def _check_or_skip(check: bool, hf_dir: Path, gguf_path: Path, lora_path: Path | None = None):
+    from localalign.parity import ParityReport
+
+    if not check:
+        report = ParityReport()
+        report.details["checked"] = False
+        return report
+    max_abs, min_top1 = tolerances_for(gguf_path)
+    report = check_export(hf_dir, gguf_path, max_abs, min_top1, lora_path=lora_path)
+    report.details["checked"] = True
+    return report
+
+
+def parity_path(gguf_path: Path) -> Path:
+    return gguf_path.with_name(gguf_path.name + ".parity.json")
+
+
+def modelfile_path(gguf_path: Path) -> Path:
+    return gguf_path.with_name(gguf_path.stem + ".Modelfile")
+
+
+def _finish(report, unchecked: Path, out_path: Path, modelfile: str, key: str = "gguf") -> None:
+    """Move a checked file into place (or aside, if it failed) and write its JSON/Modelfile."""
+    import os
+
+    from localalign.export_modelfile import write_modelfile
+
+    if report.ok:
+        os.replace(unchecked, out_path)
+        report.details[key] = str(out_path)
+        report.write(parity_path(out_path))
+        write_modelfile(modelfile_path(out_path), modelfile)
+        return
+    failed = out_path.with_name(out_path.stem + ".parity-failed" + out_path.suffix)
+    os.replace(unchecked, failed)
+    report.details[key] = str(failed)
+    report.details["status"] = f"FAILED parity: not written to {out_path}; kept as {failed} for inspection"
+    report.write(parity_path(failed))
+    raise UserError(f"export failed its parity check, {report.summary()} (file kept as {failed}, report {parity_path(failed)})")
+
+
+def _modelfile(hf_dir: Path, from_path: str, adapter: str | None = None) -> str:
+    """Modelfile text for an export of `hf_dir`: template and stop strings from its tokenizer."""
+    from localalign.export_modelfile import chat_affixes, modelfile_text
+
+    config = read_config(hf_dir)
+    vocab = read_vocab(hf_dir, config["vocab_size"])
+    gen_path = hf_dir / "generation_config.json"
+    gen = json.loads(gen_path.read_text(encoding="utf-8")) if gen_path.is_file() else {}
+    tcfg_path = hf_dir / "tokenizer_config.json"
+    tcfg = json.loads(tcfg_path.read_text(encoding="utf-8")) if tcfg_path.is_file() else {}
+    tj = json.loads((hf_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    bos_id, eos_id = _special_id(tj, tcfg, "bos"), _special_id(tj, tcfg, "eos")
+    bos = vocab.tokens[bos_id] if bos_id is not None else ""
+    eos = vocab.tokens[eos_id] if eos_id is not None else ""
+    stop_ids = _ids(eos_id) + _ids(gen.get("eos_token_id")) + _ids(config.get("eos_token_id"))
+    stops = list(dict.fromkeys(vocab.tokens[i] for i in stop_ids))
+    if vocab.chat_template:
+        # The special token that opens a user turn: a model that starts writing the user's
+        # next turn has finished its own (Ollama's ChatML models stop on it too).
+        try:
+            user_prefix = chat_affixes(vocab.chat_template, bos, eos).prefix["user"]
+            specials = [t for t, ty in zip(vocab.tokens, vocab.types) if ty == 3 and t and user_prefix.startswith(t)]
+            stops += [t for t in specials[:1] if t not in stops]
+        except (ValueError, UserError):
+            pass
+    return modelfile_text(from_path, vocab.chat_template, stops, bos, eos, adapter_path=adapter)
