@@ -247,10 +247,21 @@ def check_copy(gguf: Path, hf_dir: Path):
     llm = load_llama(gguf, n_ctx=512, logits_all=True)
     compare_tokenizers(tokenizer, llm, report)
     compare_special_tokens(tokenizer, read_gguf_metadata(gguf), report)
-    compare_logits(model, tokenizer, llm, report, max_abs_tol=COPY_CHECK_MAX_ABS, min_top1=COPY_CHECK_MIN_TOP1)
+    max_abs, min_top1 = copy_check_tolerances(gguf)
+    compare_logits(model, tokenizer, llm, report, max_abs_tol=max_abs, min_top1=min_top1)
     report.details["gguf"] = str(gguf)
     report.details["hf_dir"] = str(hf_dir)
     return report
+
+
+def copy_check_tolerances(gguf: Path) -> tuple[float, float]:
+    """A float GGUF gets the exporter's float tolerances; a quantized one the Q4_1 numbers above."""
+    from localalign.export import tolerances_for
+
+    max_abs, min_top1 = tolerances_for(gguf)
+    if max_abs is not None:
+        return max_abs, min_top1
+    return COPY_CHECK_MAX_ABS, COPY_CHECK_MIN_TOP1
 
 
 def read_copy_check(name: str) -> dict | None:
