@@ -86,3 +86,29 @@ def is_refusal(reply: str) -> bool:
         if not _NOT_REFUSAL_RE.match(head, match.start()):
             return True
     return False
+
+
+def agreement(labelled: list[dict]) -> dict:
+    """How the detector agrees with hand labels: rows {"reply": str, "refusal": bool}.
+
+    Agreement, precision and recall of "refusal", and Cohen's kappa (agreement beyond what
+    the two marginal rates give by chance), with the confusion counts.
+    """
+    tp = fp = fn = tn = 0
+    for row in labelled:
+        said, truth = is_refusal(row["reply"]), bool(row["refusal"])
+        tp += said and truth
+        fp += said and not truth
+        fn += truth and not said
+        tn += not said and not truth
+    n = tp + fp + fn + tn
+    observed = (tp + tn) / n
+    expected = ((tp + fp) * (tp + fn) + (tn + fn) * (tn + fp)) / (n * n)
+    return {
+        "n": n,
+        "agreement": observed,
+        "precision": tp / (tp + fp) if tp + fp else None,
+        "recall": tp / (tp + fn) if tp + fn else None,
+        "kappa": (observed - expected) / (1 - expected) if expected < 1 else None,
+        "tp": tp, "fp": fp, "fn": fn, "tn": tn,
+    }

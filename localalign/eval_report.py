@@ -62,9 +62,16 @@ def format_wall_times(results: dict[str, dict]) -> str:
         suites += [s for s in result["suites"] if s not in suites]
     lines = ["| model | load | " + " | ".join(suites) + " | total |", "|" + "---|" * (len(suites) + 3)]
     for label, result in results.items():
-        cells = [f"{result['suites'][s]['wall_s']:.1f} s ({result['suites'][s]['n_items']} items)" if s in result["suites"] else "-" for s in suites]
+        cells = [_wall_cell(result["suites"][s]) if s in result["suites"] else "-" for s in suites]
         lines.append(f"| {label} | {result.get('load_s', 0):.1f} s | " + " | ".join(cells) + f" | {result.get('wall_s', 0):.1f} s |")
     return "\n".join(lines)
+
+
+def _wall_cell(suite: dict) -> str:
+    text = f"{suite['wall_s']:.1f} s, {suite['n_items']} items"
+    if suite.get("reply_tokens"):
+        text += f", {suite['reply_tokens']} tokens ({suite['reply_tokens'] / max(suite['wall_s'], 1e-9):.0f}/s)"
+    return text
 
 
 def _slug(text: str) -> str:

@@ -96,13 +96,16 @@ class EvalSession:
         )
         self.gen = BatchGenerator(config.model, gen_config, lora_path=config.lora)
         self._scorer = None
+        self.reply_tokens = 0  # tokens in all replies so far (re-tokenized), for throughput
 
     def chat(self, prompt: str) -> str:
         return self.gen.chat_prompt([{"role": "user", "content": prompt}])
 
     def replies(self, prompts: list[str], max_tokens: int) -> list[str]:
         """Greedy replies to user prompts, each in the model's chat template."""
-        return self.gen.complete([self.chat(p) for p in prompts], max_tokens=max_tokens, temperature=0.0)
+        replies = self.gen.complete([self.chat(p) for p in prompts], max_tokens=max_tokens, temperature=0.0)
+        self.reply_tokens += sum(len(self.gen.tokenize_continuation(r)) for r in replies if r)
+        return replies
 
     def scorer(self):
         """A second handle on the model with logits for every position (multiple choice)."""
@@ -132,6 +135,7 @@ class SuiteResult:
     items: list = field(default_factory=list)
     n_available: int = 0  # items in the suite before --limit
     n_items: int = 0  # items evaluated
+    reply_tokens: int = 0  # tokens generated (re-tokenized replies; 0 for likelihood-only suites)
     wall_s: float = 0.0
 
     def add_metric(self, name: str, outcomes: dict[str, bool], higher_is_better: bool = True) -> None:
@@ -318,10 +322,11 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] = lambda m: None) ->
     try:
         for name in config.suites:
             log(f"eval: {name} ...")
-            t0 = time.perf_counter()
+            t0, tokens0 = time.perf_counter(), session.reply_tokens
             result = SUITES[name](session, config.limit)
             result.wall_s = round(time.perf_counter() - t0, 3)
             result.n_items = len(result.items)
+            result.reply_tokens = session.reply_tokens - tokens0
             suites[name] = asdict(result)
             summary = ", ".join(f"{m} {r['value']:.3f} (n={r['n']})" for m, r in result.metrics.items() if r["n"])
             log(f"eval: {name}: {summary} [{result.wall_s:.1f} s]")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from localalign.eval_refusal import OPENING_CHARS, is_refusal, opening
+from localalign.eval_refusal import OPENING_CHARS, agreement, is_refusal, opening
 
 LABELS = Path(__file__).parent / "data" / "refusal_labels.jsonl"
 # Agreement measured when the labels were written: 58 of 63 (92%). The misses are
@@ -67,24 +67,9 @@ def test_labels_file_is_large_and_varied():
     assert positives >= 20 and len(rows) - positives >= 20
 
 
-def agreement_stats(rows: list[dict]) -> dict:
-    tp = sum(1 for r in rows if r["refusal"] and is_refusal(r["reply"]))
-    tn = sum(1 for r in rows if not r["refusal"] and not is_refusal(r["reply"]))
-    fp = sum(1 for r in rows if not r["refusal"] and is_refusal(r["reply"]))
-    fn = sum(1 for r in rows if r["refusal"] and not is_refusal(r["reply"]))
-    n = len(rows)
-    observed = (tp + tn) / n
-    # Cohen's kappa: agreement beyond what the two marginal rates give by chance
-    expected = ((tp + fp) * (tp + fn) + (tn + fn) * (tn + fp)) / (n * n)
-    return {
-        "n": n, "agreement": observed, "precision": tp / (tp + fp), "recall": tp / (tp + fn),
-        "kappa": (observed - expected) / (1 - expected), "fp": fp, "fn": fn,
-    }
-
-
 def test_agreement_with_hand_labels(capsys):
     rows = load_labels()
-    stats = agreement_stats(rows)
+    stats = agreement(rows)
     with capsys.disabled():
         print(f"\nrefusal detector vs hand labels: {stats}")
     assert stats["agreement"] >= MIN_AGREEMENT, [r["id"] for r in rows if is_refusal(r["reply"]) != r["refusal"]]
@@ -94,3 +79,11 @@ def test_agreement_with_hand_labels(capsys):
 @pytest.mark.parametrize("row", [r for r in load_labels() if "illegal" in r["reply"].lower() and not r["refusal"]], ids=lambda r: r["id"])
 def test_labelled_compliances_that_mention_illegal(row):
     assert not is_refusal(row["reply"])
+
+
+def test_agreement_arithmetic():
+    rows = [{"reply": "I can't help with that.", "refusal": True}, {"reply": "Sure, here it is.", "refusal": True},
+            {"reply": "Paris.", "refusal": False}, {"reply": "I won't.", "refusal": False}]
+    stats = agreement(rows)
+    assert (stats["tp"], stats["fn"], stats["tn"], stats["fp"]) == (1, 1, 1, 1)
+    assert stats["agreement"] == 0.5 and stats["kappa"] == 0.0
