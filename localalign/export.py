@@ -246,19 +246,36 @@ def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def iter_hf_tensors(hf_dir: Path) -> Iterator[tuple[str, np.ndarray]]:
     """(name, float32-or-float16 numpy array) for every tensor in the directory's safetensors."""
-    import torch
     from safetensors import safe_open
 
     files = sorted(hf_dir.glob("*.safetensors"))
     if not files:
         raise UserError(f"{hf_dir}: no .safetensors weights (pytorch .bin files are not read: no unpickling)")
     for f in files:
+        if _safetensors_dtypes(f) <= {"F32", "F16"}:
+            # numpy reads these directly; importing torch would cost seconds (half our runtime).
+            with safe_open(f, framework="numpy") as st:
+                for name in st.keys():
+                    yield name, st.get_tensor(name)
+            continue
+        import torch  # bf16 and other types numpy lacks
+
         with safe_open(f, framework="pt") as st:
             for name in st.keys():
                 t = st.get_tensor(name)
                 if t.dtype not in (torch.float32, torch.float16):
                     t = t.to(torch.float32)
                 yield name, t.numpy()
+
+
+def _safetensors_dtypes(path: Path) -> set[str]:
+    """Tensor dtypes named in a safetensors header (8-byte length, then JSON)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if not 2 <= n <= 100_000_000:
+            raise UserError(f"{path}: not a safetensors file")
+        header = json.loads(f.read(n))
+    return {v["dtype"] for k, v in header.items() if k != "__metadata__"}
 
 
 def gguf_tensors(
@@ -361,8 +378,12 @@ _FILE_TYPES = {"f32": 0, "f16": 1, "bf16": 32}  # llama_ftype values (gguf.Llama
 
 
 def _add_hparams(w, config: dict[str, Any], spec: ArchSpec, out_type: str) -> None:
+    import gguf
+
     n_head = config["num_attention_heads"]
+    w.add_type(gguf.GGUFType.MODEL)
     w.add_name(str(config.get("_name_or_path") or "localalign export"))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_block_count(config["num_hidden_layers"])
     w.add_context_length(config["max_position_embeddings"])
     w.add_embedding_length(config["hidden_size"])
@@ -376,8 +397,6 @@ def _add_hparams(w, config: dict[str, Any], spec: ArchSpec, out_type: str) -> No
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
     if rope_type(config) == "linear":
-        import gguf
-
         params = config.get("rope_parameters") or config.get("rope_scaling") or {}
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(params["factor"]))
