@@ -205,6 +205,14 @@ def test_export_model_writes_gguf_modelfile_and_parity(tiny_hf_dir, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.Modelfile", "tiny.gguf", "tiny.gguf.parity.json"]
 
 
+def test_bf16_export_passes_parity(tiny_hf_dir, tmp_path):
+    from localalign.export import MAX_ABS_LOGIT_DIFF, export_model
+
+    report = export_model(tiny_hf_dir, tmp_path / "tiny.bf16.gguf", out_type="bf16")
+    assert report.ok, report.summary()
+    assert report.details["max_abs_logit_tol"] == MAX_ABS_LOGIT_DIFF["bf16"]
+
+
 def test_q8_0_loads_and_agrees_on_top1(tiny_hf_dir, tmp_path):
     from gguf import GGMLQuantizationType as Q
 
