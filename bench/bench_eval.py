@@ -1,6 +1,6 @@
 """Benchmark: offline evaluation of the default model on every suite, with wall times.
 
-    .venv/bin/python bench/bench_eval.py [--limit N] [--suite NAME ...]
+    .venv/bin/python bench/bench_eval.py [--limit N] [--suite-limit SUITE=N ...] [--suite NAME ...]
 
 Runs `localalign.evaluate` on the default GGUF (greedy, batched generator), writes the
 result JSON and a report under bench/out/eval/, and rewrites its own section of
@@ -49,9 +49,31 @@ def update_section(text: str, body: str) -> str:
     return text.rstrip() + "\n\n" + block + "\n"
 
 
+def merge(parts: list[dict]) -> dict:
+    """One result from per-suite runs of the same model (each run loads the model afresh)."""
+    merged = dict(parts[0], suites={}, load_s=sum(p["load_s"] for p in parts), wall_s=sum(p["wall_s"] for p in parts))
+    for part in parts:
+        merged["suites"].update(part["suites"])
+    merged["limit"] = {name: part["limit"] for part in parts for name in part["suites"] if part["limit"]} or None
+    merged["limited"] = any(p["limited"] for p in parts)
+    return merged
+
+
+def parse_limits(specs: list[str]) -> dict[str, int]:
+    limits = {}
+    for spec in specs:
+        name, _, n = spec.partition("=")
+        if name not in SUITES or not n.isdigit() or int(n) < 1:
+            sys.exit(f"--suite-limit wants SUITE=N with a known suite, got {spec!r}")
+        limits[name] = int(n)
+    return limits
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--limit", type=int, help="first N items of each suite (quick check; not for the docs)")
+    parser.add_argument("--limit", type=int, help="first N items of every suite (quick check)")
+    parser.add_argument("--suite-limit", action="append", default=[], metavar="SUITE=N",
+                        help="first N items of one suite, e.g. ifeval=100 on a busy box")
     parser.add_argument("--suite", action="append", choices=list(SUITES), help="default: all")
     parser.add_argument("--no-docs", action="store_true", help="do not touch docs/benchmarks.md")
     args = parser.parse_args()
@@ -60,36 +82,55 @@ def main() -> None:
     if files.gguf is None:
         sys.exit(f"default model not materialized (run `make models`): {DEFAULT_MODEL}")
     suites = tuple(args.suite or ORDER)
+    limits = parse_limits(args.suite_limit)
     load_before = load_average()
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    config = EvalConfig(model=files.gguf, suites=suites, limit=args.limit)
-    result = evaluate(config, log=lambda m: print(m, file=sys.stderr, flush=True))
-    load_after = load_average()
-
     OUT.mkdir(parents=True, exist_ok=True)
-    write_eval(result, OUT / "default.json")
-    label = DEFAULT_MODEL  # the table marks a --limit run "(limited)"
-    write_report({DEFAULT_MODEL: result}, OUT / "report")
+    parts = []
+    # One evaluate() per suite, each written as it finishes: an interrupted run keeps what it
+    # measured, and the docs section shows every finished suite.
+    for name in suites:
+        config = EvalConfig(model=files.gguf, suites=(name,), limit=limits.get(name, args.limit))
+        parts.append(evaluate(config, log=lambda m: print(m, file=sys.stderr, flush=True)))
+        write_eval(parts[-1], OUT / f"{name}.json")
+        result = merge(parts)
+        write_eval(result, OUT / "default.json")
+        write_report({DEFAULT_MODEL: result}, OUT / "report")
+        body = describe(result, config, files.gguf, started, load_before, load_average(), suites)
+        if not args.no_docs:
+            atomic_write_text(DOCS, update_section(DOCS.read_text(encoding="utf-8"), body))
+    print(body)
+
+
+def describe(result: dict, config: EvalConfig, gguf: Path, started: str, load_before: str, load_now: str,
+             suites: tuple[str, ...]) -> str:
     labels = [json.loads(line) for line in LABELS.read_text(encoding="utf-8").splitlines()]
     agree = agreement(labels)
-
-    body = "\n".join(
+    done = list(result["suites"])
+    pending = [s for s in suites if s not in done]
+    limited = [
+        f"{name}: first {s['n_items']} of {s['n_available']} items"
+        for name, s in result["suites"].items() if s["n_items"] < s["n_available"]
+    ]
+    return "\n".join(
         [
             "## Offline evaluation (issue 6): default model",
             "",
-            f"`{' '.join(['.venv/bin/python bench/bench_eval.py'] + (['--limit', str(args.limit)] if args.limit else []))}`,"
-            f" {started}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-            f"load average (1/5/15 min) before {load_before}, after {load_after}.",
-            f"Model `{files.gguf.relative_to(REPO) if files.gguf.is_relative_to(REPO) else files.gguf}`; "
-            f"greedy, batched generator ({config.parallel} sequences), replies up to {config.max_tokens} tokens "
-            f"({config.refusal_max_tokens} for the refusal suites, whose detector reads only the opening).",
+            f"`.venv/bin/python bench/bench_eval.py {' '.join(sys.argv[1:])}`".replace(" `", "`"),
+            f"started {started}; {platform.machine()}, {os.cpu_count()} cores; "
+            f"load average (1/5/15 min) at the start {load_before}, at the last suite's end {load_now}.",
+            f"Model `{gguf.relative_to(REPO) if gguf.is_relative_to(REPO) else gguf}`; greedy, batched generator "
+            f"({config.parallel} sequences), replies up to {config.max_tokens} tokens ({config.refusal_max_tokens} "
+            "for the refusal suites, whose detector reads only the opening). One model load per suite.",
+            *([f"**Limited** (first N items): {'; '.join(limited)}."] if limited else []),
+            *([f"**Not finished yet**: {', '.join(pending)}."] if pending else []),
             "",
-            format_table({label: result}),
+            format_table({DEFAULT_MODEL: result}),
             "",
-            "Wall time per suite (tokens are the replies re-tokenized; model load "
-            f"{result['load_s']:.1f} s, total {result['wall_s']:.0f} s):",
+            f"Wall time per suite (tokens: the replies re-tokenized; model loads {result['load_s']:.1f} s in all, "
+            f"total {result['wall_s']:.0f} s):",
             "",
-            format_wall_times({label: result}),
+            format_wall_times({DEFAULT_MODEL: result}),
             "",
             f"Refusal detector vs {agree['n']} hand-labelled replies (tests/data/refusal_labels.jsonl): "
             f"agreement {agree['agreement']:.3f}, Cohen's kappa {agree['kappa']:.3f}, precision {agree['precision']:.3f}, "
@@ -100,9 +141,6 @@ def main() -> None:
             "Intervals: 95% Wilson; instruction-level ones treat a prompt's instructions as independent.",
         ]
     )
-    if not args.no_docs:
-        atomic_write_text(DOCS, update_section(DOCS.read_text(encoding="utf-8"), body))
-    print(body)
 
 
 if __name__ == "__main__":
