@@ -21,8 +21,9 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
+import gguf
 import numpy as np
 
 from localalign.errors import UserError
@@ -77,13 +78,34 @@ def arch_spec(config: dict[str, Any], where: Path | str) -> ArchSpec:
 
 def rope_theta(config: dict[str, Any]) -> float:
     # transformers 5 moved rope settings into `rope_parameters`; older configs have them on top.
-    params = config.get("rope_parameters") or {}
-    return float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
+    return float(rope_params(config).get("rope_theta", config.get("rope_theta", 10000.0)))
+
+
+def rope_params(config: dict[str, Any]) -> dict[str, Any]:
+    return config.get("rope_parameters") or config.get("rope_scaling") or {}
 
 
 def rope_type(config: dict[str, Any]) -> str:
-    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    params = rope_params(config)
     return params.get("rope_type", params.get("type", "default")) or "default"
+
+
+def llama3_rope_factors(config: dict[str, Any]) -> np.ndarray:
+    """Per-frequency divisors of Llama 3's RoPE scaling, stored as `rope_freqs.weight`.
+
+    The same formula as transformers' `_compute_llama3_parameters` and llama.cpp's converter:
+    high frequencies kept, low ones divided by `factor`, a smooth blend between.
+    """
+    p = rope_params(config)
+    dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    freqs = 1.0 / (rope_theta(config) ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    factor, low, high = p.get("factor", 8.0), p.get("low_freq_factor", 1.0), p.get("high_freq_factor", 4.0)
+    old_ctx = p.get("original_max_position_embeddings", 8192)
+    wavelen = 2 * math.pi / freqs
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    blended = 1 / ((1 - smooth) / factor + smooth)
+    out = np.where(wavelen < old_ctx / high, 1.0, np.where(wavelen > old_ctx / low, factor, blended))
+    return out.astype(np.float32)
 
 
 # Pre-tokenizer regexes as they appear in HF tokenizer.json `Split` pre-tokenizers, and the
@@ -168,7 +190,6 @@ def read_vocab(hf_dir: Path, vocab_size: int) -> VocabInfo:
     transformers: importing it costs seconds); the parity check then compares the result
     with transformers' own tokenizer.
     """
-    from gguf import TokenType
     from tokenizers import Tokenizer
 
     tok_path = hf_dir / "tokenizer.json"
@@ -189,7 +210,7 @@ def read_vocab(hf_dir: Path, vocab_size: int) -> VocabInfo:
     for i in range(vocab_size):
         if i not in by_id:  # embedding rows past the tokenizer (padding to a round size)
             tokens.append(f"[PAD{i}]")
-            types.append(TokenType.UNUSED)
+            types.append(gguf.TokenType.UNUSED)
             continue
         tokens.append(by_id[i])
         if i in added:
@@ -197,13 +218,13 @@ def read_vocab(hf_dir: Path, vocab_size: int) -> VocabInfo:
             # look like <|...|>) are CONTROL, and only match when parsing specials.
             text = added[i]["content"]
             special = added[i].get("special") or (text.startswith("<|") and text.endswith("|>"))
-            types.append(TokenType.CONTROL if special else TokenType.USER_DEFINED)
+            types.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
         else:
-            types.append(TokenType.NORMAL)
+            types.append(gguf.TokenType.NORMAL)
 
     # Whether HF adds BOS/EOS: tokenizer_config's flag wins (transformers rebuilds the
     # post-processor from it); otherwise whatever tokenizer.json's post-processor does.
-    ids = Tokenizer.from_str(json.dumps(tj)).encode("a", add_special_tokens=True).ids
+    ids = Tokenizer.from_file(str(tok_path)).encode("a", add_special_tokens=True).ids
     bos_id, eos_id = _special_id(tj, tcfg, "bos"), _special_id(tj, tcfg, "eos")
     add_bos = tcfg.get("add_bos_token") if isinstance(tcfg.get("add_bos_token"), bool) else (
         bos_id is not None and len(ids) > 1 and ids[0] == bos_id
@@ -282,13 +303,13 @@ def gguf_tensors(
     hf_dir: Path, config: dict[str, Any], spec: ArchSpec
 ) -> Iterator[tuple[str, np.ndarray]]:
     """HF tensors renamed, permuted and filtered into llama.cpp's layout (still float)."""
-    import gguf
-
     n_layers = config["num_hidden_layers"]
     n_head = config["num_attention_heads"]
     n_kv = config.get("num_key_value_heads", n_head)
     name_map = gguf.get_tensor_name_map(_gguf_arch_enum(spec), n_layers)
     tied = config.get("tie_word_embeddings", False)
+    if rope_type(config) == "llama3":
+        yield gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", llama3_rope_factors(config)
     for name, data in iter_hf_tensors(hf_dir):
         if name.endswith(".rotary_emb.inv_freq"):  # recomputed by llama.cpp
             continue
@@ -305,14 +326,12 @@ def gguf_tensors(
 
 
 def _gguf_arch_enum(spec: ArchSpec):
-    import gguf
-
     return next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == spec.gguf_arch)
 
 
 def storage_type(gguf_name: str, data: np.ndarray, out_type: str):
     """GGML type of one tensor: norms and 1-D tensors stay f32 (llama.cpp expects it)."""
-    from gguf import GGMLQuantizationType as Q
+    Q = gguf.GGMLQuantizationType
 
     if data.ndim <= 1 or gguf_name.endswith("_norm.weight"):
         return Q.F32
@@ -320,14 +339,13 @@ def storage_type(gguf_name: str, data: np.ndarray, out_type: str):
 
 
 def convert(data: np.ndarray, qtype) -> np.ndarray:
-    from gguf import GGMLQuantizationType as Q
-    from gguf.quants import quantize
+    Q = gguf.GGMLQuantizationType
 
     if qtype == Q.F32:
         return data.astype(np.float32, copy=False)
     if qtype == Q.F16:
         return data.astype(np.float16)
-    return quantize(data.astype(np.float32, copy=False), qtype)  # bf16: gguf's round-to-nearest-even
+    return gguf.quants.quantize(data.astype(np.float32, copy=False), qtype)  # bf16: gguf's round-to-nearest-even
 
 
 # ---------------------------------------------------------------------------- writer
@@ -339,8 +357,6 @@ def write_gguf(hf_dir: str | Path, out_path: str | Path, out_type: str = "f32") 
     Unsupported architectures, tokenizers and output types are refused before anything is
     written. The file appears only when complete.
     """
-    import gguf
-
     hf_dir, out_path = Path(hf_dir), Path(out_path)
     if out_type not in OUT_TYPES:
         raise UserError(f"output type {out_type!r} is not one of {', '.join(OUT_TYPES)} (quantize afterwards)")
@@ -349,14 +365,22 @@ def write_gguf(hf_dir: str | Path, out_path: str | Path, out_type: str = "f32") 
     _check_rope(config, hf_dir)
     vocab = read_vocab(hf_dir, config["vocab_size"])
 
-    tmp = temp_path_for(out_path)
-    try:
-        w = gguf.GGUFWriter(tmp, spec.gguf_arch)
+    def fill(w) -> None:
         _add_hparams(w, config, spec, out_type)
         _add_tokenizer(w, hf_dir, vocab, config["vocab_size"])
         for name, data in gguf_tensors(hf_dir, config, spec):
             qtype = storage_type(name, data, out_type)
             w.add_tensor(name, convert(data, qtype), raw_dtype=qtype)
+
+    return _write_atomically(out_path, spec.gguf_arch, fill)
+
+
+def _write_atomically(out_path: Path, arch: str, fill: Callable[[Any], None]) -> Path:
+    """Run `fill(writer)` on a GGUFWriter for a temp file, write it, rename it to `out_path`."""
+    tmp = temp_path_for(out_path)
+    try:
+        w = gguf.GGUFWriter(tmp, arch)
+        fill(w)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -370,16 +394,14 @@ def write_gguf(hf_dir: str | Path, out_path: str | Path, out_type: str = "f32") 
 
 def _check_rope(config: dict[str, Any], where: Path) -> None:
     kind = rope_type(config)
-    if kind not in ("default", "linear"):
-        raise UserError(f"{where}: RoPE scaling {kind!r} is not supported for export (default, linear)")
+    if kind not in ("default", "linear", "llama3"):
+        raise UserError(f"{where}: RoPE scaling {kind!r} is not supported for export (default, linear, llama3)")
 
 
 _FILE_TYPES = {"f32": 0, "f16": 1, "bf16": 32}  # llama_ftype values (gguf.LlamaFileType)
 
 
 def _add_hparams(w, config: dict[str, Any], spec: ArchSpec, out_type: str) -> None:
-    import gguf
-
     n_head = config["num_attention_heads"]
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(str(config.get("_name_or_path") or "localalign export"))
@@ -397,9 +419,8 @@ def _add_hparams(w, config: dict[str, Any], spec: ArchSpec, out_type: str) -> No
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
     if rope_type(config) == "linear":
-        params = config.get("rope_parameters") or config.get("rope_scaling") or {}
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        w.add_rope_scaling_factor(float(params["factor"]))
+        w.add_rope_scaling_factor(float(rope_params(config)["factor"]))
     if spec.gguf_arch == "llama":
         w.add_vocab_size(config["vocab_size"])
         w.add_rope_dimension_count(head_dim)
@@ -407,8 +428,6 @@ def _add_hparams(w, config: dict[str, Any], spec: ArchSpec, out_type: str) -> No
 
 
 def _add_tokenizer(w, hf_dir: Path, vocab: VocabInfo, vocab_size: int) -> None:
-    import gguf
-
     w.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
     w.add_tokenizer_pre(vocab.pre)
     w.add_token_list(vocab.tokens)
@@ -536,8 +555,6 @@ def write_lora_gguf(adapter_dir: str | Path, base_hf_dir: str | Path, out_path: 
     A is stored as (r, in) and B as (out, r), as llama.cpp's own converter does; B of the
     Q/K projections gets the same row permutation as the base weights.
     """
-    import gguf
-
     adapter_dir, base_hf_dir, out_path = Path(adapter_dir), Path(base_hf_dir), Path(out_path)
     lcfg = read_adapter_config(adapter_dir)
     config = read_config(base_hf_dir)
@@ -558,23 +575,14 @@ def write_lora_gguf(adapter_dir: str | Path, base_hf_dir: str | Path, out_path: 
             b = permute_qk(b, n_kv)
         tensors += [(new + ".lora_a", a), (new + ".lora_b", b)]
 
-    tmp = temp_path_for(out_path)
-    try:
-        w = gguf.GGUFWriter(tmp, spec.gguf_arch)
+    def fill(w) -> None:
         w.add_type(gguf.GGUFType.ADAPTER)
         w.add_string(gguf.Keys.Adapter.TYPE, "lora")
         w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, lora_alpha_for_gguf(lcfg))
         for name, data in tensors:
             w.add_tensor(name, np.ascontiguousarray(data, dtype=np.float32))
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        commit_temp(tmp, out_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return out_path
+
+    return _write_atomically(out_path, spec.gguf_arch, fill)
 
 
 # ---------------------------------------------------------------------------- parity
@@ -734,6 +742,7 @@ def export_adapter(
 
     base_hf_dir, adapter_dir, out_path, base_gguf = map(Path, (base_hf_dir, adapter_dir, out_path, base_gguf))
     check_gguf_file(base_gguf)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     unchecked = out_path.with_name(f".{out_path.name}.unchecked")
     try:
         write_lora_gguf(adapter_dir, base_hf_dir, unchecked)
@@ -747,8 +756,10 @@ def export_adapter(
         else:
             report = _check_or_skip(False, base_hf_dir, base_gguf)
         report.details.update({"base_gguf": str(base_gguf), "adapter_dir": str(adapter_dir)})
-        from_path = f"./{base_gguf.name}" if base_gguf.resolve().parent == out_path.resolve().parent else str(base_gguf.resolve())
-        _finish(report, unchecked, out_path, _modelfile(base_hf_dir, from_path, adapter=f"./{out_path.name}"), key="adapter")
+        same_dir = base_gguf.resolve().parent == out_path.resolve().parent
+        from_path = f"./{base_gguf.name}" if same_dir else str(base_gguf.resolve())
+        modelfile = _modelfile(base_hf_dir, from_path, adapter=f"./{out_path.name}")
+        _finish(report, unchecked, out_path, modelfile, key="adapter")
     except BaseException:
         unchecked.unlink(missing_ok=True)
         raise
@@ -793,7 +804,9 @@ def _finish(report, unchecked: Path, out_path: Path, modelfile: str, key: str = 
     report.details[key] = str(failed)
     report.details["status"] = f"FAILED parity: not written to {out_path}; kept as {failed} for inspection"
     report.write(parity_path(failed))
-    raise UserError(f"export failed its parity check, {report.summary()} (file kept as {failed}, report {parity_path(failed)})")
+    raise UserError(
+        f"export failed its parity check, {report.summary()} (file kept as {failed}, report {parity_path(failed)})"
+    )
 
 
 def _modelfile(hf_dir: Path, from_path: str, adapter: str | None = None) -> str:
@@ -817,8 +830,8 @@ def _modelfile(hf_dir: Path, from_path: str, adapter: str | None = None) -> str:
         # next turn has finished its own (Ollama's ChatML models stop on it too).
         try:
             user_prefix = chat_affixes(vocab.chat_template, bos, eos).prefix["user"]
-            specials = [t for t, ty in zip(vocab.tokens, vocab.types) if ty == 3 and t and user_prefix.startswith(t)]
-            stops += [t for t in specials[:1] if t not in stops]
+            control = [t for t, ty in zip(vocab.tokens, vocab.types) if ty == gguf.TokenType.CONTROL and t]
+            stops += [t for t in control if user_prefix.startswith(t) and t not in stops][:1]
         except (ValueError, UserError):
             pass
     return modelfile_text(from_path, vocab.chat_template, stops, bos, eos, adapter_path=adapter)

@@ -319,6 +319,42 @@ def test_adapter_with_rslora_scales_alpha_and_dora_refused(tiny_adapter, tiny_hf
     assert not (tmp_path / "x.gguf").exists()
 
 
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_type": "linear", "factor": 2.0},
+        {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+         "original_max_position_embeddings": 64},
+    ],
+)
+def test_rope_scaling_exports_with_parity(tiny_hf_dir, tmp_path, rope):
+    import shutil
+
+    from localalign.export import export_model
+
+    d = tmp_path / "hf"
+    shutil.copytree(tiny_hf_dir, d)
+    config = json.loads((d / "config.json").read_text())
+    config["rope_parameters"] = dict(rope, rope_theta=10000.0)
+    (d / "config.json").write_text(json.dumps(config))
+    report = export_model(d, tmp_path / "m.gguf", out_type="f32")
+    assert report.ok, report.summary()
+    assert ("rope_freqs.weight" in _tensors(tmp_path / "m.gguf")) == (rope["rope_type"] == "llama3")
+
+
+def test_unknown_rope_scaling_refused(tiny_hf_dir, tmp_path):
+    import shutil
+
+    d = tmp_path / "hf"
+    shutil.copytree(tiny_hf_dir, d)
+    config = json.loads((d / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
+    (d / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="RoPE scaling 'yarn'"):
+        write_gguf(d, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
+
+
 # ---------------------------------------------------------------------------- qwen2
 
 
