@@ -16,7 +16,6 @@ Public entry points:
 from __future__ import annotations
 
 import json
-import logging
 import math
 import re
 from dataclasses import dataclass
@@ -29,8 +28,6 @@ import numpy as np
 from localalign.errors import UserError
 from localalign.fsutil import commit_temp, temp_path_for
 from localalign.models import SUPPORTED_ARCHS
-
-log = logging.getLogger(__name__)
 
 OUT_TYPES = ("f32", "f16", "bf16")
 

@@ -426,6 +426,25 @@ def test_cli_export_quantized_and_refusal(tiny_hf_dir, tmp_path):
     assert not (tmp_path / "x.gguf").exists()
 
 
+def test_cli_export_adapter_merged_and_adapter_only(tiny_hf_dir, tiny_gguf, tiny_adapter, tmp_path):
+    from click.testing import CliRunner
+
+    from localalign.cli import main
+
+    base = ["export", "--model", str(tiny_hf_dir), "--adapter", str(tiny_adapter)]
+    res = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "merged.gguf"), "--out-type", "f32"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "merged.gguf.parity.json").read_text())["ok"]
+    res = CliRunner().invoke(
+        main, [*base, "--adapter-only", "--base-gguf", str(tiny_gguf), "--out", str(tmp_path / "a.gguf")]
+    )
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "a.gguf.parity.json").read_text())["details"]["adapter"] == str(tmp_path / "a.gguf")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no merge or temp dirs left
+    res = CliRunner().invoke(main, [*base, "--adapter-only", "--out", str(tmp_path / "b.gguf")])
+    assert res.exit_code == 2 and "--base-gguf" in res.output
+
+
 # ---------------------------------------------------------------------------- the default model
 
 
