@@ -205,6 +205,24 @@ def test_export_model_writes_gguf_modelfile_and_parity(tiny_hf_dir, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.Modelfile", "tiny.gguf", "tiny.gguf.parity.json"]
 
 
+def test_bf16_safetensors_input(tiny_hf_dir, tmp_path):
+    """Weights stored as bf16 (numpy cannot read them) go through torch and still match."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from localalign.export import MAX_ABS_LOGIT_DIFF, check_export
+
+    d = tmp_path / "hf"
+    shutil.copytree(tiny_hf_dir, d)
+    weights = load_file(d / "model.safetensors")
+    save_file({k: v.to(torch.bfloat16) for k, v in weights.items()}, d / "model.safetensors", metadata={"format": "pt"})
+    out = write_gguf(d, tmp_path / "m.gguf", out_type="f32")
+    report = check_export(d, out, max_abs_tol=MAX_ABS_LOGIT_DIFF["f32"], min_top1=0.97)
+    assert report.ok, report.summary()
+
+
 def test_bf16_export_passes_parity(tiny_hf_dir, tmp_path):
     from localalign.export import MAX_ABS_LOGIT_DIFF, export_model
 
