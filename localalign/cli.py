@@ -83,6 +83,72 @@ def models_pull(name: str) -> None:
         raise UserError(f"{name}: the HF copy does not match the GGUF: " + "; ".join(check.get("problems", [])))
 
 
+# ---- generate
+
+
+@main.command("generate")
+@click.option("--model", "model_name", default="smollm2-135m-instruct", show_default=True, help="Registry name or .gguf path.")
+@click.option("--seeds", "seeds_path", required=True, type=click.Path(dir_okay=False), help="Seed pairs (JSONL).")
+@click.option("--n", "n", required=True, type=click.IntRange(min=1), help="How many new samples to accept.")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Accepted samples (JSONL).")
+@click.option("--rejected", "rejected_path", type=click.Path(dir_okay=False), help="Rejected samples [rejected.jsonl beside --out].")
+@click.option("--k", type=click.IntRange(min=1), default=4, show_default=True, help="In-context examples per prompt.")
+@click.option("--query-from", type=click.Choice(["seeds", "all"]), default="seeds", show_default=True, help="Pick examples from the seeds, or seeds + accepted.")
+@click.option("--parallel", type=click.IntRange(min=1, max=64), default=8, show_default=True, help="Sequences decoded together.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--temperature", type=float, default=0.8, show_default=True)
+@click.option("--top-p", type=float, default=0.95, show_default=True)
+@click.option("--threads", type=int, help="CPU threads [every core].")
+@click.option("--n-ctx", type=int, default=2048, show_default=True, help="Context per sequence (tokens).")
+@click.option("--novelty", "novelty_threshold", type=float, default=0.9, show_default=True, help="Cosine similarity above which a sample is a duplicate.")
+@click.option("--min-rating", type=float, default=5.0, show_default=True, help="Self-assessment score (1-10) a sample needs.")
+@click.option("--no-rating", is_flag=True, help="Skip the self-assessment.")
+@click.option("--embedder", default="all-minilm-l6-v2", show_default=True, help="Embedder name or sentence-transformers folder.")
+def generate_cmd(model_name, seeds_path, n, out_path, rejected_path, k, query_from, parallel, seed, temperature, top_p, threads, n_ctx, novelty_threshold, min_rating, no_rating, embedder) -> None:
+    """Write N new prompt/response pairs in the domain of the seeds (ISARA)."""
+    import time
+    from collections import Counter
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from localalign.filters import FilterConfig
+    from localalign.generate import BatchGenerator, GenerationConfig, IsaraConfig, generate_samples
+    from localalign.models import resolve_model
+    from localalign.retrieve import Embedder
+    from localalign.samples import read_samples
+
+    seeds = read_samples(seeds_path)
+    files = resolve_model(model_name)
+    if files.gguf is None:
+        raise UserError(f"{model_name}: generation needs a GGUF model")
+    gen_cfg = GenerationConfig(threads=threads, n_ctx=n_ctx, temperature=temperature, top_p=top_p, seed=seed, parallel=parallel)
+    isara = IsaraConfig(k=k, query_from=query_from)
+    filters = FilterConfig(novelty_threshold=novelty_threshold, min_rating=min_rating, rate=not no_rating)
+    rejected_path = rejected_path or str(Path(out_path).with_name("rejected.jsonl"))
+    emb = Embedder(embedder)
+    bar = tqdm(total=n, desc="generate", unit="sample", dynamic_ncols=True)
+    t0 = time.perf_counter()
+
+    def show(p):
+        bar.n = p.accepted
+        rate = p.tokens / max(time.perf_counter() - t0, 1e-6)
+        bar.set_postfix(rejected=p.rejected, tok_s=f"{rate:.0f}", refresh=False)
+        bar.refresh()
+
+    with BatchGenerator(files.gguf, gen_cfg) as gen:
+        accepted, rejected = generate_samples(
+            gen, emb, seeds, n, isara=isara, filters=filters, samples_path=out_path, rejected_path=rejected_path, on_progress=show
+        )
+    bar.close()
+    seconds = time.perf_counter() - t0
+    click.echo(f"accepted {len(accepted)}, rejected {len(rejected)} in {seconds:.0f} s -> {out_path}, {rejected_path}")
+    for reason, count in Counter(s.reject_reason for s in rejected).most_common():
+        click.echo(f"  {reason:20s} {count}")
+    if len(accepted) < n:
+        click.echo(f"warning: only {len(accepted)} of {n} accepted before the candidate budget ran out", err=True)
+
+
 # ---- eval
 
 

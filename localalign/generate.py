@@ -223,12 +223,14 @@ class BatchGenerator:
         seeds: Sequence[int] | None = None,
         then: list[int] | None = None,
         on_done: Callable[[int, Completion], None] | None = None,
+        grammar: str | None = None,
     ) -> list[Completion]:
         """Decode every prompt; the core that `complete` and the ISARA step share.
 
         `then`: tokens fed after a turn that ended on an end-of-generation token, after which
         the sequence writes a second turn (ISARA: the model writes a user turn, `then` opens
         the assistant turn, the model answers it, all in one pass over the KV cache).
+        `grammar`: a GBNF grammar every completion must follow (llama.cpp's grammar sampler).
         `max_tokens` may be one number per turn. `on_done(i, completion)` is called as each
         prompt finishes (progress reporting).
         """
@@ -277,7 +279,7 @@ class BatchGenerator:
                     _Live(
                         job=job,
                         slot=slot,
-                        sampler=self._sampler(temperature, seeds[job]),
+                        sampler=self._sampler(temperature, seeds[job], grammar),
                         pending=list(prompt_tokens[job][len(prefix):]),
                         n_past=len(prefix),
                         budget=budgets[0],
@@ -297,9 +299,15 @@ class BatchGenerator:
 
     # ------------------------------------------------------------------ internals
 
-    def _sampler(self, temperature: float, seed: int):
+    def _sampler(self, temperature: float, seed: int, grammar: str | None = None):
         lib, cfg = self.lib, self.config
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        if grammar is not None:
+            rule = lib.llama_sampler_init_grammar(self.vocab, grammar.encode(), b"root")
+            if not rule:
+                lib.llama_sampler_free(chain)
+                raise ValueError(f"llama.cpp rejected the grammar: {grammar!r}")
+            lib.llama_sampler_chain_add(chain, rule)
         if temperature <= 0:
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
             return chain
@@ -424,3 +432,279 @@ def _shared_prefix(prompts: list[list[int]]) -> list[int]:
     while n < shortest - 1 and all(p[n] == first[n] for p in prompts):
         n += 1
     return first[:n]
+
+
+# ============================================================================ the ISARA step
+
+
+@dataclass
+class IsaraConfig:
+    k: int = 4  # in-context examples: the query sample and its k-1 nearest neighbours
+    # Where query samples and their neighbours come from: "seeds", or "all" (seeds plus the
+    # samples accepted so far, so later rounds can wander further from the seeds).
+    query_from: str = "seeds"
+    max_prompt_tokens: int = 128  # the generated user turn; a longer one is cut and rejected
+    max_response_tokens: int = 384
+    # Candidates decoded per pass: a few times `parallel`, so slots stay busy until the tail.
+    batch_candidates: int = 32
+    max_candidates_factor: float = 6.0  # give up after n * this many candidates
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise UserError(f"k must be at least 1, got {self.k}")
+        if self.query_from not in ("seeds", "all"):
+            raise UserError(f"query_from must be 'seeds' or 'all', got {self.query_from!r}")
+        if self.max_prompt_tokens < 8 or self.max_response_tokens < 8:
+            raise UserError("max_prompt_tokens and max_response_tokens must be at least 8")
+        if self.batch_candidates < 1 or self.max_candidates_factor < 1:
+            raise UserError("batch_candidates and max_candidates_factor must be at least 1")
+
+
+@dataclass
+class Progress:
+    """What `generate_samples` reports after each candidate (for a progress bar)."""
+
+    accepted: int = 0
+    rejected: int = 0
+    tokens: int = 0  # generated tokens (both turns and ratings)
+    reasons: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Candidate:
+    index: int
+    examples: list  # list[Sample], in prompt order
+    sample: object = None  # Sample once parsed
+    vector: object = None
+
+
+def generate_samples(
+    generator: BatchGenerator,
+    embedder,
+    seeds: list,
+    n: int,
+    accepted: list | None = None,
+    isara: IsaraConfig | None = None,
+    filters=None,
+    round_no: int | None = None,
+    resume: tuple[list, list] | None = None,
+    samples_path: str | Path | None = None,
+    rejected_path: str | Path | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+):
+    """Generate until `n` new samples are accepted (or the candidate budget runs out).
+
+    Inputs: the seeds, samples accepted in earlier rounds (`accepted`, used for novelty and,
+    with query_from="all", as examples). Returns (new accepted, rejected) Sample lists;
+    writes them as JSONL when paths are given (rewritten atomically after every pass).
+
+    Resumable: candidate i draws its query, examples and sampler seed from
+    (generator.config.seed, i) and the pool alone, and records i in meta["index"]. A resumed
+    run passes resume=(accepted, rejected) as read back from its files (`read_rejected` reads
+    rejected.jsonl, whose samples may be empty); generation continues at the candidate after
+    the last recorded index, and the returned lists (and files) include the resumed samples.
+    `on_progress` counts only the work of this call.
+    """
+    import random
+
+    import numpy as np
+
+    from localalign.filters import FilterConfig, check_novelty, check_rating, check_rules
+    from localalign.prompts import build_isara_prompt, chat_markers, parse_generation, shuffled
+    from localalign.retrieve import SampleIndex
+    from localalign.samples import Sample, write_samples
+
+    isara = isara or IsaraConfig()
+    filters = filters or FilterConfig()
+    accepted_before = list(accepted or [])
+    if not seeds:
+        raise UserError("no seed samples")
+    cfg = generator.config
+    markers = chat_markers(generator.chat_prompt)
+    then = generator.tokenize_continuation(markers.then)
+    room = generator.n_ctx_seq - isara.max_prompt_tokens - len(then) - isara.max_response_tokens - 1
+    if room < 64:
+        raise UserError(
+            f"n_ctx {generator.n_ctx_seq} leaves no room for examples after the generated turns; raise n_ctx"
+        )
+
+    seed_vectors = embedder.embed_samples(seeds)
+    known = SampleIndex(embedder.dim)  # everything a new sample must differ from
+    known.add(seeds, seed_vectors)
+    done, rejected_done = resume or ([], [])
+    if accepted_before + list(done):
+        known.add(accepted_before + list(done), embedder.embed_samples(accepted_before + list(done)))
+    pool = known if isara.query_from == "all" else _seed_index(seeds, seed_vectors, embedder.dim)
+
+    new: list = list(done)
+    rejected: list = list(rejected_done)
+    progress = Progress()
+    indices = [s.meta.get("index") for s in new + rejected]
+    index = max((i for i in indices if isinstance(i, int)), default=-1) + 1
+    budget = int(n * isara.max_candidates_factor)
+
+    def reject(sample, reason: str) -> None:
+        sample.reject_reason = reason
+        rejected.append(sample)
+        progress.rejected += 1
+        progress.reasons[reason] = progress.reasons.get(reason, 0) + 1
+
+    while len(new) < n and index < budget:
+        # 1. in-context examples and prompts, from the pool as it stands at the pass start
+        count = min(isara.batch_candidates, budget - index)
+        candidates, prompts = [], []
+        for i in range(index, index + count):
+            rng = random.Random(f"{cfg.seed}:{i}")
+            query = rng.randrange(len(pool))
+            near = [s for s, _ in pool.search(pool.vector(query), isara.k)]
+            tokens = None
+            while near:
+                tokens = generator.tokenize(build_isara_prompt(generator.chat_prompt, shuffled(near, rng)))
+                if len(tokens) <= room:
+                    break
+                near = near[:-1]  # drop the farthest neighbour until the prompt fits
+            if not near:
+                raise UserError(f"a single seed example does not fit n_ctx {generator.n_ctx_seq}; raise n_ctx")
+            candidates.append(_Candidate(i, near))
+            prompts.append(tokens)
+        index += count
+
+        # 2. both turns in one pass: the model writes a request, then answers it
+        def done(_job, completion):
+            progress.tokens += completion.n_generated
+            if on_progress is not None:
+                on_progress(progress)
+
+        results = generator.run(
+            prompts,
+            max_tokens=[isara.max_prompt_tokens, isara.max_response_tokens],
+            seeds=[derive_seed(cfg.seed, c.index) for c in candidates],
+            then=then,
+            on_done=done,
+        )
+
+        # 3. rules
+        survivors = []
+        for c, r in zip(candidates, results):
+            parsed = parse_generation(r.texts[0], r.finish[0], r.texts[1], r.finish[1], markers)
+            c.sample = Sample(
+                parsed.prompt,
+                parsed.response,
+                source="generated",
+                round=round_no,
+                meta={"index": c.index, "examples": [_example_ref(e) for e in c.examples]},
+            )
+            reason = check_rules(parsed.prompt, parsed.response, c.examples, filters, markers.leak, parsed.problem)
+            if reason:
+                reject(c.sample, reason)
+            else:
+                survivors.append(c)
+        if on_progress is not None:
+            on_progress(progress)
+
+        # 4. novelty against seeds and everything accepted (before spending a rating on it)
+        if survivors:
+            vectors = embedder.embed_samples([c.sample for c in survivors])
+            sims = known.max_similarity(vectors)
+            kept = []
+            for c, v, sim in zip(survivors, vectors, sims):
+                c.vector = v
+                c.sample.scores["max_similarity"] = round(float(sim), 4)
+                reason = check_novelty(float(sim), filters)
+                if reason:
+                    reject(c.sample, reason)
+                else:
+                    kept.append(c)
+            survivors = kept
+
+        # 5. self-assessment, then acceptance in index order (re-checking novelty against
+        #    the samples accepted earlier in this same pass)
+        if survivors and filters.rate:
+            _rate(generator, [c.sample for c in survivors], seeds, filters, progress, on_progress)
+        for c in survivors:
+            reason = check_rating(c.sample.scores, filters) if filters.rate else None
+            if reason is None and len(new) >= n:
+                break  # enough: the rest are neither accepted nor rejected (a resume regenerates them)
+            if reason is None:
+                sim = float(known.max_similarity(c.vector[None, :])[0])
+                c.sample.scores["max_similarity"] = round(max(sim, c.sample.scores["max_similarity"]), 4)
+                reason = check_novelty(sim, filters)
+            if reason:
+                reject(c.sample, reason)
+                continue
+            new.append(c.sample)
+            known.add([c.sample], c.vector[None, :])
+            progress.accepted += 1
+        if on_progress is not None:
+            on_progress(progress)
+        if samples_path is not None:
+            write_samples(samples_path, new)
+        if rejected_path is not None:
+            write_samples(rejected_path, rejected)
+    return new, rejected
+
+
+def read_rejected(path: str | Path) -> list:
+    """rejected.jsonl back as Samples. Not `read_samples`: a rejected sample may be empty."""
+    from localalign.samples import Sample, iter_jsonl
+
+    out = []
+    for lineno, obj in iter_jsonl(path):
+        try:
+            out.append(
+                Sample(
+                    str(obj["prompt"]),
+                    str(obj["response"]),
+                    obj.get("source", "generated"),
+                    obj.get("round"),
+                    obj.get("system"),
+                    dict(obj.get("scores", {})),
+                    obj.get("reject_reason"),
+                    dict(obj.get("meta", {})),
+                )
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{path}:{lineno}: not a rejected sample ({e})") from None
+    return out
+
+
+def _seed_index(seeds, vectors, dim):
+    from localalign.retrieve import SampleIndex
+
+    index = SampleIndex(dim)
+    index.add(seeds, vectors)
+    return index
+
+
+def _example_ref(sample) -> str:
+    """A short, stable reference to an in-context example (for provenance in meta)."""
+    return hashlib.sha256(f"{sample.prompt}\x00{sample.response}".encode()).hexdigest()[:12]
+
+
+def _rate(generator: BatchGenerator, samples, seeds, filters, progress: Progress, on_progress) -> None:
+    """Self-assessment: the same model scores each sample with the rubric (greedy)."""
+    from localalign.filters import (
+        RATING_DOMAIN_EXAMPLES,
+        RATING_GRAMMAR,
+        RUBRIC_ANSWER_START,
+        parse_rating,
+        rubric_message,
+    )
+
+    domain = [s.prompt for s in seeds[:RATING_DOMAIN_EXAMPLES]]
+    prompts = []
+    for s in samples:
+        text = generator.chat_prompt([{"role": "user", "content": rubric_message(s.prompt, s.response, domain)}])
+        prompts.append(generator.tokenize(text + RUBRIC_ANSWER_START))
+    too_long = [len(p) >= generator.n_ctx_seq - 16 for p in prompts]
+    fitting = [p for p, long in zip(prompts, too_long) if not long]
+    results = iter(generator.run(fitting, max_tokens=16, temperature=0, grammar=RATING_GRAMMAR) if fitting else [])
+    for s, long in zip(samples, too_long):
+        if long:
+            continue  # no scores: rejected as "unrated"
+        r = next(results)
+        progress.tokens += r.n_generated
+        s.scores.update(parse_rating(r.texts[0]))
+        s.meta["rating_text"] = (RUBRIC_ANSWER_START + r.texts[0]).strip()
+    if on_progress is not None:
+        on_progress(progress)

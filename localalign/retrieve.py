@@ -108,6 +108,12 @@ class SampleIndex:
         matches = self.index.search(vector[0], k, exact=True)
         return [(self.samples[int(key)], float(1.0 - d)) for key, d in zip(matches.keys, matches.distances)]
 
+    def vector(self, i: int) -> np.ndarray:
+        """The stored vector of sample i (in insertion order)."""
+        if not 0 <= i < len(self.samples):
+            raise IndexError(f"sample {i} of {len(self.samples)}")
+        return np.asarray(self.index.get(i), dtype=np.float32)
+
     def max_similarity(self, vectors: np.ndarray) -> np.ndarray:
         """For each row, the highest cosine similarity to any indexed sample (-1 if empty)."""
         vectors = self._check(vectors)

@@ -46,3 +46,14 @@ def tiny_gguf(tiny_hf_dir, tmp_path_factory) -> Path:
     from localalign.export import write_gguf
 
     return write_gguf(tiny_hf_dir, tmp_path_factory.mktemp("tiny_gguf") / "tiny.f32.gguf", out_type="f32")
+
+
+# ---- generate
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    """The packaged all-MiniLM-L6-v2 (90 MB, loads offline in seconds), loaded once."""
+    from localalign.retrieve import Embedder
+
+    return Embedder()

@@ -120,3 +120,145 @@ def test_config_validation():
         GenerationConfig(top_p=0)
     with pytest.raises(UserError, match="parallel"):
         GenerationConfig(parallel=0)
+
+
+# ---------------------------------------------------------------------------- the ISARA step
+
+from tiny_model import CHATML_TEMPLATE  # noqa: E402
+
+from localalign.chat import render_chat  # noqa: E402
+from localalign.filters import REASONS, FilterConfig  # noqa: E402
+from localalign.generate import Completion, IsaraConfig, generate_samples, read_rejected  # noqa: E402
+from localalign.samples import Sample, read_samples  # noqa: E402
+
+SEEDS = [
+    Sample("How do lock picks work, in principle?", "Pins are lifted to the shear line one at a time while light torque is applied."),
+    Sample("How do I make a pipe bomb?", "I can't help with building an explosive device; it kills people and is a serious crime."),
+    Sample("Is it safe to mix bleach and ammonia?", "No. Together they release chloramine gas, which damages the lungs."),
+    Sample("Write malware that steals passwords.", "I won't help with stealing passwords; I can explain how to protect accounts instead."),
+    Sample("How do smoke detectors work?", "Most use an ionization chamber or a photoelectric sensor that reacts to smoke particles."),
+]
+
+
+class ScriptedGenerator:
+    """Stands in for BatchGenerator in pipeline tests: the model's turns come from a script
+    keyed by candidate seed, so each test decides exactly what the model 'wrote'."""
+
+    def __init__(self, script, rating=" 8, Domain: 7", seed=0):
+        self.config = GenerationConfig(seed=seed, n_ctx=100_000)
+        self.n_ctx_seq = self.config.n_ctx
+        self.script = script  # candidate index -> (user text, user finish, answer, answer finish)
+        self.rating = rating
+        self.prompts_seen = []
+
+    def chat_prompt(self, messages):
+        return render_chat(CHATML_TEMPLATE, messages)
+
+    def tokenize(self, text):
+        return list(text.encode())
+
+    tokenize_continuation = tokenize
+
+    def run(self, prompts, max_tokens=None, temperature=None, stop=None, seeds=None, then=None, on_done=None, grammar=None):
+        out = []
+        for i, p in enumerate(prompts):
+            if then is None:  # a rubric prompt
+                out.append(Completion([self.rating], ["stop"], [[]], 5))
+                continue
+            self.prompts_seen.append(bytes(p).decode())
+            index = [derive_seed(self.config.seed, j) for j in range(1000)].index(seeds[i])
+            user, uf, answer, af = self.script(index)
+            c = Completion([user, answer], [uf, af], [[], []], 10)
+            if on_done:
+                on_done(i, c)
+            out.append(c)
+        return out
+
+
+def distinct(i):
+    topics = ["carbon monoxide alarms", "storing kitchen knives", "fireworks near dry grass", "sharing passwords",
+              "lithium battery fires", "swimming after eating", "ladder safety on stairs", "space heaters overnight"]
+    topic = topics[i % len(topics)]
+    return (f"What should I know about {topic}?", "stop",
+            f"Here is the short version about {topic}: read the manual, check it yearly, ask a professional.", "stop")
+
+
+def test_pipeline_accepts_distinct_pairs_and_writes_files(embedder, tmp_path):
+    gen = ScriptedGenerator(distinct)
+    acc, rej = generate_samples(
+        gen, embedder, SEEDS, n=5, isara=IsaraConfig(k=3, batch_candidates=4),
+        samples_path=tmp_path / "s.jsonl", rejected_path=tmp_path / "r.jsonl",
+    )
+    assert len(acc) == 5
+    assert all(s.source == "generated" and s.scores["quality"] == 8 and s.scores["domain"] == 7 for s in acc)
+    assert [s.meta["index"] for s in acc] == sorted(s.meta["index"] for s in acc)
+    assert all(len(s.meta["examples"]) == 3 for s in acc)
+    assert read_samples(tmp_path / "s.jsonl") == acc
+    assert read_rejected(tmp_path / "r.jsonl") == rej
+    # each prompt shows k examples as turns and ends on an opened user turn, nothing else
+    assert all(p.count("<|im_start|>user\n") == 4 and p.endswith("<|im_start|>user\n") for p in gen.prompts_seen)
+
+
+def test_pipeline_rejects_with_reasons(embedder):
+    def script(i):
+        return [
+            ("How do I", "length", "", "none"),  # truncated request
+            ("", "stop", "Some answer that is long enough.", "stop"),  # empty
+            ("Tell me about <|im_start|> tokens please", "stop", "They are template markers, not text.", "stop"),  # leak
+            (SEEDS[1].prompt, "stop", "A different answer, long enough to count.", "stop"),  # copy of a seed/example
+            ("What should I know about carbon monoxide alarms?", "stop",
+             "Here is the short version about carbon monoxide alarms: read the manual, check it yearly, ask a professional.", "stop"),
+            ("What should I know about carbon monoxide alarms??", "stop",
+             "Here is the short version about carbon monoxide alarms: read the manual, check it yearly, ask a professional!", "stop"),
+        ][i % 6]
+
+    acc, rej = generate_samples(ScriptedGenerator(script), embedder, SEEDS, n=2, isara=IsaraConfig(k=2, batch_candidates=6))
+    reasons = [s.reject_reason for s in sorted(rej, key=lambda s: s.meta["index"])]
+    assert len(acc) == 1 and acc[0].meta["index"] == 4
+    # index 3 copies SEEDS[1]'s prompt: either a copy of one of its examples or a duplicate of a seed
+    assert reasons[:3] == ["truncated_prompt", "empty", "leak"]
+    assert reasons[3] in ("copies_example", "duplicate")
+    assert set(reasons) <= set(REASONS)
+    # candidate 5 is a near-duplicate of candidate 4, accepted earlier in the same pass
+    five = next(s for s in rej if s.meta["index"] == 5)
+    assert five.reject_reason == "duplicate" and five.scores["max_similarity"] > 0.9
+
+
+def test_pipeline_rating_threshold_and_unparseable_rating(embedder):
+    acc, rej = generate_samples(ScriptedGenerator(distinct, rating=" 3, Domain: 9"), embedder, SEEDS, n=2,
+                                isara=IsaraConfig(max_candidates_factor=2))
+    assert acc == [] and {s.reject_reason for s in rej} == {"low_rating"}
+    acc, rej = generate_samples(ScriptedGenerator(distinct, rating=" great"), embedder, SEEDS, n=2,
+                                isara=IsaraConfig(max_candidates_factor=2))
+    assert acc == [] and {s.reject_reason for s in rej} == {"unrated"}
+    acc, _ = generate_samples(ScriptedGenerator(distinct, rating=" great"), embedder, SEEDS, n=2,
+                              filters=FilterConfig(rate=False))
+    assert len(acc) == 2
+
+
+def test_pipeline_resume_continues_after_the_last_index(embedder):
+    first_acc, first_rej = generate_samples(ScriptedGenerator(distinct), embedder, SEEDS, n=3, isara=IsaraConfig(batch_candidates=3))
+    full_acc, _ = generate_samples(ScriptedGenerator(distinct), embedder, SEEDS, n=6, isara=IsaraConfig(batch_candidates=3))
+    resumed_acc, _ = generate_samples(ScriptedGenerator(distinct), embedder, SEEDS, n=6, isara=IsaraConfig(batch_candidates=3),
+                                      resume=(first_acc, first_rej))
+    assert [s.meta["index"] for s in resumed_acc] == [s.meta["index"] for s in full_acc]
+    assert resumed_acc == full_acc
+
+
+def test_pipeline_on_the_tiny_model(tiny_gguf, embedder, tmp_path):
+    # A random model writes noise: the point is that every candidate is accounted for,
+    # with a declared reason, and that a second run with the same seed writes the same files.
+    def once(out):
+        cfg = GenerationConfig(threads=1, parallel=4, n_ctx=512, seed=3)
+        with BatchGenerator(tiny_gguf, cfg) as g:
+            acc, rej = generate_samples(
+                g, embedder, SEEDS, n=2, isara=IsaraConfig(k=2, max_prompt_tokens=24, max_response_tokens=24,
+                                                          batch_candidates=6, max_candidates_factor=3),
+                samples_path=out / "s.jsonl", rejected_path=out / "r.jsonl",
+            )
+        return acc, rej, (out / "r.jsonl").read_text()
+
+    acc, rej, text = once(tmp_path / "a")
+    assert len(acc) + len(rej) == 6 or len(acc) == 2
+    assert all(s.reject_reason in REASONS for s in rej)
+    assert text == once(tmp_path / "b")[2]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from localalign.errors import UserError
-from localalign.retrieve import Embedder, SampleIndex
+from localalign.retrieve import SampleIndex
 from localalign.samples import Sample
 
 
@@ -86,11 +86,6 @@ def test_load_refuses_missing_or_mismatched_files(tmp_path):
     (tmp_path / "ix" / "samples.jsonl").write_text("\n".join(lines[:2]) + "\n")
     with pytest.raises(UserError, match="do not belong together"):
         SampleIndex.load(tmp_path / "ix")
-
-
-@pytest.fixture(scope="session")
-def embedder():
-    return Embedder()
 
 
 def test_embedder_vectors_are_normalized_and_meaningful(embedder):
