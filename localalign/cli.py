@@ -261,9 +261,11 @@ def train_cmd(model_name, data_path, out_dir, config_path, resume, init_adapter,
         raise UserError(f"{model_name}: training needs a Hugging Face model directory, not a GGUF file")
     res = train(files.hf_dir, samples, out_dir, config, resume=resume, init_adapter=init_adapter,
                 log=lambda m: click.echo(m, err=True))
+    per_epoch = max(1, res.steps // config.epochs)
+    means = [sum(c) / len(c) for i in range(0, len(res.losses), per_epoch) if (c := res.losses[i : i + per_epoch])]
     click.echo(
-        f"trained {res.steps} steps on {len(samples) - res.dropped} samples: loss {res.losses[0]:.3f} -> "
-        f"{res.final_loss:.3f}, {res.tokens_per_s:.0f} tokens/s; adapter: {res.adapter_dir}"
+        f"trained {res.steps} steps on {len(samples) - res.dropped} samples, {res.tokens_per_s:.0f} tokens/s; "
+        f"mean loss per epoch: {', '.join(f'{m:.3f}' for m in means)}; adapter: {res.adapter_dir}"
     )
     if merged:
         click.echo(f"merged model: {merge_adapter(files.hf_dir, res.adapter_dir, Path(out_dir) / 'merged')}")

@@ -82,7 +82,9 @@ class TrainConfig:
     max_seq_len: int = 1024  # longer samples are dropped (reported), never truncated mid-answer
     seed: int = 0  # LoRA init, data order and dropout all derive from it
     # --- data layout
-    batching: str = "pack"  # "pack": one row per micro-batch, no padding; "bucket": length-sorted padded rows
+    batching: str = "bucket"  # "bucket": length-sorted padded rows (measured faster on CPU, docs/benchmarks.md);
+    #   "pack": one unpadded row per micro-batch, but CPU SDPA then attends over the whole row's
+    #   block-diagonal mask, O(L^2) instead of the sum of per-sample squares
     # --- devices
     device: str = "auto"  # "auto" (CUDA if present, else CPU), "cpu" or "cuda"
     cpu_bf16: bool = True  # CPU: bf16 autocast with bf16-stored frozen weights (measured faster here, see docs)
@@ -265,8 +267,8 @@ def train(
             state["losses"].append(rec.loss)
             log_file.write(json.dumps(asdict(rec)) + "\n")
             log_file.flush()
-            bar.update(1)
             bar.set_postfix(loss=f"{rec.loss:.3f}", tok_s=f"{rec.tokens_per_s:.0f}", refresh=False)
+            bar.update(1)
             if rec.step % config.checkpoint_every == 0 or rec.step == total_steps:
                 save_checkpoint(ckpt_root, model, optimizer, scheduler, dict(state, fingerprint=fingerprint))
             if on_step is not None:

@@ -150,9 +150,10 @@ def stop_at(k):
     return on_step
 
 
-def test_resume_after_stop_gives_the_uninterrupted_adapter(tiny_hf_dir, tmp_path):
+@pytest.mark.parametrize("batching", ["bucket", "pack"])
+def test_resume_after_stop_gives_the_uninterrupted_adapter(tiny_hf_dir, tmp_path, batching):
     # dropout > 0 so the restored RNG state matters; 3 steps per epoch, stop mid-epoch 2
-    cfg = quiet(epochs=3, batch_size=2, grad_accum=2, dropout=0.1, checkpoint_every=2)
+    cfg = quiet(epochs=3, batch_size=2, grad_accum=2, dropout=0.1, checkpoint_every=2, batching=batching)
     full = train(tiny_hf_dir, SAMPLES, tmp_path / "full", cfg, log=lambda m: None)
     with pytest.raises(Stop):
         train(tiny_hf_dir, SAMPLES, tmp_path / "cut", cfg, log=lambda m: None, on_step=stop_at(5))
