@@ -13,7 +13,9 @@
    user would run it), alternating, `--repeats` times; reports the median wall time.
 4. Checks that both outputs hold identical tensors (names, shapes, types, bytes) with
    GGUFReader, and lists the metadata keys that differ.
-5. Rewrites its section of docs/benchmarks.md (`<!-- bench_export -->` markers) with the
+5. Unless --no-parity: exports the merged model with `export_model` as f16, q8_0 and q4_k_m
+   (parity check included) and records the parity numbers and wall times.
+6. Rewrites its section of docs/benchmarks.md (`<!-- bench_export -->` markers) with the
    numbers and the load average before and after (the box may be shared).
 """
 
@@ -131,11 +133,35 @@ def compare_gguf(ours: Path, ref: Path) -> tuple[int, list[str], list[str]]:
     return len(ta), problems, meta
 
 
+def parity_runs(merged: Path, work: Path) -> list[str]:
+    from localalign.errors import UserError
+    from localalign.export import export_model
+
+    rows = []
+    for quant in (None, "q8_0", "q4_k_m"):
+        label = quant or "f16"
+        t0 = time.perf_counter()
+        try:
+            report = export_model(merged, work / f"export.{label}.gguf", quant=quant, out_type="f16")
+        except UserError as e:  # parity failed: the row says so, the run goes on
+            rows.append(f"| {label} | - | - | - | - | - | FAILED: {e} |")
+            continue
+        dt = time.perf_counter() - t0
+        d = report.details
+        rows.append(
+            f"| {label} | {dt:.1f} | {d['max_abs_logit_diff']:.3f} | {d.get('max_abs_logit_tol', '-')} "
+            f"| {d['top1_agreement']:.3f} | {d['min_top1_agreement']} | {'ok' if report.ok else 'FAILED'} |"
+        )
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-type", default="f16", choices=["f32", "f16", "bf16"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-docs", action="store_true", help="do not touch docs/benchmarks.md")
+    parser.add_argument("--no-parity", action="store_true", help="skip the export_model parity runs")
     args = parser.parse_args()
 
     files = materialized(DEFAULT_MODEL)
@@ -164,6 +190,7 @@ def main() -> None:
             print(f"run {i + 1}: reference {t_ref[-1]:.2f} s, ours {t_ours[-1]:.2f} s", flush=True)
         n_tensors, problems, meta = compare_gguf(ours_out, ref_out)
         size_mb = ours_out.stat().st_size / 1e6
+        parity_rows = [] if args.no_parity else parity_runs(merged, work)
     load_after = load_average()
 
     ours, ref = statistics.median(t_ours), statistics.median(t_ref)
@@ -190,6 +217,16 @@ def main() -> None:
         f"- machine: {platform.machine()}, {os.cpu_count()} cores; load average before {load_before}, after {load_after}; "
         f"{time.strftime('%Y-%m-%d %H:%M')}",
     ]
+    if parity_rows:
+        lines += [
+            "",
+            "`export_model` on the same merged model (write, quantize with llama.cpp, parity check against HF",
+            "on the probe prompts of `localalign.parity`; tolerances in `localalign/export.py`):",
+            "",
+            "| output | wall s | max abs logit diff | bound | top-1 agreement | bound | parity |",
+            "|---|---|---|---|---|---|---|",
+            *parity_rows,
+        ]
     body = "\n".join(lines)
     print(body)
     if not args.no_docs:

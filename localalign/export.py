@@ -605,24 +605,25 @@ MIN_TOP1 = {"f32": 0.97, "f16": 0.97, "bf16": 0.9, "q8": 0.9, "quant": 0.8}
 _FLOAT_FILE_TYPES = {0: "f32", 1: "f16", 32: "bf16"}  # general.file_type -> out type
 
 
-def tolerances_for(gguf_path: str | Path) -> tuple[float | None, float]:
-    """(max |logit diff| or None, min top-1 agreement) for a GGUF, by its file type."""
-    from localalign.parity import read_gguf_metadata
-
-    ftype = read_gguf_metadata(gguf_path).get("general.file_type", 0)
+def tolerances_for(gguf_meta: dict[str, Any]) -> tuple[float | None, float]:
+    """(max |logit diff| or None, min top-1 agreement) for a GGUF, by its general.file_type."""
+    ftype = gguf_meta.get("general.file_type", 0)
     if ftype in _FLOAT_FILE_TYPES:
         return MAX_ABS_LOGIT_DIFF[_FLOAT_FILE_TYPES[ftype]], MIN_TOP1[_FLOAT_FILE_TYPES[ftype]]
     return None, MIN_TOP1["q8" if ftype == QUANT_TYPES["q8_0"] else "quant"]
 
 
+AUTO = "auto"  # check_export: take the bound for the file's type from the tables above
+
+
 def check_export(
     hf_dir: str | Path,
     gguf_path: str | Path,
-    max_abs_tol: float | None,
-    min_top1: float,
+    max_abs_tol: float | None | str = AUTO,
+    min_top1: float | str = AUTO,
     lora_path: str | Path | None = None,
 ):
-    """Parity of an exported GGUF (optionally with a LoRA adapter) against the HF model."""
+    """Parity of an exported GGUF (optionally with a LoRA adapter applied) against the HF model."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -635,13 +636,18 @@ def check_export(
     )
     from localalign.runtime import load_llama
 
+    # Read once: GGUFReader parses the whole vocabulary (seconds for a 49k-token model).
+    meta = read_gguf_metadata(gguf_path)
+    auto_abs, auto_top1 = tolerances_for(meta)
+    max_abs_tol = auto_abs if max_abs_tol == AUTO else max_abs_tol
+    min_top1 = auto_top1 if min_top1 == AUTO else min_top1
     report = ParityReport()
     tokenizer = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=False)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, trust_remote_code=False).eval()
     llm = load_llama(gguf_path, n_ctx=512, logits_all=True, lora_path=lora_path)
     try:
         compare_tokenizers(tokenizer, llm, report)
-        compare_special_tokens(tokenizer, read_gguf_metadata(gguf_path), report)
+        compare_special_tokens(tokenizer, meta, report)
         compare_stop_tokens(model, tokenizer, llm, report)
         compare_logits(model, tokenizer, llm, report, max_abs_tol=max_abs_tol, min_top1=min_top1)
     finally:
@@ -770,8 +776,7 @@ def _check_or_skip(check: bool, hf_dir: Path, gguf_path: Path, lora_path: Path |
         report = ParityReport()
         report.details["checked"] = False
         return report
-    max_abs, min_top1 = tolerances_for(gguf_path)
-    report = check_export(hf_dir, gguf_path, max_abs, min_top1, lora_path=lora_path)
+    report = check_export(hf_dir, gguf_path, lora_path=lora_path)
     report.details["checked"] = True
     return report
 
