@@ -277,3 +277,12 @@ def test_kill_minus_9_leaves_a_loadable_checkpoint(tiny_hf_dir, tmp_path):
     a, b = adapter_tensors(tmp_path / "full"), adapter_tensors(tmp_path / "cut")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_checkpointing_gives_the_same_training(tiny_hf_dir, tmp_path):
+    plain = train(tiny_hf_dir, SAMPLES, tmp_path / "a", quiet(epochs=2), log=lambda m: None)
+    ckpt = train(tiny_hf_dir, SAMPLES, tmp_path / "b", quiet(epochs=2, gradient_checkpointing=True), log=lambda m: None)
+    assert ckpt.losses == pytest.approx(plain.losses, rel=1e-5)
+    a, b = adapter_tensors(tmp_path / "a"), adapter_tensors(tmp_path / "b")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
