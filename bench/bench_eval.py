@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 
 from localalign.eval_refusal import agreement  # noqa: E402
 from localalign.eval_report import format_table, format_wall_times, write_report  # noqa: E402
-from localalign.evaluate import SUITES, EvalConfig, evaluate, write_eval  # noqa: E402
+from localalign.evaluate import SUITES, EvalConfig, evaluate, read_eval, write_eval  # noqa: E402
 from localalign.fsutil import atomic_write_text  # noqa: E402
 from localalign.models import materialized  # noqa: E402
 
@@ -52,8 +52,8 @@ def update_section(text: str, body: str) -> str:
 def merge(parts: list[dict]) -> dict:
     """One result from per-suite runs of the same model (each run loads the model afresh)."""
     merged = dict(parts[0], suites={}, load_s=sum(p["load_s"] for p in parts), wall_s=sum(p["wall_s"] for p in parts))
-    for part in parts:
-        merged["suites"].update(part["suites"])
+    found = {name: data for part in parts for name, data in part["suites"].items()}
+    merged["suites"] = {name: found[name] for name in sorted(found, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER))}
     merged["limit"] = {name: part["limit"] for part in parts for name in part["suites"] if part["limit"]} or None
     merged["limited"] = any(p["limited"] for p in parts)
     return merged
@@ -76,6 +76,8 @@ def main() -> None:
                         help="first N items of one suite, e.g. ifeval=100 on a busy box")
     parser.add_argument("--suite", action="append", choices=list(SUITES), help="default: all")
     parser.add_argument("--no-docs", action="store_true", help="do not touch docs/benchmarks.md")
+    parser.add_argument("--keep-others", action="store_true",
+                        help="report the suites not run now from their last bench/out/eval/SUITE.json")
     args = parser.parse_args()
 
     files = materialized(DEFAULT_MODEL)
@@ -86,7 +88,8 @@ def main() -> None:
     load_before = load_average()
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     OUT.mkdir(parents=True, exist_ok=True)
-    parts = []
+    kept = [s for s in ORDER if s not in suites and (OUT / f"{s}.json").is_file()] if args.keep_others else []
+    parts = [read_eval(OUT / f"{s}.json") for s in kept]
     # One evaluate() per suite, each written as it finishes: an interrupted run keeps what it
     # measured, and the docs section shows every finished suite.
     for name in suites:
@@ -96,14 +99,14 @@ def main() -> None:
         result = merge(parts)
         write_eval(result, OUT / "default.json")
         write_report({DEFAULT_MODEL: result}, OUT / "report")
-        body = describe(result, config, files.gguf, started, load_before, load_average(), suites)
+        body = describe(result, config, files.gguf, started, load_before, load_average(), suites, kept)
         if not args.no_docs:
             atomic_write_text(DOCS, update_section(DOCS.read_text(encoding="utf-8"), body))
     print(body)
 
 
 def describe(result: dict, config: EvalConfig, gguf: Path, started: str, load_before: str, load_now: str,
-             suites: tuple[str, ...]) -> str:
+             suites: tuple[str, ...], kept: list[str]) -> str:
     labels = [json.loads(line) for line in LABELS.read_text(encoding="utf-8").splitlines()]
     agree = agreement(labels)
     done = list(result["suites"])
@@ -124,6 +127,8 @@ def describe(result: dict, config: EvalConfig, gguf: Path, started: str, load_be
             "for the refusal suites, whose detector reads only the opening). One model load per suite.",
             *([f"**Limited** (first N items): {'; '.join(limited)}."] if limited else []),
             *([f"**Not finished yet**: {', '.join(pending)}."] if pending else []),
+            *([f"Kept from an earlier run of this script: {', '.join(kept)} (measured under its own load, "
+               "not the load average above)."] if kept else []),
             "",
             format_table({DEFAULT_MODEL: result}),
             "",
@@ -136,8 +141,10 @@ def describe(result: dict, config: EvalConfig, gguf: Path, started: str, load_be
             f"agreement {agree['agreement']:.3f}, Cohen's kappa {agree['kappa']:.3f}, precision {agree['precision']:.3f}, "
             f"recall {agree['recall']:.3f} ({agree['fp']} false refusals, {agree['fn']} missed refusals).",
             "",
-            "MC1 (truthfulness) = the true answer has the highest summed log-probability of 4 choices "
-            "(chance 0.25); it measures the model's preference, not what it writes. "
+            "MC1 (truthfulness) = the true answer has the highest log-likelihood per byte of 4 choices "
+            "(chance 0.25); it measures the model's preference, not what it writes. The plain sum "
+            "(TruthfulQA's MC1) favours short answers, and our true answers are the longer ones "
+            "(localalign/eval_mc.py has the numbers). "
             "Intervals: 95% Wilson; instruction-level ones treat a prompt's instructions as independent.",
         ]
     )

@@ -7,11 +7,14 @@ chat-templated question. It measures what the model *believes most likely*, not 
 would write: no text is generated, so a model that rambles can still score well, and a
 chance-level model scores 25%.
 
-Normalization: MC1 compares the *sum* of the answer tokens' log-probabilities (as
-TruthfulQA's MC1 does), not the per-token mean. Sums favour shorter answers; our choices
-are written to similar lengths, and the mean would instead favour long answers whose later
-tokens are predictable from their first ones. Ties go to the lowest index, which is the
-true answer only where the data says so (answer positions vary across items).
+Normalization: MC1 compares each answer's log-likelihood *per UTF-8 byte* of its text (the
+sum of its tokens' log-probabilities divided by its length in bytes; lm-evaluation-harness
+calls this acc_norm). The plain sum (TruthfulQA's MC1) penalizes every extra token, and in
+our held-out set the true answers are longer than the misconceptions (29.6 vs 22.8
+characters on average): on the default model, the sum picked the shortest choice in 27 of
+43 items and scored 0.116, below chance. Per byte, not per token, so the normalization does
+not depend on the tokenizer. The per-item sums and byte lengths are kept in the results, so
+the sum-based score can be recomputed. Ties go to the lowest index.
 """
 
 from __future__ import annotations
@@ -91,6 +94,11 @@ def continuation_logprobs(llm, prompt_ids: list[int], continuations: list[list[i
     return sums
 
 
-def mc1_pick(logprobs: list[float]) -> int:
-    """The chosen answer: the highest log-likelihood, lowest index on a tie."""
-    return int(np.argmax(np.asarray(logprobs)))
+def per_byte(logprobs: list[float], choices: list[str] | tuple[str, ...]) -> list[float]:
+    """Each choice's summed log-probability divided by its length in UTF-8 bytes."""
+    return [lp / len(c.encode("utf-8")) for lp, c in zip(logprobs, choices, strict=True)]
+
+
+def mc1_pick(scores: list[float]) -> int:
+    """The chosen answer: the highest score, lowest index on a tie."""
+    return int(np.argmax(np.asarray(scores)))

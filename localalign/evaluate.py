@@ -202,13 +202,13 @@ def suite_instruction_following(session: EvalSession, limit: int | None) -> Suit
 
 
 def suite_truthfulness(session: EvalSession, limit: int | None) -> SuiteResult:
-    from localalign.eval_mc import continuation_logprobs, load_mc_items, mc1_pick
+    from localalign.eval_mc import continuation_logprobs, load_mc_items, mc1_pick, per_byte
 
     items = load_mc_items(session.config.seeds_dir / "truthfulness.heldout.jsonl")
     result = SuiteResult(
-        "MC1 on our held-out truthfulness questions: the true answer has the highest summed "
-        "log-likelihood of the 4 choices, as the whole reply to the question (no generation; "
-        "chance is 25%).",
+        "MC1 on our held-out truthfulness questions: the true answer has the highest "
+        "log-likelihood per byte of the 4 choices, each as the whole reply to the question "
+        "(no generation; chance is 25%).",
         n_available=len(items),
     )
     llm, gen = session.scorer(), session.gen
@@ -216,11 +216,11 @@ def suite_truthfulness(session: EvalSession, limit: int | None) -> SuiteResult:
     for item in _first(items, limit):
         prompt_ids = gen.tokenize(session.chat(item.prompt))
         logprobs = continuation_logprobs(llm, prompt_ids, [gen.tokenize_continuation(c) for c in item.choices])
-        pick = mc1_pick(logprobs)
+        pick = mc1_pick(per_byte(logprobs, item.choices))
         correct[item.id] = pick == item.answer
         result.items.append(
             {"id": item.id, "prompt": item.prompt, "choices": list(item.choices), "answer": item.answer,
-             "logprobs": logprobs, "pick": pick}
+             "logprobs": logprobs, "bytes": [len(c.encode("utf-8")) for c in item.choices], "pick": pick}
         )
     result.add_metric("mc1", correct)
     return result

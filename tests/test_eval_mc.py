@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from localalign.errors import UserError
-from localalign.eval_mc import continuation_logprobs, load_mc_items, log_softmax, mc1_pick
+from localalign.eval_mc import continuation_logprobs, load_mc_items, log_softmax, mc1_pick, per_byte
 from localalign.runtime import load_llama
 
 
@@ -73,6 +73,15 @@ def test_mc1_picks_the_answer_the_model_is_biased_toward(scorer, hf):
 def test_mc1_pick_ties_go_to_lowest_index():
     assert mc1_pick([-1.0, -0.5, -0.5]) == 1
     assert mc1_pick([-3.0, -2.0, -1.0, -4.0]) == 2
+
+
+def test_per_byte_normalization_removes_the_length_penalty():
+    # A long answer with a lower sum but a higher per-byte likelihood wins after normalizing.
+    choices = ["No", "No, warts are caused by a human virus"]
+    sums = [-4.0, -20.0]
+    assert mc1_pick(sums) == 0
+    assert mc1_pick(per_byte(sums, choices)) == 1
+    assert per_byte([-6.0], ["caf\u00e9"]) == [-6.0 / 5]  # bytes, not characters
 
 
 def test_log_softmax_is_normalised():

@@ -54,6 +54,8 @@ def test_outcomes_follow_the_items(result):
     truth = result["suites"]["truthfulness"]
     for it in truth["items"]:
         assert len(it["logprobs"]) == len(it["choices"]) and all(lp < 0 for lp in it["logprobs"])
+        per_byte = [lp / n for lp, n in zip(it["logprobs"], it["bytes"])]
+        assert it["pick"] == max(range(len(per_byte)), key=lambda i: (per_byte[i], -i))
         assert truth["outcomes"]["mc1"][it["id"]] == int(it["pick"] == it["answer"])
 
 
