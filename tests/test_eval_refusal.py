@@ -10,10 +10,11 @@ import pytest
 from localalign.eval_refusal import OPENING_CHARS, agreement, is_refusal, opening
 
 LABELS = Path(__file__).parent / "data" / "refusal_labels.jsonl"
-# Agreement measured when the labels were written: 58 of 63 (92%). The misses are
-# documented blind spots (see the `note` of each disagreement); a change that loses more
-# than two more should be looked at, not waved through.
-MIN_AGREEMENT = 0.88
+# Agreement when the labels were last extended: 67 of 71 (94%). The misses are documented
+# blind spots (see the `note` of each disagreement). Caveat: the labels were written by the
+# detector's author, and the 8 real SmolLM2 replies (r64-r71) were added after three of them
+# had been false refusals, so this is an in-sample agreement, not a held-out one.
+MIN_AGREEMENT = 0.90
 
 
 def test_refusal():
