@@ -315,3 +315,103 @@ def export_cmd(model, adapter, out_path, quant, out_type, adapter_only, base_ggu
         report = export_model(files.hf_dir, out_path, quant=quant, out_type=out_type, check=not no_check)
     click.echo(report.summary() if not no_check else "parity check skipped (--no-check)")
     click.echo(f"wrote {out_path} (+ .parity.json, .Modelfile)")
+
+
+# ---- align
+
+
+@main.command("align")
+@click.option("--domain", help="safety, truthfulness, instruction-following, or a seeds .jsonl file")
+@click.option("--model", help="registry name, .gguf file or HF directory [smollm2-135m-instruct]")
+@click.option("--rounds", type=int, help="alignment rounds [2]")
+@click.option("--samples", type=int, help="accepted samples to generate per round [64]")
+@click.option("--run-dir", "run_dir", required=True, type=click.Path(file_okay=False), help="where everything goes")
+@click.option("--config", "config_path", type=click.Path(), help="a TOML file with any AlignConfig field")
+@click.option("--seed", type=int, help="one seed for generation, data order and LoRA init [0]")
+@click.option("--export", "export_mode", type=click.Choice(["merged", "adapter"]), help="how rounds ship [merged]")
+@click.option("--quant", help="type of merged GGUFs [q8_0]")
+@click.option("--suite", "suites", multiple=True, help="evaluation suite(s) [the domain's held-out suite]")
+@click.option("--eval-limit", type=int, help="evaluate only the first N items per suite")
+@click.option("--baselines", is_flag=True, default=None, help="also run SFT-on-seeds and ICL-kNN baselines")
+@click.option("--resume", is_flag=True, help="continue a run (re-running the same command does too)")
+def align_cmd(domain, model, rounds, samples, run_dir, config_path, seed, export_mode, quant, suites, eval_limit, baselines, resume):
+    """Run ISARA rounds: generate, filter, train, export, evaluate; ship the best round."""
+    from pathlib import Path
+
+    from localalign.align import AlignRun, load_config
+
+    overrides = {
+        "domain": domain, "model": model, "rounds": rounds, "samples": samples, "seed": seed,
+        "export": export_mode, "quant": quant, "eval_suites": list(suites) or None,
+        "eval_limit": eval_limit, "baselines": baselines,
+    }
+    run_path = Path(run_dir)
+    if config_path is None and (run_path / "config.toml").exists() and all(v is None for v in overrides.values()):
+        config_path = str(run_path / "config.toml")  # `align --run-dir DIR --resume` alone
+    config = load_config(config_path, overrides)
+    final = AlignRun(config, run_path, log=lambda m: click.echo(m, err=True)).run(resume=resume)
+    click.echo(str(final))
+
+
+@main.command("chat")
+@click.option("--model", required=True, help="a .gguf file (or registry name)")
+@click.option("--lora", type=click.Path(dir_okay=False), help="a GGUF LoRA adapter")
+@click.option("--temperature", type=float, default=0.7, show_default=True)
+@click.option("--max-tokens", type=int, default=512, show_default=True)
+@click.option("--system", help="a system message")
+def chat_cmd(model, lora, temperature, max_tokens, system):
+    """Chat with a GGUF model in the terminal, using its own chat template (Ctrl-D ends)."""
+    from localalign.generate import BatchGenerator, GenerationConfig
+    from localalign.models import resolve_model
+
+    files = resolve_model(model)
+    if files.gguf is None:
+        raise UserError(f"{model}: chat needs a GGUF file")
+    messages = [{"role": "system", "content": system}] if system else []
+    config = GenerationConfig(temperature=temperature, max_tokens=max_tokens, parallel=1, n_ctx=4096)
+    with BatchGenerator(files.gguf, config, lora_path=lora) as gen:
+        click.echo(f"chatting with {files.gguf}; Ctrl-D to end", err=True)
+        turn = 0
+        while True:
+            try:
+                text = input("> ")
+            except EOFError:
+                click.echo("", err=True)
+                return
+            if not text.strip():
+                continue
+            messages.append({"role": "user", "content": text})
+            completion = gen.run([gen.tokenize(gen.chat_prompt(messages))], seeds=[turn])[0]
+            reply = completion.texts[0].strip()
+            click.echo(reply + ("  [cut at --max-tokens]" if completion.finish[0] == "length" else ""))
+            messages.append({"role": "assistant", "content": reply})
+            turn += 1
+
+
+@main.group("runs", cls=LocalalignGroup)
+def runs() -> None:
+    """Inspect alignment run directories."""
+
+
+@runs.command("show")
+@click.argument("run_dir", type=click.Path())
+def runs_show(run_dir):
+    """Print a run's report, stage timings and where final.gguf is."""
+    import json
+    from pathlib import Path
+
+    d = Path(run_dir)
+    if not (d / "config.toml").exists():
+        raise UserError(f"{d}: not a localalign run directory (no config.toml)")
+    manifest = json.loads((d / "manifest.json").read_text()) if (d / "manifest.json").exists() else {"stages": {}}
+    click.echo(f"run {d}")
+    for name, stage in manifest["stages"].items():
+        extra = {k: v for k, v in stage.items() if k not in ("status", "inputs", "outputs", "finished_at", "seconds")}
+        click.echo(f"  {name:32s} {stage['status']:5s} {stage['seconds']:8.1f} s  {json.dumps(extra) if extra else ''}")
+    if (d / "report.md").exists():
+        click.echo("")
+        click.echo((d / "report.md").read_text())
+    final = d / "final.gguf"
+    click.echo(f"final model: {final if final.exists() else 'not yet (the run has not finished)'}")
+    if (d / "Modelfile").exists():
+        click.echo(f"Ollama:      cd {d} && ollama create my-aligned-model -f Modelfile")

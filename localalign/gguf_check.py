@@ -1,11 +1,14 @@
 """Cheap validation of a GGUF file before anything heavy opens it.
 
 llama.cpp on a truncated or foreign file may print pages of C logs or abort the process;
-reading the header here first turns that into one clear line.
+reading the header here first turns that into one clear line. The header is walked with
+`struct` directly: gguf-py's GGUFReader builds an array view for every vocabulary entry,
+seconds for a 49k-token model, and this check runs before every model load.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 from pathlib import Path
@@ -13,38 +16,101 @@ from pathlib import Path
 from localalign.errors import UserError
 
 GGUF_MAGIC = b"GGUF"
+# GGUF value types -> struct format of a scalar (8 = string, 9 = array are handled apart).
+_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
 
 
-def check_gguf_file(path: str | os.PathLike) -> None:
-    """Raise UserError unless `path` is a readable GGUF file whose header and metadata parse."""
+class _Cursor:
+    def __init__(self, buf, path: Path):
+        self.buf, self.pos, self.path = buf, 0, path
+
+    def take(self, fmt: str):
+        size = struct.calcsize("<" + fmt)
+        if self.pos + size > len(self.buf):
+            raise UserError(f"{self.path}: truncated GGUF (header ends early at byte {self.pos})")
+        (value,) = struct.unpack_from("<" + fmt, self.buf, self.pos)
+        self.pos += size
+        return value
+
+    def string(self) -> bytes:
+        n = self.take("Q")
+        if self.pos + n > len(self.buf):
+            raise UserError(f"{self.path}: truncated GGUF (string runs past the end of the file)")
+        s = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        return bytes(s)
+
+    def value(self, vtype: int):
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            item_type, n = self.take("I"), self.take("Q")
+            if item_type in _SCALAR:  # skip fixed-size items without reading them
+                self.pos += n * struct.calcsize("<" + _SCALAR[item_type])
+                return None
+            for _ in range(n):
+                self.value(item_type)
+            return None
+        if vtype not in _SCALAR:
+            raise UserError(f"{self.path}: corrupt GGUF (unknown value type {vtype})")
+        return self.take(_SCALAR[vtype])
+
+
+def read_gguf_header(path: str | os.PathLike) -> dict:
+    """Scalar metadata of a GGUF (arrays skipped) after checking it is whole; UserError if not."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file")
     if path.is_dir():
         raise UserError(f"{path}: is a directory, expected a .gguf file")
+    size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(24)
-    if len(head) < 24 or head[:4] != GGUF_MAGIC:
-        raise UserError(f"{path}: not a GGUF file (bad magic {head[:4]!r})")
-    (version,) = struct.unpack("<I", head[4:8])
-    if version not in (2, 3):
-        raise UserError(f"{path}: unsupported GGUF version {version}")
-    try:
-        from gguf import GGUFReader
+        if size < 24 or f.read(4) != GGUF_MAGIC:
+            f.seek(0)
+            raise UserError(f"{path}: not a GGUF file (bad magic {f.read(4)!r})")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            cur = _Cursor(buf, path)
+            cur.pos = 4
+            version = cur.take("I")
+            if version not in (2, 3):
+                raise UserError(f"{path}: unsupported GGUF version {version}")
+            n_tensors, n_kv = cur.take("Q"), cur.take("Q")
+            meta = {}
+            for _ in range(n_kv):
+                key = cur.string().decode("utf-8", "replace")
+                value = cur.value(cur.take("I"))
+                if value is not None:
+                    meta[key] = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+            end = 0
+            for _ in range(n_tensors):
+                name = cur.string()
+                dims = [cur.take("Q") for _ in range(cur.take("I"))]
+                ttype, offset = cur.take("I"), cur.take("Q")
+                try:
+                    block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
+                except (ValueError, KeyError):
+                    raise UserError(f"{path}: corrupt GGUF (tensor {name!r} has unknown type {ttype})") from None
+                n = 1
+                for d in dims:
+                    n *= d
+                end = max(end, offset + n // block * type_size)
+            alignment = int(meta.get("general.alignment", 32))
+            data_start = -(-cur.pos // alignment) * alignment
+    if data_start + end > size:
+        raise UserError(f"{path}: truncated GGUF (tensor data ends at byte {data_start + end}, file has {size})")
+    return meta
 
-        reader = GGUFReader(str(path), "r")
-        # The last tensor's data must lie inside the file, or the file is truncated.
-        end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
-    except Exception as e:  # the gguf reader raises many types on corrupt input
-        raise UserError(f"{path}: corrupt or truncated GGUF ({type(e).__name__}: {e})") from None
-    if end > path.stat().st_size:
-        raise UserError(f"{path}: truncated GGUF (tensor data ends at byte {end}, file has {path.stat().st_size})")
+
+def check_gguf_file(path: str | os.PathLike) -> None:
+    """Raise UserError unless `path` is a whole GGUF file whose header parses."""
+    read_gguf_header(path)
 
 
 def gguf_architecture(path: str | os.PathLike) -> str:
-    from gguf import GGUFReader
-
-    fld = GGUFReader(str(path), "r").fields.get("general.architecture")
-    if fld is None:
+    arch = read_gguf_header(path).get("general.architecture")
+    if arch is None:
         raise UserError(f"{path}: GGUF has no general.architecture")
-    return str(fld.contents())
+    return str(arch)

@@ -228,40 +228,15 @@ SUPPORTED_ARCHS = ("llama", "qwen2")
 
 
 def check_copy(gguf: Path, hf_dir: Path):
-    """Parity of an HF copy against the GGUF it was made from (tokens, specials, logits)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Parity of an HF copy against the GGUF it was made from: the exporter's check (tokens,
+    special tokens, stop tokens, logits), with tolerances for the GGUF's own type."""
+    from localalign.export import check_export, tolerances_for
+    from localalign.parity import read_gguf_metadata
 
-    from localalign.parity import (
-        ParityReport,
-        compare_logits,
-        compare_special_tokens,
-        compare_tokenizers,
-        read_gguf_metadata,
-    )
-    from localalign.runtime import load_llama
-
-    report = ParityReport()
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    llm = load_llama(gguf, n_ctx=512, logits_all=True)
-    compare_tokenizers(tokenizer, llm, report)
-    compare_special_tokens(tokenizer, read_gguf_metadata(gguf), report)
-    max_abs, min_top1 = copy_check_tolerances(gguf)
-    compare_logits(model, tokenizer, llm, report, max_abs_tol=max_abs, min_top1=min_top1)
-    report.details["gguf"] = str(gguf)
-    report.details["hf_dir"] = str(hf_dir)
-    return report
-
-
-def copy_check_tolerances(gguf: Path) -> tuple[float, float]:
-    """A float GGUF gets the exporter's float tolerances; a quantized one the Q4_1 numbers above."""
-    from localalign.export import tolerances_for
-
-    max_abs, min_top1 = tolerances_for(gguf)
-    if max_abs is not None:
-        return max_abs, min_top1
-    return COPY_CHECK_MAX_ABS, COPY_CHECK_MIN_TOP1
+    max_abs, min_top1 = tolerances_for(read_gguf_metadata(gguf))
+    if max_abs is None:  # a quantized source: the Q4_1 measurements above
+        max_abs, min_top1 = COPY_CHECK_MAX_ABS, COPY_CHECK_MIN_TOP1
+    return check_export(hf_dir, gguf, max_abs_tol=max_abs, min_top1=min_top1)
 
 
 def read_copy_check(name: str) -> dict | None:

@@ -193,12 +193,6 @@ def gguf_logits_for(llm, ids: list[int]) -> np.ndarray:
 
 def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
     """Scalar and string key/values of a GGUF file (arrays such as the vocab are skipped)."""
-    from gguf import GGUFReader, GGUFValueType
+    from localalign.gguf_check import read_gguf_header
 
-    reader = GGUFReader(str(path), "r")
-    meta: dict[str, Any] = {}
-    for key, fld in reader.fields.items():
-        if not fld.types or fld.types[0] == GGUFValueType.ARRAY:
-            continue
-        meta[key] = fld.contents()
-    return meta
+    return read_gguf_header(path)

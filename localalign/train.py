@@ -534,6 +534,7 @@ def save_adapter(model, out: Path) -> Path:
     old = None
     try:
         model.save_pretrained(tmp, safe_serialization=True)
+        _sort_target_modules(tmp / "adapter_config.json")
         if out.exists():
             old = out.with_name(f".{out.name}-old-{os.getpid()}")
             os.rename(out, old)
@@ -545,3 +546,12 @@ def save_adapter(model, out: Path) -> Path:
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+def _sort_target_modules(config_path: Path) -> None:
+    """PEFT writes target_modules from a set, in an order that changes with Python's hash
+    seed; sorted, the same training gives byte-identical adapters (resume is checked by hash)."""
+    config = json.loads(config_path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -45,6 +45,20 @@ def test_corrupt_and_truncated_gguf_are_refused(tmp_path):
         check_gguf_file(empty)
 
 
+def test_truncated_gguf_is_refused_and_a_whole_one_reads(tiny_gguf, tmp_path):
+    from localalign.gguf_check import read_gguf_header
+
+    meta = read_gguf_header(tiny_gguf)
+    assert meta["general.architecture"] == "llama"
+    assert meta["tokenizer.ggml.eos_token_id"] == 2
+    data = tiny_gguf.read_bytes()
+    for cut in (len(data) - 1, len(data) // 2, 200):
+        short = tmp_path / f"cut{cut}.gguf"
+        short.write_bytes(data[:cut])
+        with pytest.raises(UserError, match="truncated GGUF"):
+            check_gguf_file(short)
+
+
 def test_chat_template_renders_like_transformers(tiny_hf_dir):
     from transformers import AutoTokenizer
 

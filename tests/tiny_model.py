@@ -94,3 +94,37 @@ def build_tiny_llama(out_dir: Path, seed: int = 0, hidden: int = 64, layers: int
     model.save_pretrained(out_dir, safe_serialization=True)
     model.generation_config.save_pretrained(out_dir)
     return out_dir
+
+
+def fit_tiny_to_chats(hf_dir: Path, out_dir: Path, pairs: list[tuple[str, str]], steps: int = 150, seed: int = 0) -> Path:
+    """Fully fine-tune the tiny model on chat-templated pairs, so it writes turns that end.
+
+    A random model never emits <|im_end|>, so every ISARA candidate would be cut off and
+    rejected; end-to-end tests of the loop need a model that produces parseable turns.
+    Quality is irrelevant: a few hundred steps on the seeds make it babble in their shape.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    rows = []
+    for prompt, response in pairs:
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=False
+        )
+        rows.append(torch.tensor(tok(text)["input_ids"][:256]))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for step in range(steps):
+        ids = rows[step % len(rows)][None, :]
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tok.save_pretrained(out_dir)
+    return out_dir

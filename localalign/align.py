@@ -1,0 +1,523 @@
+"""The alignment loop: seeds in, an aligned GGUF out, every round kept and scored.
+
+    run-dir/
+      config.toml        the resolved config (a re-run with another config is refused)
+      manifest.json      per stage: status, input and output hashes, seconds
+      base/              the base model in the form the rounds ship in, and its evaluation
+      baselines/         --baselines: SFT on the seeds alone, ICL-kNN (retrieved seeds in context)
+      round-N/           samples.jsonl, rejected.jsonl, index/, train/ (adapter, checkpoints),
+                         model.gguf or adapter.gguf (+ .parity.json, Modelfile), eval.json
+      report.md, *.png   the evaluation table and one plot per metric
+      final.gguf         the best round by held-out score, with final.Modelfile
+
+Each round: generate and filter samples with the current GGUF model (ISARA), train a LoRA
+adapter on the HF copy, export back to GGUF (checked for parity), evaluate on the held-out
+suites, and hand the exported model to the next round as its generator.
+
+Every stage is recorded in the manifest when it finishes; re-running the same command skips
+stages whose inputs are unchanged and whose outputs still hash to what was recorded, picks
+generation up at the last finished pass, and training at its last checkpoint. Each stage is
+deterministic given its inputs and the seed, so an interrupted run ends where an
+uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from localalign.config import from_dict, read_toml, to_dict, to_toml
+from localalign.errors import UserError
+from localalign.filters import FilterConfig
+from localalign.fsutil import atomic_write_text, commit_temp, temp_path_for
+from localalign.generate import GenerationConfig, IsaraConfig
+from localalign.rundir import Manifest, RunLock, hash_path, hash_value
+from localalign.samples import Sample, read_samples
+from localalign.train import TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+SEEDS_DIR = REPO / "seeds"
+
+# The shipped domains: their seed file, the held-out suite that scores them, and the score
+# that picks the best round. Safety averages refusing harmful requests and answering benign
+# ones, so a model that refuses everything scores 0.5, not 1.0.
+DOMAINS: dict[str, tuple[str, list[tuple[str, str]]]] = {
+    "safety": ("safety", [("safety", "harmful_refusal_rate"), ("safety", "benign_helpfulness_rate")]),
+    "truthfulness": ("truthfulness", [("truthfulness", "mc1")]),
+    "instruction-following": ("instruction-following", [("instruction-following", "prompt_pass_rate")]),
+}
+MAX_SEEDS = 100  # ISARA's regime; more still works, but is no longer "limited samples"
+
+
+@dataclass
+class AlignConfig:
+    """One alignment run. A TOML file sets any field ([generation], [train], ... tables)."""
+
+    domain: str = "safety"  # a shipped domain (safety, truthfulness, instruction-following) or a seeds .jsonl
+    model: str = "smollm2-135m-instruct"  # registry name, .gguf file or HF directory
+    embedder: str = "all-minilm-l6-v2"
+    rounds: int = 2
+    samples: int = 64  # accepted samples to generate per round
+    seed: int = 0  # one seed for everything: generation, training order, LoRA init
+    # "merged": each round ships base+adapter merged and quantized (one self-contained file);
+    # "adapter": each round ships a GGUF LoRA adapter on the unchanged quantized base.
+    export: str = "merged"
+    quant: str = "q8_0"  # type of the merged GGUFs (q8_0 keeps a 135M model within ~1% top-1)
+    train_on_seeds: bool = True  # train each round on the seeds plus its accepted samples
+    baselines: bool = False  # also train/evaluate the paper's baselines
+    eval_suites: list[str] = field(default_factory=list)  # empty: the domain's held-out suite
+    eval_limit: int | None = None  # evaluate only the first N items per suite (quick runs)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    isara: IsaraConfig = field(default_factory=IsaraConfig)
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        if self.rounds < 1:
+            raise UserError(f"rounds must be at least 1, got {self.rounds}")
+        if self.samples < 1:
+            raise UserError(f"samples must be at least 1, got {self.samples}")
+        if self.export not in ("merged", "adapter"):
+            raise UserError(f"export must be 'merged' or 'adapter', got {self.export!r}")
+        from localalign.export import QUANT_TYPES
+
+        if self.quant not in QUANT_TYPES:
+            raise UserError(f"quant {self.quant!r} is not one of {', '.join(QUANT_TYPES)}")
+        if self.eval_limit is not None and self.eval_limit < 1:
+            raise UserError("eval_limit must be at least 1")
+        if self.domain not in DOMAINS and not self.domain.endswith(".jsonl"):
+            raise UserError(f"unknown domain {self.domain!r}; use one of {', '.join(DOMAINS)} or a seeds .jsonl file")
+        if self.domain not in DOMAINS and not self.eval_suites:
+            raise UserError("a custom domain needs eval_suites (e.g. --suite safety) to score its rounds")
+
+    def seeds_path(self) -> Path:
+        return SEEDS_DIR / f"{DOMAINS[self.domain][0]}.jsonl" if self.domain in DOMAINS else Path(self.domain)
+
+    def suites(self) -> list[str]:
+        return list(self.eval_suites) or [DOMAINS[self.domain][0]]
+
+
+def load_config(path: str | Path | None, overrides: dict) -> AlignConfig:
+    """The config file (if any) with command-line overrides applied on top."""
+    values = read_toml(path) if path else {}
+    for key, value in overrides.items():
+        if value is not None:
+            values[key] = value
+    config = from_dict(AlignConfig, values, "config")
+    # Stage seeds follow the run seed unless the file set them.
+    if "seed" not in values.get("generation", {}):
+        config.generation.seed = config.seed
+    if "seed" not in values.get("train", {}):
+        config.train.seed = config.seed
+    return config
+
+
+def primary_score(config: AlignConfig, eval_result: dict) -> float | None:
+    """The held-out score that ranks rounds: the mean of the domain's key metrics."""
+    if config.domain in DOMAINS:
+        keys = DOMAINS[config.domain][1]
+    else:
+        keys = [(s, m) for s in config.suites() for m in eval_result["suites"].get(s, {}).get("metrics", {})][:1]
+    values = []
+    for suite, metric in keys:
+        record = eval_result["suites"].get(suite, {}).get("metrics", {}).get(metric)
+        if record is None or not record.get("n"):
+            return None
+        values.append(record["value"])
+    return sum(values) / len(values)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class ModelForm:
+    """A model as a round ships it: a GGUF, optionally with a GGUF LoRA adapter."""
+
+    gguf: Path
+    lora: Path | None = None
+
+    def hashes(self, h: Callable[[Path], str]) -> dict[str, str]:
+        return {"gguf": h(self.gguf), "lora": h(self.lora) if self.lora else ""}
+
+
+class AlignRun:
+    """One run directory, driven stage by stage (see the module docstring)."""
+
+    def __init__(self, config: AlignConfig, run_dir: Path, log: Callable[[str], None] = print):
+        self.config = config
+        self.dir = Path(run_dir)
+        self.log = log
+        self.manifest: Manifest | None = None
+        self._hashes: dict[tuple, str] = {}
+
+    # ---- helpers
+
+    def hash(self, path: Path) -> str:
+        """hash_path, memoized per (path, size, mtime) for the duration of this run."""
+        st = path.stat()
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        if key not in self._hashes:
+            self._hashes[key] = hash_path(path)
+        return self._hashes[key]
+
+    def stage(self, name: str, inputs: dict[str, str], outputs: list[Path], work: Callable[[], dict | None]) -> bool:
+        """Run `work` unless the manifest shows `name` done with these inputs; True if it ran."""
+        assert self.manifest is not None
+        if self.manifest.is_done(name, inputs):
+            self.log(f"[{name}] done earlier, outputs verified; skipping")
+            return False
+        self.log(f"[{name}] ...")
+        t0 = time.perf_counter()
+        info = work() or {}
+        seconds = time.perf_counter() - t0
+        self.manifest.record(name, inputs, outputs, seconds, **info)
+        self.log(f"[{name}] finished in {seconds:.0f} s")
+        return True
+
+    def seconds(self, name: str) -> float:
+        return float(self.manifest.stages.get(name, {}).get("seconds", 0.0))
+
+    # ---- set-up
+
+    def check_config(self, resume: bool) -> None:
+        """Write config.toml, or check that the run directory was made with this config."""
+        path = self.dir / "config.toml"
+        text = to_toml(to_dict(self.config))
+        if path.exists():
+            try:
+                previous = from_dict(AlignConfig, read_toml(path), str(path))
+            except UserError as e:
+                raise UserError(f"{self.dir} holds a config.toml this version cannot read ({e})") from None
+            if previous != self.config:
+                old, new = to_dict(previous), to_dict(self.config)
+                changed = _changed_keys(old, new)
+                raise UserError(
+                    f"{self.dir} was made by a different config (differs in: {', '.join(changed)}); "
+                    "use another --run-dir or the same settings"
+                )
+            return
+        if resume:
+            raise UserError(f"{self.dir}: nothing to resume (no config.toml); drop --resume to start a run")
+        atomic_write_text(path, text)
+
+    def prepare_base(self) -> tuple[Path, ModelForm]:
+        """The base model's HF directory, and the base as the rounds ship it (for round 1's
+        generator and the 'base' column of the report)."""
+        from localalign.models import check_copy, make_hf_copy, resolve_model
+
+        files = resolve_model(self.config.model)
+        base_dir = self.dir / "base"
+        hf_dir = files.hf_dir
+        if hf_dir is None:  # a user's GGUF: make its HF copy once, inside the run, and check it
+            hf_dir = base_dir / "hf"
+
+            def copy():
+                make_hf_copy(files.gguf, hf_dir)
+                report = check_copy(files.gguf, hf_dir)
+                report.write(base_dir / "copy-check.json")
+                if not report.ok:
+                    raise UserError(f"the HF copy of {files.gguf} does not match it: {'; '.join(report.problems)}")
+
+            self.stage("base/hf-copy", {"gguf": self.hash(files.gguf)}, [hf_dir], copy)
+        if self.config.export == "adapter" and files.gguf is not None:
+            return hf_dir, ModelForm(files.gguf)
+        # Merged rounds ship as `quant` GGUFs exported from the HF copy; the base is exported
+        # the same way, so base and rounds differ by training alone, not by quantization.
+        from localalign.export import export_model
+
+        out = base_dir / "model.gguf"
+        self.stage(
+            "base/export",
+            {"hf": self.hash(hf_dir), "quant": self.config.quant},
+            [out],
+            lambda: {"parity": export_model(hf_dir, out, quant=self.config.quant).ok},
+        )
+        return hf_dir, ModelForm(out)
+
+    # ---- stages
+
+    def generate(self, round_no: int, generator: ModelForm, seeds: list[Sample], earlier: list[Sample]) -> list[Sample]:
+        from localalign.generate import BatchGenerator, generate_samples, read_rejected
+        from localalign.retrieve import Embedder, SampleIndex
+
+        cfg = self.config
+        rd = self.dir / f"round-{round_no}"
+        samples_path, rejected_path, index_dir = rd / "samples.jsonl", rd / "rejected.jsonl", rd / "index"
+        inputs = {
+            **generator.hashes(self.hash),
+            "seeds": hash_value([s.to_json() for s in seeds]),
+            "earlier": hash_value([s.to_json() for s in earlier]),
+            "config": hash_value([to_dict(cfg.generation), to_dict(cfg.isara), to_dict(cfg.filters), cfg.samples, cfg.embedder]),
+        }
+
+        def work():
+            # A pass of generation that finished before an interruption is not generated again.
+            done = read_samples(samples_path) if samples_path.exists() and samples_path.stat().st_size else []
+            rejected = read_rejected(rejected_path) if rejected_path.exists() else []
+            if done or rejected:
+                self.log(f"  resuming generation: {len(done)} accepted, {len(rejected)} rejected already")
+            embedder = Embedder(cfg.embedder)
+            bar = _Bar(f"round {round_no} generate", cfg.samples, initial=len(done))
+            with BatchGenerator(generator.gguf, cfg.generation, lora_path=generator.lora) as gen:
+                accepted, rejected = generate_samples(
+                    gen, embedder, seeds, cfg.samples, accepted=earlier, isara=cfg.isara, filters=cfg.filters,
+                    round_no=round_no, resume=(done, rejected), samples_path=samples_path,
+                    rejected_path=rejected_path, on_progress=bar.update_generation,
+                )
+            bar.close()
+            index = SampleIndex(embedder.dim)
+            pool = seeds + earlier + accepted
+            index.add(pool, embedder.embed_samples(pool))
+            index.save(index_dir)
+            return {"accepted": len(accepted), "rejected": len(rejected), "reasons": _count_reasons(rejected)}
+
+        self.stage(f"round-{round_no}/generate", inputs, [samples_path, rejected_path, index_dir], work)
+        return read_samples(samples_path) if samples_path.stat().st_size else []
+
+    def train(self, name: str, base_hf: Path, data: list[Sample], out_dir: Path, init_adapter: Path | None) -> Path:
+        from localalign.train import train
+
+        cfg = self.config
+        adapter = out_dir / "adapter"
+        inputs = {
+            "base": self.hash(base_hf),
+            "data": hash_value([s.to_json() for s in data]),
+            "init": self.hash(init_adapter) if init_adapter else "",
+            "config": hash_value(to_dict(cfg.train)),
+        }
+
+        def work():
+            # resume=True: a checkpoint left by an interrupted attempt is continued (the
+            # trainer refuses one made from other data or settings).
+            result = train(base_hf, data, out_dir, cfg.train, resume=True, init_adapter=init_adapter, log=self.log)
+            return {"final_loss": round(result.final_loss, 4), "steps": result.steps, "tokens_per_s": round(result.tokens_per_s, 1)}
+
+        self.stage(name, inputs, [adapter], work)
+        return adapter
+
+    def export(self, name: str, base_hf: Path, base_form: ModelForm, adapter: Path, out_dir: Path) -> ModelForm:
+        from localalign.export import export_adapter, export_model
+        from localalign.merge import merge_adapter
+
+        cfg = self.config
+        inputs = {"base": self.hash(base_hf), "adapter": self.hash(adapter), "mode": cfg.export, "quant": cfg.quant}
+        if cfg.export == "adapter":
+            out = out_dir / "adapter.gguf"
+            inputs["base_gguf"] = self.hash(base_form.gguf)
+
+            def work():
+                return {"parity": export_adapter(base_hf, adapter, out, base_form.gguf).ok}
+
+            self.stage(name, inputs, [out], work)
+            return ModelForm(base_form.gguf, out)
+
+        out = out_dir / "model.gguf"
+
+        def work():
+            merged = out_dir / ".merged-hf"
+            try:
+                merge_adapter(base_hf, adapter, merged)
+                return {"parity": export_model(merged, out, quant=cfg.quant).ok}
+            finally:
+                shutil.rmtree(merged, ignore_errors=True)  # 4 bytes a weight: not worth keeping
+
+        self.stage(name, inputs, [out], work)
+        return ModelForm(out)
+
+    def evaluate(self, name: str, form: ModelForm, out: Path, icl_seeds: Path | None = None) -> dict:
+        from localalign.evaluate import EvalConfig, evaluate, read_eval, write_eval
+
+        cfg = self.config
+        inputs = {**form.hashes(self.hash), "suites": ",".join(cfg.suites()), "limit": str(cfg.eval_limit),
+                  "icl": self.hash(icl_seeds) if icl_seeds else ""}
+
+        def work():
+            icl = {"icl_seeds": icl_seeds, "embedder": cfg.embedder} if icl_seeds else {}
+            ecfg = EvalConfig(model=form.gguf, lora=form.lora, suites=tuple(cfg.suites()), limit=cfg.eval_limit,
+                              threads=cfg.generation.threads, parallel=cfg.generation.parallel, **icl)
+            write_eval(evaluate(ecfg, log=self.log), out)
+
+        self.stage(name, inputs, [out], work)
+        return read_eval(out)
+
+    # ---- the loop
+
+    def run(self, resume: bool = False) -> Path:
+        cfg = self.config
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with RunLock(self.dir, log=self.log):
+            self.check_config(resume)
+            self.manifest = Manifest.load(self.dir)
+            seeds = load_seeds(cfg.seeds_path(), self.log)
+            base_hf, base_form = self.prepare_base()
+            results: dict[str, dict] = {"base": self.evaluate("base/eval", base_form, self.dir / "base" / "eval.json")}
+            base_score = primary_score(cfg, results["base"])
+            if cfg.baselines:
+                results.update(self.baselines(base_hf, base_form, seeds))
+
+            generator, earlier, previous_adapter = base_form, [], None
+            scores: dict[str, float | None] = {}
+            forms: dict[str, ModelForm] = {}
+            for r in range(1, cfg.rounds + 1):
+                t0 = time.perf_counter()
+                rd = self.dir / f"round-{r}"
+                accepted = self.generate(r, generator, seeds, earlier)
+                if not accepted:
+                    raise UserError(f"round {r}: no generated sample passed the filters; see {rd / 'rejected.jsonl'}")
+                data = (seeds if cfg.train_on_seeds else []) + accepted
+                from localalign.train import init_adapter_for_round
+
+                init = init_adapter_for_round(cfg.train, previous_adapter)
+                adapter = self.train(f"round-{r}/train", base_hf, data, rd / "train", init)
+                form = self.export(f"round-{r}/export", base_hf, base_form, adapter, rd)
+                results[f"round-{r}"] = self.evaluate(f"round-{r}/eval", form, rd / "eval.json")
+                scores[f"round-{r}"] = primary_score(cfg, results[f"round-{r}"])
+                forms[f"round-{r}"] = form
+                self.log(self.round_summary(r, accepted, results, base_score, scores, time.perf_counter() - t0))
+                generator, earlier, previous_adapter = form, earlier + accepted, adapter
+
+            self.write_report(results)
+            best = self.ship_final(scores, forms, base_hf, base_score)
+            self.log(format_summary(results, cfg, self.dir, best, base_score, scores))
+            return self.dir / "final.gguf"
+
+    def baselines(self, base_hf: Path, base_form: ModelForm, seeds: list[Sample]) -> dict[str, dict]:
+        """ISARA's baselines: SFT on the seeds alone, and ICL-kNN (retrieved seeds in context)."""
+        d = self.dir / "baselines"
+        adapter = self.train("baselines/sft-seeds/train", base_hf, seeds, d / "sft-seeds" / "train", None)
+        form = self.export("baselines/sft-seeds/export", base_hf, base_form, adapter, d / "sft-seeds")
+        out = {"sft-seeds": self.evaluate("baselines/sft-seeds/eval", form, d / "sft-seeds" / "eval.json")}
+        seeds_copy = d / "icl-knn" / "seeds.jsonl"
+        if not seeds_copy.exists():
+            from localalign.samples import write_samples
+
+            write_samples(seeds_copy, seeds)
+        out["icl-knn"] = self.evaluate("baselines/icl-knn/eval", base_form, d / "icl-knn" / "eval.json", icl_seeds=seeds_copy)
+        return out
+
+    def round_summary(self, r, accepted, results, base_score, scores, seconds) -> str:
+        gen = self.manifest.stages.get(f"round-{r}/generate", {})
+        tr = self.manifest.stages.get(f"round-{r}/train", {})
+        score = scores[f"round-{r}"]
+        delta = "" if score is None or base_score is None else f" ({score - base_score:+.3f} vs base)"
+        return (
+            f"round {r}: accepted {gen.get('accepted', len(accepted))}, rejected {gen.get('rejected', '?')}, "
+            f"train loss {tr.get('final_loss', '?')}, score {_fmt(score)}{delta}, {seconds:.0f} s"
+        )
+
+    def write_report(self, results: dict[str, dict]) -> None:
+        from localalign.eval_report import write_report
+
+        write_report(results, self.dir)
+
+    def ship_final(self, scores: dict[str, float | None], forms: dict[str, ModelForm], base_hf: Path, base_score) -> str:
+        """Copy the best round's model to final.gguf (merging an adapter round first)."""
+        ranked = [k for k in scores if scores[k] is not None]
+        best = max(ranked, key=lambda k: scores[k]) if ranked else list(scores)[-1]
+        if base_score is not None and scores.get(best) is not None and scores[best] < base_score:
+            self.log(f"warning: no round beat the base model (best {best}: {scores[best]:.3f} < base {base_score:.3f})")
+        form = forms[best]
+        final = self.dir / "final.gguf"
+        inputs = {**form.hashes(self.hash), "best": best}
+
+        def work():
+            if form.lora is None:
+                tmp = temp_path_for(final)
+                shutil.copyfile(form.gguf, tmp)
+                commit_temp(tmp, final)
+            else:  # an adapter round: the user gets one self-contained file
+                from localalign.export import export_model
+                from localalign.merge import merge_adapter
+
+                merged = self.dir / ".final-merged-hf"
+                try:
+                    merge_adapter(base_hf, self.dir / best / "train" / "adapter", merged)
+                    export_model(merged, final, quant=self.config.quant)
+                finally:
+                    shutil.rmtree(merged, ignore_errors=True)
+            from localalign.export import modelfile_path
+
+            source = modelfile_path(form.lora or form.gguf)
+            atomic_write_text(self.dir / "Modelfile", _final_modelfile(source.read_text() if source.exists() else ""))
+            return {"best": best}
+
+        self.stage("final", inputs, [final], work)
+        return best
+
+
+def load_seeds(path: Path, log) -> list[Sample]:
+    seeds = read_samples(path)
+    if len(seeds) > MAX_SEEDS:
+        log(f"warning: {len(seeds)} seeds; ISARA is meant for fewer than {MAX_SEEDS} (it still runs)")
+    return seeds
+
+
+def _final_modelfile(round_modelfile: str) -> str:
+    lines = [ln for ln in round_modelfile.splitlines() if not ln.startswith(("FROM", "ADAPTER"))]
+    return "FROM ./final.gguf\n" + "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += _changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changed.append(f"{prefix}{key}")
+    return changed
+
+
+def _count_reasons(rejected: list[Sample]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for s in rejected:
+        counts[s.reject_reason or "?"] = counts.get(s.reject_reason or "?", 0) + 1
+    return counts
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def format_summary(results, config: AlignConfig, run_dir: Path, best: str, base_score, scores) -> str:
+    """The before/after table printed at the end of a run."""
+    keys = DOMAINS[config.domain][1] if config.domain in DOMAINS else []
+    header = ["model"] + [f"{s}/{m}" for s, m in keys] + ["score"]
+    rows = []
+    for label, result in results.items():
+        row = [label + (" *" if label == best else "")]
+        for suite, metric in keys:
+            rec = result["suites"].get(suite, {}).get("metrics", {}).get(metric)
+            row.append("n/a" if not rec or not rec.get("n") else f"{rec['value']:.3f} [{rec['ci_low']:.2f}, {rec['ci_high']:.2f}] n={rec['n']}")
+        row.append(_fmt(primary_score(config, result)))
+        rows.append(row)
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))  # noqa: E731
+    lines = ["", fmt(header), fmt(["-" * w for w in widths]), *map(fmt, rows), ""]
+    lines.append(f"* = shipped as {run_dir / 'final.gguf'}  (report: {run_dir / 'report.md'})")
+    return "\n".join(lines)
+
+
+class _Bar:
+    """A tqdm bar for generation: accepted samples out of the target, with rejects and tokens/s."""
+
+    def __init__(self, desc: str, total: int, initial: int = 0):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="sample", file=sys.stderr, dynamic_ncols=True)
+        self.initial = initial
+        self.t0 = time.perf_counter()
+
+    def update_generation(self, progress) -> None:
+        self.bar.n = self.initial + progress.accepted
+        rate = progress.tokens / max(time.perf_counter() - self.t0, 1e-6)
+        self.bar.set_postfix(rejected=progress.rejected, tok_s=f"{rate:.0f}", refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
