@@ -337,9 +337,9 @@ class AlignRun:
                   "icl": self.hash(icl_seeds) if icl_seeds else ""}
 
         def work():
-            icl = {"icl_seeds": icl_seeds, "embedder": cfg.embedder} if icl_seeds else {}
             ecfg = EvalConfig(model=form.gguf, lora=form.lora, suites=tuple(cfg.suites()), limit=cfg.eval_limit,
-                              threads=cfg.generation.threads, parallel=cfg.generation.parallel, **icl)
+                              threads=cfg.generation.threads, parallel=cfg.generation.parallel,
+                              icl_seeds=icl_seeds, icl_k=cfg.isara.k, embedder=cfg.embedder)
             write_eval(evaluate(ecfg, log=self.log), out)
 
         self.stage(name, inputs, [out], work)

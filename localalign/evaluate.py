@@ -62,10 +62,18 @@ class EvalConfig:
     parallel: int = 8  # sequences per forward pass (generate.GenerationConfig.parallel)
     threads: int | None = None  # None: every core (runtime.default_threads)
     n_ctx: int = 2048  # per sequence: the longest IFEval prompt plus max_tokens fits
+    # ICL-kNN (ISARA's baseline): each question is preceded by its `icl_k` nearest seed
+    # pairs as earlier chat turns, retrieved with `embedder`. No training involved.
+    icl_seeds: Path | None = None
+    icl_k: int = 4
+    embedder: str = "all-minilm-l6-v2"
 
     def __post_init__(self) -> None:
         self.model = Path(self.model)
         self.lora = Path(self.lora) if self.lora else None
+        self.icl_seeds = Path(self.icl_seeds) if self.icl_seeds else None
+        if self.icl_k < 1:
+            raise UserError(f"icl_k must be at least 1, got {self.icl_k}")
         self.seeds_dir = Path(self.seeds_dir)
         unknown = [s for s in self.suites if s not in SUITES]
         if not self.suites:
@@ -97,9 +105,26 @@ class EvalSession:
         self.gen = BatchGenerator(config.model, gen_config, lora_path=config.lora)
         self._scorer = None
         self.reply_tokens = 0  # tokens in all replies so far (re-tokenized), for throughput
+        self.icl = None
+        if config.icl_seeds is not None:
+            from localalign.retrieve import Embedder, SampleIndex
+            from localalign.samples import read_samples
+
+            embedder = Embedder(config.embedder)
+            seeds = read_samples(config.icl_seeds)
+            index = SampleIndex(embedder.dim)
+            index.add(seeds, embedder.embed_samples(seeds))
+            self.icl = (embedder, index)
 
     def chat(self, prompt: str) -> str:
-        return self.gen.chat_prompt([{"role": "user", "content": prompt}])
+        """The prompt as a user turn in the model's template (after retrieved seeds, for ICL-kNN)."""
+        messages = []
+        if self.icl is not None:
+            embedder, index = self.icl
+            # Nearest last: the closest example sits right before the question.
+            for sample, _ in reversed(index.search(embedder.embed([prompt])[0], self.config.icl_k)):
+                messages += [{"role": "user", "content": sample.prompt}, {"role": "assistant", "content": sample.response}]
+        return self.gen.chat_prompt(messages + [{"role": "user", "content": prompt}])
 
     def replies(self, prompts: list[str], max_tokens: int) -> list[str]:
         """Greedy replies to user prompts, each in the model's chat template."""
