@@ -173,3 +173,23 @@ def test_invalid_config_values(values, message):
 
     with pytest.raises(UserError, match=message):
         load_config(None, values)
+
+
+@pytest.mark.slow
+def test_baselines_and_adapter_export_mode(tiny_chat_model, tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text(TINY_RUN_TOML.replace("rounds = 2", 'rounds = 1\nbaselines = true\nexport = "adapter"'))
+    run_dir = tmp_path / "run"
+    r = run_align(tiny_chat_model, run_dir, config)
+    report = (run_dir / "report.md").read_text()
+    for label in ("base", "sft-seeds", "icl-knn", "round-1"):
+        assert label in report
+    assert (run_dir / "round-1" / "adapter.gguf").exists() and not (run_dir / "round-1" / "model.gguf").exists()
+    assert json.loads((run_dir / "round-1" / "adapter.gguf.parity.json").read_text())["ok"]
+    # an adapter round still ships one self-contained file
+    from localalign.gguf_check import read_gguf_header
+
+    assert read_gguf_header(run_dir / "final.gguf")["general.architecture"] == "llama"
+    assert (run_dir / "Modelfile").read_text().startswith("FROM ./final.gguf")
+    assert "ADAPTER" not in (run_dir / "Modelfile").read_text()
+    assert "icl-knn" in r.stderr
