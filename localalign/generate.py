@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,9 +47,10 @@ class GenerationConfig:
     # per-token attention and sampling cost grows and throughput flattens.
     parallel: int = 8
     n_batch: int = 512  # tokens per llama_decode while reading prompts
-    # One KV buffer shared by all sequences (True) makes every token attend over every
-    # sequence's cells (masked); separate per-sequence buffers (False) keep attention to a
-    # sequence's own cells, which is faster when prompts share little, as ISARA prompts do.
+    # One KV buffer for all sequences (True) makes every token attend over every sequence's
+    # cells, masked; separate buffers (False) keep attention to a sequence's own cells.
+    # llama.h: "try to disable when n_seq_max > 1 for improved performance when the sequences
+    # do not share a large prefix" - ISARA prompts share only the system prompt.
     kv_unified: bool = False
 
     def __post_init__(self) -> None:
@@ -224,6 +226,7 @@ class BatchGenerator:
         then: list[int] | None = None,
         on_done: Callable[[int, Completion], None] | None = None,
         grammar: str | None = None,
+        on_step: Callable[[int], None] | None = None,
     ) -> list[Completion]:
         """Decode every prompt; the core that `complete` and the ISARA step share.
 
@@ -232,7 +235,7 @@ class BatchGenerator:
         the assistant turn, the model answers it, all in one pass over the KV cache).
         `grammar`: a GBNF grammar every completion must follow (llama.cpp's grammar sampler).
         `max_tokens` may be one number per turn. `on_done(i, completion)` is called as each
-        prompt finishes (progress reporting).
+        prompt finishes, `on_step(n)` after every decode that sampled n tokens (progress).
         """
         cfg = self.config
         n_turns = 2 if then is not None else 1
@@ -286,6 +289,8 @@ class BatchGenerator:
                     )
                 )
             ready = self._fill_and_decode(live)
+            if on_step is not None and ready:
+                on_step(len(ready))
             for seq, index in ready:
                 token = lib.llama_sampler_sample(seq.sampler, ctx, index)
                 if not self._advance(seq, token, stop, then, budgets, results[seq.job]):
@@ -462,7 +467,7 @@ class IsaraConfig:
 
 @dataclass
 class Progress:
-    """What `generate_samples` reports after each candidate (for a progress bar)."""
+    """What `generate_samples` reports as it goes (for a progress bar)."""
 
     accepted: int = 0
     rejected: int = 0
@@ -506,8 +511,6 @@ def generate_samples(
     `on_progress` counts only the work of this call.
     """
     import random
-
-    import numpy as np
 
     from localalign.filters import FilterConfig, check_novelty, check_rating, check_rules
     from localalign.prompts import build_isara_prompt, chat_markers, parse_generation, shuffled
@@ -570,9 +573,13 @@ def generate_samples(
         index += count
 
         # 2. both turns in one pass: the model writes a request, then answers it
-        def done(_job, completion):
-            progress.tokens += completion.n_generated
-            if on_progress is not None:
+        last_report = [0.0]
+
+        def step(count: int) -> None:
+            progress.tokens += count
+            now = time.monotonic()
+            if on_progress is not None and now - last_report[0] > 0.5:
+                last_report[0] = now
                 on_progress(progress)
 
         results = generator.run(
@@ -580,7 +587,7 @@ def generate_samples(
             max_tokens=[isara.max_prompt_tokens, isara.max_response_tokens],
             seeds=[derive_seed(cfg.seed, c.index) for c in candidates],
             then=then,
-            on_done=done,
+            on_step=step,
         )
 
         # 3. rules
@@ -698,12 +705,16 @@ def _rate(generator: BatchGenerator, samples, seeds, filters, progress: Progress
         prompts.append(generator.tokenize(text + RUBRIC_ANSWER_START))
     too_long = [len(p) >= generator.n_ctx_seq - 16 for p in prompts]
     fitting = [p for p, long in zip(prompts, too_long) if not long]
-    results = iter(generator.run(fitting, max_tokens=16, temperature=0, grammar=RATING_GRAMMAR) if fitting else [])
+    def step(count: int) -> None:
+        progress.tokens += count
+
+    results = iter(
+        generator.run(fitting, max_tokens=16, temperature=0, grammar=RATING_GRAMMAR, on_step=step) if fitting else []
+    )
     for s, long in zip(samples, too_long):
         if long:
             continue  # no scores: rejected as "unrated"
         r = next(results)
-        progress.tokens += r.n_generated
         s.scores.update(parse_rating(r.texts[0]))
         s.meta["rating_text"] = (RUBRIC_ANSWER_START + r.texts[0]).strip()
     if on_progress is not None:

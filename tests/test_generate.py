@@ -115,6 +115,21 @@ def test_prompt_longer_than_context_is_a_user_error(batched):
         batched.complete(["word " * 400])
 
 
+def test_shared_prefix_leaves_each_prompt_a_token():
+    from localalign.generate import _shared_prefix
+
+    assert _shared_prefix([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9]]) == [1, 2]
+    assert _shared_prefix([[1, 2, 3], [1, 2, 3]]) == [1, 2]  # identical prompts keep their last token
+    assert _shared_prefix([[7, 1], [8, 1]]) == []
+
+
+def test_derive_seed_is_stable_and_spread():
+    seeds = [derive_seed(0, i) for i in range(1000)]
+    assert seeds == [derive_seed(0, i) for i in range(1000)]
+    assert len(set(seeds)) == 1000 and all(0 <= s < 0xFFFFFFFF for s in seeds)
+    assert derive_seed(1, 0) != derive_seed(0, 0)
+
+
 def test_config_validation():
     with pytest.raises(UserError, match="top_p"):
         GenerationConfig(top_p=0)
@@ -159,7 +174,8 @@ class ScriptedGenerator:
 
     tokenize_continuation = tokenize
 
-    def run(self, prompts, max_tokens=None, temperature=None, stop=None, seeds=None, then=None, on_done=None, grammar=None):
+    def run(self, prompts, max_tokens=None, temperature=None, stop=None, seeds=None, then=None, on_done=None, grammar=None,
+            on_step=None):
         out = []
         for i, p in enumerate(prompts):
             if then is None:  # a rubric prompt
