@@ -36,10 +36,11 @@ import tempfile
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
 
+from localalign import runtime  # noqa: F401  (OMP_WAIT_POLICY=PASSIVE etc. before torch loads)
 from localalign.errors import UserError
 from localalign.fsutil import atomic_write_text, fsync_dir
 from localalign.samples import Sample
@@ -58,6 +59,9 @@ from localalign.train_data import (
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ROUND_POLICIES = ("from_base", "continue")
 _CKPT = re.compile(r"^step-(\d+)$")
+# Response positions sent through the output layer at once: 256 x 49k vocab x ~14 bytes
+# (bf16 logits, fp32 copy, log-softmax, gradient) is ~180 MB, instead of ~0.7 MB per response token.
+LOGIT_CHUNK = 256
 
 
 @dataclass
@@ -252,9 +256,7 @@ def train(
             for mb in micro:
                 batch = collate_packed(mb) if config.batching == "pack" else collate_padded(mb, pad_id)
                 with autocast:
-                    loss = response_loss_sum(body, head, {k: v.to(device) for k, v in batch.items()})
-                (loss / n_targets).backward()
-                loss_sum += loss.item()
+                    loss_sum += forward_backward(body, head, {k: v.to(device) for k, v in batch.items()}, 1 / n_targets)
             torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
@@ -290,20 +292,44 @@ def train(
     )
 
 
-def response_loss_sum(body, head, batch: dict):
-    """Summed cross-entropy over response positions; only those go through the output layer."""
-    import torch.nn.functional as F
-
+def response_hidden(body, batch: dict):
+    """Final hidden states at response positions, and the tokens they must predict."""
     hidden = body(
         input_ids=batch["input_ids"],
         attention_mask=batch.get("attention_mask"),  # None when packed: position_ids mark the samples
         position_ids=batch["position_ids"],
         use_cache=False,
     ).last_hidden_state
-    targets = batch["targets"]
-    keep = targets != IGNORE
-    logits = head(hidden[keep]).float()
-    return F.cross_entropy(logits, targets[keep], reduction="sum")
+    keep = batch["targets"] != IGNORE
+    return hidden[keep], batch["targets"][keep]
+
+
+def response_loss_sum(body, head, batch: dict):
+    """Summed cross-entropy over response positions; only those go through the output layer."""
+    import torch.nn.functional as F
+
+    hidden, targets = response_hidden(body, batch)
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def forward_backward(body, head, batch: dict, scale: float, chunk: int = LOGIT_CHUNK) -> float:
+    """Backpropagate `scale` x the summed response loss; return the (unscaled) sum.
+
+    Same gradients as `(scale * response_loss_sum(...)).backward()`, but the 49k-wide logits
+    exist for `chunk` positions at a time: each chunk's loss is backpropagated into a detached
+    copy of the hidden states right away, then the body gets the accumulated gradient once.
+    """
+    import torch.nn.functional as F
+
+    hidden, targets = response_hidden(body, batch)
+    cut = hidden.detach().requires_grad_()
+    total = 0.0
+    for i in range(0, len(targets), chunk):
+        loss = F.cross_entropy(head(cut[i : i + chunk]).float(), targets[i : i + chunk], reduction="sum")
+        (loss * scale).backward()
+        total += loss.item()
+    hidden.backward(cut.grad)
+    return total
 
 
 # --------------------------------------------------------------------------- model and devices

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from localalign.errors import UserError
 from localalign.samples import Sample, write_samples
-from localalign.train import TrainConfig, latest_checkpoint, lr_factor, response_loss_sum, train
+from localalign.train import TrainConfig, forward_backward, latest_checkpoint, lr_factor, response_loss_sum, train
 from localalign.train_data import (
     IGNORE,
     Encoded,
@@ -113,6 +113,25 @@ def test_packed_loss_equals_separate_and_padded_loss(tok, tiny_hf_dir):
     assert packed == pytest.approx(separate, rel=1e-5)
     assert padded == pytest.approx(separate, rel=1e-5)
     assert ours == pytest.approx(hf, rel=1e-5)
+
+
+def test_chunked_output_layer_gives_the_same_gradients(tok, tiny_hf_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_hf_dir, attn_implementation="sdpa")
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "down_proj"], init_lora_weights=False))
+    data = [encode_sample(tok, s, end_of_turn_ids(tok, tiny_hf_dir)) for s in SAMPLES[:3]]
+    batch = collate_packed(data)
+    lora = [p for p in model.parameters() if p.requires_grad]
+    (0.5 * response_loss_sum(base.model, base.lm_head, batch)).backward()
+    want = [p.grad.clone() for p in lora]
+    model.zero_grad()
+    total = forward_backward(base.model, base.lm_head, batch, 0.5, chunk=7)
+    assert total == pytest.approx(response_loss_sum(base.model, base.lm_head, batch).item(), rel=1e-5)
+    for p, g in zip(lora, want):  # summation order differs: float noise only
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5)
 
 
 def test_lr_schedule_warms_up_then_decays_to_min():
