@@ -267,6 +267,7 @@ def test_cli_train_writes_adapter_and_merged_model(tiny_hf_dir, tmp_path):
     assert r.exit_code == 2 and "error:" in r.output
 
 
+@pytest.mark.slow
 def test_kill_minus_9_leaves_a_loadable_checkpoint(tiny_hf_dir, tmp_path):
     """A run killed at an arbitrary moment resumes to the uninterrupted result."""
     import signal
