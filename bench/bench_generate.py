@@ -11,6 +11,12 @@ a seed per prompt), same thread count, in one run:
 - ours: `localalign.generate.BatchGenerator.complete` on all prompts (multi-sequence
   llama_batch decoding, `--parallel` sequences per forward pass, shared-prefix KV copy).
 
+Two model files, each measured both ways: the default model as shipped (Q4_1), and the same
+model as Q8_0 (its HF copy written by localalign's exporter and quantized by llama.cpp).
+llama.cpp's CPU matrix kernels reuse weights across a batch for Q8_0/Q4_0 but not for
+Q4_1, where a batch of 8 costs about 4.5 single steps; the format decides how much
+batching can give.
+
 Tokens/s = generated tokens / wall time of the whole set, prompt reading included (that is
 what a user waits for). Rewrites its section of docs/benchmarks.md (`<!-- bench_generate -->`
 markers) with the numbers and the load average before and after: the box may be shared.
@@ -22,6 +28,7 @@ import argparse
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -82,6 +89,13 @@ def run_batched(gguf: Path, prompts: list[str], cfg: GenerationConfig) -> tuple[
     return seconds, sum(r.n_generated for r in results), [r.texts[0] for r in results]
 
 
+def make_q8_0(hf_dir: Path, work: Path) -> Path:
+    from localalign.export import quantize_gguf, write_gguf
+
+    f16 = write_gguf(hf_dir, work / "model.f16.gguf", out_type="f16")
+    return quantize_gguf(f16, work / "model.q8_0.gguf", "q8_0")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prompts", type=int, default=32)
@@ -100,35 +114,55 @@ def main() -> None:
         prompts = [gen.chat_prompt([{"role": "user", "content": s.prompt}]) for s in seeds[: args.prompts]]
 
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    load_before = load_average()
-    base_s, base_tok, base_texts = run_baseline(files.gguf, prompts, cfg)
-    ours_s, ours_tok, ours_texts = run_batched(files.gguf, prompts, cfg)
-    load_after = load_average()
-    base_rate, ours_rate = base_tok / base_s, ours_tok / ours_s
-    ratio = ours_rate / base_rate
-    same = sum(a == b for a, b in zip(base_texts, ours_texts))
+    with tempfile.TemporaryDirectory() as tmp:
+        models = [("Q4_1 (as shipped)", files.gguf)]
+        if files.hf_dir is not None:
+            models.append(("Q8_0 (from the HF copy)", make_q8_0(files.hf_dir, Path(tmp))))
+        load_before = load_average()
+        rows = []
+        for label, path in models:
+            base = run_baseline(path, prompts, cfg)
+            ours = run_batched(path, prompts, cfg)
+            rows.append((label, base, ours))
+        load_after = load_average()
 
-    print(f"baseline create_completion loop: {base_tok} tokens in {base_s:.1f} s = {base_rate:.1f} tok/s")
-    print(f"batched (parallel {args.parallel}):       {ours_tok} tokens in {ours_s:.1f} s = {ours_rate:.1f} tok/s")
-    print(f"ratio {ratio:.2f}x (target {TARGET_RATIO:.0f}x); load average before {load_before}, after {load_after}")
-
+    lines, ratios = [], []
+    for label, (bs, bt, btexts), (os_, ot, otexts) in rows:
+        ratio = (ot / os_) / (bt / bs)
+        ratios.append(ratio)
+        print(f"{label}: loop {bt} tok / {bs:.1f} s = {bt / bs:.1f} tok/s; batched {ot} tok / {os_:.1f} s = {ot / os_:.1f} tok/s; ratio {ratio:.2f}x")
+        lines.append(f"| {label} | `create_completion` loop | {bt} | {bs:.1f} s | {bt / bs:.1f} | |")
+        lines.append(f"| {label} | `BatchGenerator`, {args.parallel} sequences | {ot} | {os_:.1f} s | {ot / os_:.1f} | **{ratio:.2f}x** |")
+    headline = ratios[0]
+    cross = ""
+    if len(rows) > 1:
+        q41_loop = rows[0][1][1] / rows[0][1][0]
+        q8_batched = rows[1][2][1] / rows[1][2][0]
+        cross = (
+            f"Batched on Q8_0 against the loop on the shipped Q4_1: **{q8_batched / q41_loop:.2f}x**. "
+            "Generating from a Q8_0 (or Q4_0) file is the way to the issue's 3x on this CPU."
+        )
+    print(f"load average before {load_before}, after {load_after}")
     if args.no_docs:
         return
+    table = "\n".join(lines)
     body = f"""## Batched generation (issue 3): default model
 
 `.venv/bin/python bench/bench_generate.py --prompts {args.prompts} --max-tokens {args.max_tokens} --parallel {args.parallel} --threads {args.threads}`
 started {started}; {platform.machine()}, {os.cpu_count()} cores; load average (1/5/15 min) before {load_before}, after {load_after}.
-Model `{files.gguf.relative_to(REPO)}`; {len(prompts)} safety-seed requests in the chat template; up to {args.max_tokens} new tokens each;
-temperature {cfg.temperature}, top-p {cfg.top_p}, top-k {cfg.top_k}, one seed per prompt; {args.threads} threads for both.
-Tokens/s = generated tokens / wall time for the whole set, prompt reading included.
+{len(prompts)} safety-seed requests in the chat template; up to {args.max_tokens} new tokens each; temperature {cfg.temperature},
+top-p {cfg.top_p}, top-k {cfg.top_k}, one seed per prompt; {args.threads} threads for both. Tokens/s = generated tokens / wall time
+for the whole set, prompt reading included.
 
-| | generated tokens | wall time | tokens/s |
-|---|---|---|---|
-| `Llama.create_completion`, one call per prompt | {base_tok} | {base_s:.1f} s | {base_rate:.1f} |
-| `BatchGenerator.complete`, {args.parallel} sequences per batch | {ours_tok} | {ours_s:.1f} s | {ours_rate:.1f} |
+| model file | how | generated tokens | wall time | tokens/s | batched / loop |
+|---|---|---|---|---|---|
+{table}
 
-**Ratio: {ratio:.2f}x** (target: at least {TARGET_RATIO:.0f}x on 2 cores). {same} of {len(prompts)} texts are identical between the two
-(sampling is per-prompt seeded in both, but the two libraries' sampler chains draw differently; greedy outputs are tested equal in tests/test_generate.py).
+Ratio on the default model as shipped: **{headline:.2f}x** (target: at least {TARGET_RATIO:.0f}x on 2 cores). {cross}
+Why the file format matters: one decode step of 8 sequences cost 4.5 single-sequence steps on Q4_1 but 3.4 on Q8_0 and
+3.2 on Q4_0 (a separate sweep, `GenerationConfig(parallel=1)` vs `parallel=8`, load average about 6). Our reading of
+llama.cpp's CPU backend: its batched matrix kernels (tinyBLAS, the AVX2 Q4_0 repacking) cover Q8_0 and Q4_0, while
+Q4_1 falls back to one dot product per (row, token), so batching saves memory traffic but no arithmetic.
 """
     atomic_write_text(DOCS, update_section(DOCS.read_text() if DOCS.exists() else "# Benchmarks\n", body))
     print(f"updated {DOCS.relative_to(REPO)}")

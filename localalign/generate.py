@@ -52,6 +52,9 @@ class GenerationConfig:
     # llama.h: "try to disable when n_seq_max > 1 for improved performance when the sequences
     # do not share a large prefix" - ISARA prompts share only the system prompt.
     kv_unified: bool = False
+    # llama.cpp's flash-attention kernels. Off: the plain kernels are what llama-cpp-python's
+    # Llama uses, so greedy outputs match it token for token (tested).
+    flash_attn: bool = False
 
     def __post_init__(self) -> None:
         checks = [
@@ -139,7 +142,7 @@ class BatchGenerator:
         params.n_threads = self._threads
         params.n_threads_batch = self._threads
         params.no_perf = True
-        params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if cfg.flash_attn else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
         ctx = lib.llama_init_from_model(self.model, params)
         if ctx is None:
             raise UserError(f"llama.cpp could not make a context of {params.n_ctx} tokens for {self.gguf_path}")
