@@ -27,6 +27,7 @@ from localalign.eval_report import format_table, format_wall_times, write_report
 from localalign.evaluate import SUITES, EvalConfig, evaluate, read_eval, write_eval  # noqa: E402
 from localalign.fsutil import atomic_write_text  # noqa: E402
 from localalign.models import materialized  # noqa: E402
+from benchdoc import load_average, update_section
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DOCS = REPO / "docs" / "benchmarks.md"
@@ -35,18 +36,6 @@ LABELS = REPO / "tests" / "data" / "refusal_labels.jsonl"
 BEGIN, END = "<!-- eval -->", "<!-- /eval -->"
 # The order the issue names them in; the cheap refusal suites first, IFEval (long replies) last.
 ORDER = ("safety", "harmbench", "truthfulness", "instruction-following", "ifeval")
-
-
-def load_average() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def update_section(text: str, body: str) -> str:
-    block = f"{BEGIN}\n{body.rstrip()}\n{END}"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        return head + block + rest.split(END, 1)[1]
-    return text.rstrip() + "\n\n" + block + "\n"
 
 
 def merge(parts: list[dict]) -> dict:
@@ -101,7 +90,7 @@ def main() -> None:
         write_report({DEFAULT_MODEL: result}, OUT / "report")
         body = describe(result, config, files.gguf, started, load_before, load_average(), suites, kept)
         if not args.no_docs:
-            atomic_write_text(DOCS, update_section(DOCS.read_text(encoding="utf-8"), body))
+            atomic_write_text(DOCS, update_section(DOCS.read_text(encoding="utf-8"), body, BEGIN, END))
     print(body)
 
 

@@ -37,6 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from localalign.fsutil import atomic_write_text  # noqa: E402
 from localalign.models import materialized  # noqa: E402
+from benchdoc import load_average, update_section
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DOCS = REPO / "docs" / "benchmarks.md"
@@ -45,18 +46,6 @@ LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 SENTENCEPIECE = "sentencepiece==0.2.3"
 VENDOR = "vendor/llama.cpp/"
 TARGET_RATIO = 0.5  # the target: ours in at most half the reference's time
-
-
-def load_average() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def update_section(text: str, body: str) -> str:
-    block = f"{BEGIN}\n{body.rstrip()}\n{END}"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        return head + block + rest.split(END, 1)[1]
-    return text.rstrip() + "\n\n" + block + "\n"
 
 
 def make_merged_model(hf_dir: Path, work: Path) -> Path:
@@ -231,7 +220,7 @@ def main() -> None:
     print(body)
     if not args.no_docs:
         DOCS.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(DOCS, update_section(DOCS.read_text() if DOCS.exists() else "# Benchmarks\n", body))
+        atomic_write_text(DOCS, update_section(DOCS.read_text() if DOCS.exists() else "# Benchmarks\n", body, BEGIN, END))
         print(f"updated {DOCS}")
     if not identical:
         raise SystemExit("the two converters wrote different tensors")

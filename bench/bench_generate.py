@@ -40,23 +40,12 @@ from localalign.generate import BatchGenerator, GenerationConfig, derive_seed  #
 from localalign.models import materialized  # noqa: E402
 from localalign.runtime import load_llama  # noqa: E402
 from localalign.samples import read_samples  # noqa: E402
+from benchdoc import load_average, update_section
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DOCS = REPO / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- bench_generate -->", "<!-- /bench_generate -->"
 TARGET_RATIO = 3.0  # the issue's target on 2 cores
-
-
-def load_average() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def update_section(text: str, body: str) -> str:
-    block = f"{BEGIN}\n{body.rstrip()}\n{END}"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        return head + block + rest.split(END, 1)[1]
-    return text.rstrip() + "\n\n" + block + "\n"
 
 
 def run_baseline(gguf: Path, prompts: list[str], cfg: GenerationConfig) -> tuple[float, int, list[str]]:
@@ -164,7 +153,7 @@ Why the file format matters: one decode step of 8 sequences cost 4.5 single-sequ
 llama.cpp's CPU backend: its batched matrix kernels (tinyBLAS, the AVX2 Q4_0 repacking) cover Q8_0 and Q4_0, while
 Q4_1 falls back to one dot product per (row, token), so batching saves memory traffic but no arithmetic.
 """
-    atomic_write_text(DOCS, update_section(DOCS.read_text() if DOCS.exists() else "# Benchmarks\n", body))
+    atomic_write_text(DOCS, update_section(DOCS.read_text() if DOCS.exists() else "# Benchmarks\n", body, BEGIN, END))
     print(f"updated {DOCS.relative_to(REPO)}")
 
 

@@ -105,7 +105,9 @@ def load_config(path: str | Path | None, overrides: dict) -> AlignConfig:
     """The config file (if any) with command-line overrides applied on top."""
     values = read_toml(path) if path else {}
     for key, value in overrides.items():
-        if value is not None:
+        if isinstance(value, dict):  # a flag that sets one field of a stage's table
+            values[key] = {**values.get(key, {}), **value}
+        elif value is not None:
             values[key] = value
     config = from_dict(AlignConfig, values, "config")
     # Stage seeds follow the run seed unless the file set them.

@@ -332,9 +332,11 @@ def export_cmd(model, adapter, out_path, quant, out_type, adapter_only, base_ggu
 @click.option("--quant", help="type of merged GGUFs [q8_0]")
 @click.option("--suite", "suites", multiple=True, help="evaluation suite(s) [the domain's held-out suite]")
 @click.option("--eval-limit", type=int, help="evaluate only the first N items per suite")
+@click.option("--epochs", type=int, help="training epochs per round [3]")
 @click.option("--baselines", is_flag=True, default=None, help="also run SFT-on-seeds and ICL-kNN baselines")
 @click.option("--resume", is_flag=True, help="continue a run (re-running the same command does too)")
-def align_cmd(domain, model, rounds, samples, run_dir, config_path, seed, export_mode, quant, suites, eval_limit, baselines, resume):
+def align_cmd(domain, model, rounds, samples, run_dir, config_path, seed, export_mode, quant, suites, eval_limit, epochs,
+              baselines, resume):
     """Run ISARA rounds: generate, filter, train, export, evaluate; ship the best round."""
     from pathlib import Path
 
@@ -343,7 +345,7 @@ def align_cmd(domain, model, rounds, samples, run_dir, config_path, seed, export
     overrides = {
         "domain": domain, "model": model, "rounds": rounds, "samples": samples, "seed": seed,
         "export": export_mode, "quant": quant, "eval_suites": list(suites) or None,
-        "eval_limit": eval_limit, "baselines": baselines,
+        "eval_limit": eval_limit, "baselines": baselines, "train": {"epochs": epochs} if epochs else None,
     }
     run_path = Path(run_dir)
     if config_path is None and (run_path / "config.toml").exists() and all(v is None for v in overrides.values()):

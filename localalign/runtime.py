@@ -57,7 +57,6 @@ def load_llama(
     lora_path: str | os.PathLike | None = None,
     seed: int = 0,
     vocab_only: bool = False,
-    n_seq_max: int = 1,
     n_batch: int = 512,
 ):
     """Load a GGUF with llama-cpp-python; a file llama.cpp cannot load is a UserError."""
@@ -80,7 +79,6 @@ def load_llama(
             lora_path=str(lora_path) if lora_path else None,
             seed=seed,
             vocab_only=vocab_only,
-            n_seq_max=n_seq_max,
             verbose=False,
         )
     except (ValueError, RuntimeError) as e:
