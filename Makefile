@@ -43,8 +43,11 @@ models: setup
 	$(CLI) models pull $(DEFAULT_MODEL)
 	$(CLI) models list
 
+# The demo: the default model aligned for safety, 2 rounds, sized for ~20 minutes on 2 cores.
+# Re-running it resumes (finished stages are verified and skipped) and prints the table again.
+DEMO_DIR := runs/demo
 run: setup models
-	$(CLI) models list
+	$(CLI) align --domain safety --rounds 2 --samples 24 --epochs 2 --run-dir $(DEMO_DIR)
 
 test: setup
 	$(PY) -m pytest

@@ -97,13 +97,30 @@ def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "localalign", *args], capture_output=True, text=True, timeout=120)
 
 
+@pytest.fixture(scope="module")
+def broken_seeds(tmp_path_factory):
+    p = tmp_path_factory.mktemp("bad") / "seeds.jsonl"
+    p.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": \n')
+    return p
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
         (["models", "pull", "nosuchmodel"], "unknown model 'nosuchmodel'"),
+        (["generate", "--seeds", "{broken}", "--n", "2", "--out", "{tmp}/o.jsonl"], "seeds.jsonl:2: invalid JSON"),
+        (["generate", "--seeds", "{tmp}/missing.jsonl", "--n", "2", "--out", "{tmp}/o.jsonl"], "missing.jsonl: no such file"),
+        (["train", "--model", "nosuchmodel", "--data", "{broken}", "--out", "{tmp}/t"], "seeds.jsonl:2: invalid JSON"),
+        (["align", "--domain", "{broken}", "--suite", "safety", "--run-dir", "{tmp}/run"], "seeds.jsonl:2: invalid JSON"),
+        (["align", "--domain", "poetry", "--run-dir", "{tmp}/run2"], "unknown domain 'poetry'"),
+        (["align", "--domain", "safety", "--model", "{tmp}/nope.gguf", "--run-dir", "{tmp}/run3"], "nope.gguf: no such file"),
+        (["chat", "--model", "{tmp}/fake.gguf"], "not a GGUF file"),
+        (["eval", "compare", "{tmp}/a.json", "{tmp}/b.json"], "a.json: no such file"),
     ],
 )
-def test_cli_bad_input_is_one_line_and_nonzero(args, message):
+def test_cli_bad_input_is_one_line_and_nonzero(args, message, broken_seeds, tmp_path):
+    (tmp_path / "fake.gguf").write_bytes(b"\x80\x04pickle-disguised-as-a-model" * 8)
+    args = [a.format(broken=broken_seeds, tmp=tmp_path) for a in args]
     r = run_cli(*args)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0, r.stderr
