@@ -15,14 +15,13 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 from localalign.errors import UserError
-from localalign.fsutil import commit_temp, temp_path_for
+from localalign.fsutil import atomic_dir, commit_temp, temp_path_for
 
 # The registry ships inside the repository; models are materialized next to it.
 MODELS_DIR = Path(os.environ.get("LOCALALIGN_MODELS_DIR", Path(__file__).resolve().parents[1] / "models"))
@@ -169,13 +168,12 @@ def make_hf_copy(gguf: Path, out_dir: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from localalign.gguf_check import gguf_architecture
+    from localalign.gguf_check import gguf_architecture, read_gguf_header
 
     arch = gguf_architecture(gguf)
     if arch not in SUPPORTED_ARCHS:
         raise UserError(f"{gguf}: architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".hf-"))
-    try:
+    with atomic_dir(out_dir) as tmp:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         model.hf_quantizer = None  # the weights are dequantized; save_pretrained refuses otherwise
@@ -184,13 +182,7 @@ def make_hf_copy(gguf: Path, out_dir: Path) -> None:
             del model.config.quantization_config
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        _restore_pre_tokenizer(tmp / "tokenizer.json", read_gguf_string(gguf, "tokenizer.ggml.pre"))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _restore_pre_tokenizer(tmp / "tokenizer.json", read_gguf_header(gguf).get("tokenizer.ggml.pre"))
 
 
 # transformers rebuilds a GGUF's BPE tokenizer with GPT-2's pre-tokenizer whatever the GGUF's
@@ -214,13 +206,6 @@ def _restore_pre_tokenizer(tokenizer_json: Path, gguf_pre: str | None) -> None:
         ],
     }
     tokenizer_json.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
-
-
-def read_gguf_string(gguf: Path, key: str) -> str | None:
-    from gguf import GGUFReader
-
-    fld = GGUFReader(str(gguf), "r").fields.get(key)
-    return None if fld is None else str(fld.contents())
 
 
 # Architectures the whole pipeline (HF copy, training, export back to GGUF) supports.
