@@ -17,6 +17,10 @@ from localalign.errors import UserError
 Message = dict[str, str]
 
 
+class TemplateRefused(UserError):
+    """The sandbox stopped a chat template reaching for Python internals."""
+
+
 @lru_cache(maxsize=16)
 def _compile(template: str):
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
@@ -46,6 +50,6 @@ def render_chat(
             eos_token=eos_token,
         )
     except SecurityError as e:
-        raise UserError(f"chat template refused by the sandbox: {e}") from None
+        raise TemplateRefused(f"chat template refused by the sandbox: {e}") from None
     except TemplateError as e:
         raise UserError(f"chat template failed to render: {e}") from None

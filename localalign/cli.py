@@ -1,12 +1,13 @@
 """The `localalign` command line: a thin layer that parses, wires and reports.
 
-Each command calls one stage module. A `UserError` becomes one line on stderr and exit
-code 2; Ctrl-C becomes "interrupted" and exit code 130. Everything else is a bug and keeps
-its traceback.
+Each command calls one stage module. A `UserError` (or a full disk, a read-only or
+forbidden path) becomes one line on stderr and exit code 2; Ctrl-C becomes "interrupted" and
+exit code 130. Everything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
+import errno
 import sys
 
 import click
@@ -25,6 +26,23 @@ class LocalalignGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted; everything written so far is kept", err=True)
             sys.exit(130)
+        except OSError as e:
+            if e.errno not in _ENVIRONMENT_ERRORS:
+                raise  # anything else is our bug
+            where = f"{e.filename}: " if e.filename else ""
+            click.echo(f"error: {where}{_ENVIRONMENT_ERRORS[e.errno]}", err=True)
+            sys.exit(2)
+
+
+# Failures of the machine, not of localalign: one line, as for a UserError. Every output is
+# written atomically, so what was written before stays valid and a re-run resumes.
+_ENVIRONMENT_ERRORS = {
+    errno.ENOSPC: "disk full; free some space and run the same command again (it resumes)",
+    errno.EDQUOT: "disk quota exceeded; free some space and run the same command again (it resumes)",
+    errno.EROFS: "read-only file system; choose a writable directory",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
 
 
 @click.group(cls=LocalalignGroup)

@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fnmatch
 import hashlib
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 from typing import IO, Iterator
 
 from localalign.errors import UserError
+
+# Every temp file or directory is named ".<final name>.<random>.tmp": hidden, so directory
+# hashes skip it, and recognizable, so `remove_stale_temps` can clear what a killed run left.
+TEMP_SUFFIX = ".tmp"
 
 
 @contextlib.contextmanager
@@ -25,12 +31,13 @@ def atomic_write(path: str | Path, mode: str = "w", encoding: str | None = "utf-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     binary = "b" in mode
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:
         with os.fdopen(fd, mode, encoding=None if binary else encoding) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        fault_point("rename", path)
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except OSError as e:
@@ -52,9 +59,10 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-", suffix=TEMP_SUFFIX))
     try:
         yield tmp
+        fault_point("rename", path)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -76,7 +84,7 @@ def temp_path_for(path: str | Path) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     os.close(fd)
     return Path(tmp)
 
@@ -85,6 +93,7 @@ def commit_temp(tmp: str | Path, path: str | Path) -> None:
     """fsync a finished temp file and rename it over `path`."""
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
+    fault_point("rename", path)
     os.replace(tmp, path)
     fsync_dir(Path(path).parent)
 
@@ -108,3 +117,50 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def remove_stale_temps(directory: str | Path) -> list[Path]:
+    """Delete the temp files and directories a killed writer left under `directory`.
+
+    Only safe while no other process writes there: the run directory's lock holder calls it.
+    """
+    stale = [p for p in Path(directory).rglob(f".*{TEMP_SUFFIX}") if p.name.startswith(".")]
+    for p in sorted(stale, key=lambda q: len(q.parts), reverse=True):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            _remove_quietly(p)
+    return stale
+
+
+# ---- test-only fault injection
+#
+# LOCALALIGN_FAULT="<point>:<glob>[#N][=KILL|INT|ENOSPC]" makes the N-th (default: first)
+# `fault_point(point, path)` whose path name matches <glob> kill this process with SIGKILL
+# (default) or SIGINT, or fail with a full-disk error. The one point so far is "rename": a
+# finished, fsynced temp file or directory is about to replace its final name, the moment an
+# ordinary crash test cannot hit. tests/test_faults.py drives the real CLI with it; unset (as
+# always outside those tests) it costs one comparison per file written.
+_FAULT = os.environ.get("LOCALALIGN_FAULT") or None
+_fault_hits = 0
+
+
+def fault_point(point: str, path: str | Path) -> None:
+    if _FAULT is None:
+        return
+    global _fault_hits
+    spec, _, action = _FAULT.partition("=")
+    spec, _, nth = spec.partition("#")
+    want_point, _, glob = spec.partition(":")
+    if want_point != point or not fnmatch.fnmatch(Path(path).name, glob or "*"):
+        return
+    _fault_hits += 1
+    if _fault_hits != int(nth or 1):
+        return
+    if action == "ENOSPC":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    if action == "INT":
+        os.kill(os.getpid(), signal.SIGINT)  # Python raises KeyboardInterrupt here, as on Ctrl-C
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
+    signal.pause()  # not reached: the kernel ends the process before this returns

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from localalign.errors import UserError
 from localalign.fsutil import atomic_dir
+from localalign.models import check_adapter_dir
 
 
 def merge_adapter(base_hf_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path) -> Path:
@@ -18,8 +18,7 @@ def merge_adapter(base_hf_dir: str | Path, adapter_dir: str | Path, out_dir: str
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base_hf_dir, adapter_dir, out_dir = Path(base_hf_dir), Path(adapter_dir), Path(out_dir)
-    if not (adapter_dir / "adapter_config.json").exists():
-        raise UserError(f"{adapter_dir}: not a PEFT adapter directory (no adapter_config.json)")
+    check_adapter_dir(adapter_dir)
     with atomic_dir(out_dir) as tmp:
         base = AutoModelForCausalLM.from_pretrained(base_hf_dir, dtype=torch.float32, trust_remote_code=False)
         model = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()

@@ -3,7 +3,8 @@
 A run directory holds everything an alignment run made. Two things keep it sound:
 
 - a lock file naming the PID that uses it, so two runs never write into one directory
-  (a lock whose process is gone is stale and is taken over);
+  (a lock whose process is gone is stale and is taken over, with the temp files its
+  process left behind);
 - `manifest.json`, which records, for each finished stage, the hashes of what went in and
   what came out. On resume a stage is skipped only if its inputs are unchanged and its
   outputs still hash to what was recorded; anything else runs again. The manifest is
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from localalign.errors import UserError
-from localalign.fsutil import atomic_write_text, sha256_file
+from localalign.fsutil import atomic_write_text, remove_stale_temps, sha256_file
 
 LOCK_NAME = ".lock"
 MANIFEST_NAME = "manifest.json"
@@ -69,8 +70,14 @@ class RunLock:
                 self.log(f"removing a stale lock left by PID {holder.get('pid') if holder else '?'}")
                 self.path.unlink(missing_ok=True)
                 continue
+            except OSError as e:  # read-only, not ours, no such directory
+                raise UserError(f"{self.path.parent}: cannot write the run directory ({e.strerror})") from None
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
+            # Nobody else writes here now: what temp files remain were left by a killed run.
+            stale = remove_stale_temps(self.path.parent)
+            if stale:
+                self.log(f"removed {len(stale)} temp file(s) left by an interrupted run")
             return self
         raise UserError(f"could not lock {self.path.parent}")
 

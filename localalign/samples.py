@@ -45,6 +45,12 @@ class Sample:
         return d
 
 
+# A sample is a chat turn pair: even a 32k-token context is ~128 KB of text. A longer line is
+# not a sample (a binary file, a whole document on one line), and is refused before it is
+# read whole: a file with no newline at all would otherwise be read into memory entirely.
+MAX_LINE_BYTES = 1 << 20
+
+
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (line number, object) for each non-blank line; malformed lines raise UserError."""
     path = Path(path)
@@ -52,8 +58,14 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
         raise UserError(f"{path}: no such file")
     if path.is_dir():
         raise UserError(f"{path}: is a directory, expected a JSONL file")
+    if not path.is_file():  # a FIFO would block, /dev/zero never end
+        raise UserError(f"{path}: not a regular file")
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
+        lineno = 0
+        while raw := f.readline(MAX_LINE_BYTES + 1):
+            lineno += 1
+            if len(raw) > MAX_LINE_BYTES:
+                raise UserError(f"{path}:{lineno}: line longer than {MAX_LINE_BYTES >> 20} MiB; is this a JSONL file?")
             if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]  # a UTF-8 byte-order mark, as Windows editors write
             try:
@@ -66,6 +78,8 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 obj = json.loads(text)
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{lineno}: invalid JSON: {e.msg} at column {e.colno}") from None
+            except RecursionError:
+                raise UserError(f"{path}:{lineno}: JSON nested too deeply") from None
             if not isinstance(obj, dict):
                 raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             yield lineno, obj
@@ -82,6 +96,7 @@ def sample_from_json(obj: dict[str, Any], where: str) -> Sample:
             raise UserError(f"{where}: {key!r} must be a string, got {type(obj[key]).__name__}")
         if not obj[key].strip():
             raise UserError(f"{where}: {key!r} is empty")
+        _check_text(obj[key], key, where)
     source = obj.get("source", "seed")
     if source not in SOURCES:
         raise UserError(f"{where}: 'source' must be one of {', '.join(SOURCES)}, got {source!r}")
@@ -91,6 +106,8 @@ def sample_from_json(obj: dict[str, Any], where: str) -> Sample:
     system = obj.get("system")
     if system is not None and not isinstance(system, str):
         raise UserError(f"{where}: 'system' must be a string")
+    if system is not None:
+        _check_text(system, "system", where)
     scores = obj.get("scores", {})
     if not isinstance(scores, dict) or not all(
         isinstance(v, (int, float)) and not isinstance(v, bool) for v in scores.values()
@@ -123,7 +140,18 @@ def _sample_from_messages(messages: Any, where: str) -> Sample:
             raise UserError(f"{where}: the {role} message needs non-empty string 'content'")
     if system is not None and not isinstance(system, str):
         raise UserError(f"{where}: the system message needs string 'content'")
+    for role, content in zip(["user", "assistant", "system"], [*contents, system or ""]):
+        _check_text(content, f"{role} content", where)
     return Sample(contents[0], contents[1], system=system)
+
+
+def _check_text(text: str, what: str, where: str) -> None:
+    """JSON can spell text that is not Unicode: a lone surrogate ("\\ud800") parses, but no
+    tokenizer or UTF-8 file can take it, so it would fail far from the seed that caused it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(f"{where}: {what} is not valid Unicode (an unpaired surrogate at character {e.start})") from None
 
 
 def read_samples(path: str | Path) -> list[Sample]:

@@ -42,7 +42,7 @@ from typing import Callable
 
 from localalign import runtime  # noqa: F401  (OMP_WAIT_POLICY=PASSIVE etc. before torch loads)
 from localalign.errors import UserError
-from localalign.fsutil import atomic_write_text, fsync_dir
+from localalign.fsutil import TEMP_SUFFIX, atomic_write_text, fault_point, fsync_dir
 from localalign.samples import Sample
 from localalign.train_data import (
     BATCHING,
@@ -503,6 +503,7 @@ def save_checkpoint(ckpt_root: Path, model, optimizer, scheduler, state: dict) -
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         fsync_dir(tmp)
+        fault_point("rename", final)
         os.rename(tmp, final)
         fsync_dir(ckpt_root)
     except BaseException:
@@ -556,11 +557,15 @@ def truncate_log(path: Path, step: int) -> None:
 def save_adapter(model, out: Path) -> Path:
     """The PEFT adapter directory, swapped in by rename (the old one is removed after)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-", suffix=TEMP_SUFFIX))
     old = None
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         _sort_target_modules(tmp / "adapter_config.json")
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        fault_point("rename", out)
         if out.exists():
             old = out.with_name(f".{out.name}-old-{os.getpid()}")
             os.rename(out, old)
