@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 from localalign.config import from_dict, read_toml, to_dict, to_toml
+from localalign.distributed import refuse_under_launcher
 from localalign.errors import UserError
 from localalign.filters import FilterConfig
 from localalign.fsutil import atomic_write_text, commit_temp, temp_path_for
@@ -350,6 +351,7 @@ class AlignRun:
     # ---- the loop
 
     def run(self, resume: bool = False) -> Path:
+        refuse_under_launcher("align")  # generation/export/eval are one process; see docs/scaling.md
         cfg = self.config
         self.dir.mkdir(parents=True, exist_ok=True)
         with RunLock(self.dir, log=self.log):

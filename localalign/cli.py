@@ -258,6 +258,7 @@ def train_cmd(model_name, data_path, out_dir, config_path, resume, init_adapter,
     import tomllib
     from pathlib import Path
 
+    from localalign.distributed import world_from_env
     from localalign.merge import merge_adapter
     from localalign.models import resolve_model
     from localalign.samples import read_samples
@@ -274,11 +275,16 @@ def train_cmd(model_name, data_path, out_dir, config_path, resume, init_adapter,
     settings.update({k: v for k, v in overrides.items() if v is not None})
     config = TrainConfig.from_dict(settings)
     samples = read_samples(data_path)
-    files = resolve_model(model_name)
+    world = world_from_env()
+    files = resolve_model(model_name, pull_if_missing=not world.distributed)  # N processes must not all pull
+    if files.hf_dir is None and world.distributed and not Path(model_name).exists():
+        raise UserError(f"{model_name} is not materialized: run `localalign models pull {model_name}` before torchrun")
     if files.hf_dir is None:
         raise UserError(f"{model_name}: training needs a Hugging Face model directory, not a GGUF file")
     res = train(files.hf_dir, samples, out_dir, config, resume=resume, init_adapter=init_adapter,
                 log=lambda m: click.echo(m, err=True))
+    if not world.is_main:  # under torchrun: rank 0 reports and merges
+        return
     per_epoch = max(1, res.steps // config.epochs)
     means = [sum(c) / len(c) for i in range(0, len(res.losses), per_epoch) if (c := res.losses[i : i + per_epoch])]
     click.echo(

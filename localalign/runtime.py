@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from types import ModuleType
 
+from localalign.errors import UserError
+
 # Nothing localalign does may reach the network: models come from PyPI packages on disk.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -49,6 +51,32 @@ def default_threads() -> int:
     return int(os.environ.get("LOCALALIGN_THREADS") or os.cpu_count() or 1)
 
 
+def gpu_layers(setting: int | str | None, supports_offload: bool, env: str | None = None) -> int:
+    """llama.cpp's n_gpu_layers for a `setting` of "auto" (or None) or a number of layers.
+
+    "auto": LOCALALIGN_GPU_LAYERS (`env`) if set, else every layer (-1) when this
+    llama-cpp-python build can offload (CUDA, Metal, Vulkan ...), else none (0). A small
+    model fits a consumer GPU whole; to share a GPU, set a number. Asking for layers on a
+    CPU-only build is an error: llama.cpp would silently run everything on the CPU.
+    """
+    if setting is None or setting == "auto":
+        if env is None or env.strip() in ("", "auto"):
+            return -1 if supports_offload else 0
+        setting = env
+    try:
+        layers = int(setting)
+    except ValueError:
+        raise UserError(f"n_gpu_layers must be 'auto' or a number of layers (-1 = all), got {setting!r}") from None
+    if layers < -1:
+        raise UserError(f"n_gpu_layers must be >= -1 (-1 = all layers), got {layers}")
+    if layers != 0 and not supports_offload:
+        raise UserError(
+            f"n_gpu_layers={layers}, but this llama-cpp-python build has no GPU offload; reinstall it with "
+            "CMAKE_ARGS=\"-DGGML_CUDA=on\" (see docs/scaling.md) or use n_gpu_layers=0"
+        )
+    return layers
+
+
 def load_llama(
     gguf_path: str | os.PathLike,
     n_ctx: int = 2048,
@@ -58,9 +86,13 @@ def load_llama(
     seed: int = 0,
     vocab_only: bool = False,
     n_batch: int = 512,
+    n_gpu_layers: int | str = "auto",
 ):
-    """Load a GGUF with llama-cpp-python; a file llama.cpp cannot load is a UserError."""
-    from localalign.errors import UserError
+    """Load a GGUF with llama-cpp-python; a file llama.cpp cannot load is a UserError.
+
+    `n_gpu_layers`: layers offloaded to the GPU, "auto" = all of them when the build can
+    offload (see `gpu_layers`).
+    """
     from localalign.gguf_check import check_gguf_file
 
     check_gguf_file(gguf_path)
@@ -68,9 +100,11 @@ def load_llama(
         check_gguf_file(lora_path)
     module = llama_cpp()
     threads = threads or default_threads()
+    layers = gpu_layers(n_gpu_layers, bool(module.llama_supports_gpu_offload()), os.environ.get("LOCALALIGN_GPU_LAYERS"))
     try:
         return module.Llama(
             model_path=str(gguf_path),
+            n_gpu_layers=layers,
             n_ctx=n_ctx,
             n_batch=n_batch,
             n_threads=threads,

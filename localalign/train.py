@@ -20,6 +20,10 @@ The run directory:
 Every directory appears by rename of a finished temp directory, so a run killed at any
 moment (kill -9 included) leaves each checkpoint complete or absent, and `resume=True`
 continues from the latest one mid-epoch with the same result as an uninterrupted run.
+
+Under `torchrun --nproc_per_node N` the same call trains data-parallel: each process takes
+its share of every micro-batch, the LoRA gradients are summed across processes, and only
+rank 0 writes (localalign/distributed.py explains the choices).
 """
 
 from __future__ import annotations
@@ -41,6 +45,19 @@ from pathlib import Path
 from typing import Callable
 
 from localalign import runtime  # noqa: F401  (OMP_WAIT_POLICY=PASSIVE etc. before torch loads)
+from localalign.distributed import (
+    World,
+    all_reduce_grads,
+    backend_for,
+    barrier,
+    check_agree,
+    digest,
+    gather_ints,
+    process_group,
+    shard,
+    threads_per_process,
+    world_from_env,
+)
 from localalign.errors import UserError
 from localalign.fsutil import TEMP_SUFFIX, atomic_write_text, fault_point, fsync_dir
 from localalign.samples import Sample
@@ -189,12 +206,30 @@ def train(
     log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
     on_step: Callable[[StepRecord], None] | None = None,
 ) -> TrainResult:
-    """Fine-tune a LoRA adapter on `samples`; see the module docstring for what lands in `out_dir`."""
-    import torch
+    """Fine-tune a LoRA adapter on `samples`; see the module docstring for what lands in `out_dir`.
 
+    Started by torchrun (WORLD_SIZE > 1), this process trains its share of every step and
+    only rank 0 writes (localalign/distributed.py); the result is the same as one process's.
+    """
     config = config or TrainConfig()
     config.validate()
+    world = world_from_env()
+    if world.distributed and config.batch_size < world.size:
+        raise UserError(
+            f"batch_size={config.batch_size} is smaller than the {world.size} processes: each micro-batch "
+            "is split across them by sample; raise batch_size (and lower grad_accum to keep the step size)"
+        )
+    device = pick_device(config.device, world.local_rank)
+    with process_group(world, device.type):
+        return _train(base_hf_dir, samples, out_dir, config, resume, init_adapter, log, on_step, world, device)
+
+
+def _train(base_hf_dir, samples, out_dir, config: TrainConfig, resume, init_adapter, log, on_step, world: World, device):
+    import torch
+
     base_hf_dir, out_dir = Path(base_hf_dir), Path(out_dir)
+    if not world.is_main:
+        log = _silent  # every process would print the same lines
     if not (base_hf_dir / "config.json").exists():
         raise UserError(f"{base_hf_dir}: not a Hugging Face model directory (no config.json)")
     if not samples:
@@ -203,11 +238,14 @@ def train(
     latest = latest_checkpoint(ckpt_root)
     if latest is not None and not resume:
         raise UserError(f"{out_dir} already has a checkpoint ({latest.name}); pass --resume or use a new directory")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if world.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     from localalign.runtime import default_threads
 
-    torch.set_num_threads(config.threads or default_threads())
-    device = pick_device(config.device)
+    torch.set_num_threads(threads_per_process(config.threads, default_threads(), world.local_size))
+    precision = precision_for(device, config)
+    if device.type == "cuda" and precision == "fp32":
+        log("this GPU has no bf16: training in fp32 (fp16 would need loss scaling; fp32 LoRA on a small model fits)")
 
     tokenizer = load_tokenizer(base_hf_dir)
     data, dropped = encode_samples(tokenizer, samples, end_of_turn_ids(tokenizer, base_hf_dir), config.max_seq_len)
@@ -221,8 +259,9 @@ def train(
     steps_per_epoch = math.ceil(micro_per_epoch / config.grad_accum)
     total_steps = steps_per_epoch * config.epochs
     fingerprint = run_fingerprint(base_hf_dir, data, config, init_adapter)
+    check_agree(digest(fingerprint), "the data, model and training settings", world)
 
-    model = build_model(base_hf_dir, config, device, init_adapter, log)
+    model = build_model(base_hf_dir, config, device, init_adapter, log, precision)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -232,31 +271,42 @@ def train(
     if latest is not None:
         state = load_checkpoint(latest, model, optimizer, scheduler, fingerprint)
         log(f"resuming from {latest} (step {state['step']} of {total_steps})")
-        truncate_log(out_dir / "train_log.jsonl", state["step"])
-    else:
-        (out_dir / "train_log.jsonl").unlink(missing_ok=True)
-    atomic_write_text(out_dir / "train_config.json", json.dumps(asdict(config), indent=2) + "\n")
+    check_agree(state["step"], "the checkpoint step to start from", world)
+    if world.is_main:
+        if latest is not None:
+            truncate_log(out_dir / "train_log.jsonl", state["step"])
+        else:
+            (out_dir / "train_log.jsonl").unlink(missing_ok=True)
+        atomic_write_text(out_dir / "train_config.json", json.dumps(asdict(config), indent=2) + "\n")
+    if world.distributed:
+        log(f"{world.size} processes ({backend_for(device.type)}), {config.batch_size * config.grad_accum} samples per step in all")
 
     body, head = model.get_base_model().model, model.get_base_model().get_output_embeddings()
-    autocast = autocast_for(device, config)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     model.train()
-    bar = progress_bar(config.progress, total_steps, state["step"])
+    bar = progress_bar(config.progress and world.is_main, total_steps, state["step"])
     plans: dict[int, list[list[int]]] = {}
-    log_file = open(out_dir / "train_log.jsonl", "a", encoding="utf-8")
+    log_file = open(out_dir / "train_log.jsonl", "a", encoding="utf-8") if world.is_main else None
     try:
         for step in range(state["step"], total_steps):
             t0 = time.perf_counter()
+            if world.distributed:  # dropout masks per process and step, so a resume needs no per-rank RNG state
+                torch.manual_seed(config.seed * 1_000_003 + step * 1_009 + world.rank)
             epoch, i = divmod(step, steps_per_epoch)
             if epoch not in plans:
                 plans = {epoch: epoch_plan(lengths, config.batch_size, config.seed, epoch, config.batching)}
             micro = [[data[j] for j in mb] for mb in plans[epoch][i * config.grad_accum : (i + 1) * config.grad_accum]]
-            n_targets = sum(e.n_targets for mb in micro for e in mb)
+            n_targets = sum(e.n_targets for mb in micro for e in mb)  # of the whole step, on every process
             n_tokens = sum(len(e.input_ids) for mb in micro for e in mb)
             loss_sum = 0.0
             for mb in micro:
-                batch = collate_packed(mb) if config.batching == "pack" else collate_padded(mb, pad_id)
+                mine = shard(mb, world)
+                if not mine:  # the last, short micro-batch of an epoch
+                    continue
+                batch = collate_packed(mine) if config.batching == "pack" else collate_padded(mine, pad_id)
                 with autocast:
                     loss_sum += forward_backward(body, head, {k: v.to(device) for k, v in batch.items()}, 1 / n_targets)
+            loss_sum = all_reduce_grads(trainable, loss_sum, world)
             torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
@@ -267,18 +317,28 @@ def train(
             rec = StepRecord(step + 1, total_steps, epoch, loss_sum / n_targets, lr, n_tokens, n_tokens / seconds, seconds)
             state["step"], state["tokens"], state["seconds"] = step + 1, state["tokens"] + n_tokens, state["seconds"] + seconds
             state["losses"].append(rec.loss)
-            log_file.write(json.dumps(asdict(rec)) + "\n")
-            log_file.flush()
+            if log_file is not None:
+                log_file.write(json.dumps(asdict(rec)) + "\n")
+                log_file.flush()
             bar.set_postfix(loss=f"{rec.loss:.3f}", tok_s=f"{rec.tokens_per_s:.0f}", refresh=False)
             bar.update(1)
-            if rec.step % config.checkpoint_every == 0 or rec.step == total_steps:
+            if world.is_main and (rec.step % config.checkpoint_every == 0 or rec.step == total_steps):
                 save_checkpoint(ckpt_root, model, optimizer, scheduler, dict(state, fingerprint=fingerprint))
             if on_step is not None:
                 on_step(rec)
     finally:
-        log_file.close()
+        if log_file is not None:
+            log_file.close()
         bar.close()
-    adapter_dir = save_adapter(model, out_dir / "adapter")
+    # Identical summed gradients and identical steps keep the processes' weights equal; if
+    # they are not, the gradient exchange is broken (our bug, not the user's).
+    weights = gather_ints(digest(b"".join(t.numpy().tobytes() for t in trainable_state(model).values())), world)
+    if len(set(weights)) > 1:
+        raise RuntimeError(f"the {world.size} training processes ended with different weights: {weights}")
+    adapter_dir = out_dir / "adapter"
+    if world.is_main:
+        save_adapter(model, adapter_dir)
+    barrier(world)  # every process returns once the adapter is there
     losses = state["losses"]
     return TrainResult(
         adapter_dir,
@@ -290,6 +350,10 @@ def train(
         state["tokens"] / state["seconds"] if state["seconds"] else 0.0,
         dropped,
     )
+
+
+def _silent(message: str) -> None:
+    pass
 
 
 def response_hidden(body, batch: dict):
@@ -335,26 +399,41 @@ def forward_backward(body, head, batch: dict, scale: float, chunk: int = LOGIT_C
 # --------------------------------------------------------------------------- model and devices
 
 
-def pick_device(wanted: str):
+def pick_device(wanted: str, local_rank: int = 0):
+    """CUDA if asked for or (auto) present, else CPU; under torchrun, GPU `local_rank`."""
     import torch
 
     if wanted == "cuda" and not torch.cuda.is_available():
         raise UserError("device=cuda but torch sees no CUDA GPU")
     if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_bf16_supported():
-            raise UserError("this GPU has no bf16 support; train with device=cpu")
-        return torch.device("cuda")
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(
+                f"process {local_rank} on this machine has no GPU of its own ({torch.cuda.device_count()} GPUs): "
+                "start at most one process per GPU, or train with device=cpu"
+            )
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
 
-def uses_bf16(device, config: TrainConfig) -> bool:
-    return device.type == "cuda" or config.cpu_bf16
+def choose_precision(device_type: str, cpu_bf16: bool, cuda_bf16_supported: bool) -> str:
+    """The training precision: "bf16" (autocast, frozen weights stored in bf16) or "fp32".
+
+    CUDA: bf16 where the GPU has it (Ampere and newer); older GPUs get fp32, not fp16: fp16
+    needs loss scaling (GradScaler) to keep small gradients from vanishing, a code path we
+    could not test, and a LoRA run on a model of this size fits any GPU in fp32.
+    CPU: bf16 unless turned off (`cpu_bf16`), measured faster here (docs/benchmarks.md).
+    """
+    if device_type == "cuda":
+        return "bf16" if cuda_bf16_supported else "fp32"
+    return "bf16" if cpu_bf16 else "fp32"
 
 
-def autocast_for(device, config: TrainConfig):
+def precision_for(device, config: TrainConfig) -> str:
     import torch
 
-    return torch.autocast(device.type, dtype=torch.bfloat16) if uses_bf16(device, config) else nullcontext()
+    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return choose_precision(device.type, config.cpu_bf16, cuda_bf16)
 
 
 def load_tokenizer(hf_dir: Path):
@@ -366,7 +445,7 @@ def load_tokenizer(hf_dir: Path):
         raise UserError(f"{hf_dir}: cannot load the tokenizer: {e}") from None
 
 
-def build_model(base_hf_dir: Path, config: TrainConfig, device, init_adapter, log):
+def build_model(base_hf_dir: Path, config: TrainConfig, device, init_adapter, log, precision: str = "fp32"):
     """The base model with a fresh (seeded) or loaded trainable LoRA adapter, on `device`.
 
     With bf16 the frozen projection weights are stored in bf16: autocast would cast them to
@@ -408,7 +487,7 @@ def build_model(base_hf_dir: Path, config: TrainConfig, device, init_adapter, lo
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(base, lora)
-    if uses_bf16(device, config):
+    if precision == "bf16":
         for name, module in model.named_modules():
             if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad and "lm_head" not in name:
                 module.to(torch.bfloat16)
