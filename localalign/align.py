@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from localalign.backends import BackendConfig
 from localalign.config import from_dict, read_toml, to_dict, to_toml
 from localalign.distributed import refuse_under_launcher
 from localalign.errors import UserError
@@ -76,6 +77,8 @@ class AlignConfig:
     isara: IsaraConfig = field(default_factory=IsaraConfig)
     filters: FilterConfig = field(default_factory=FilterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # Generation and evaluation on an OpenAI-compatible server (training and export stay here).
+    backend: BackendConfig = field(default_factory=BackendConfig)
 
     def validate(self) -> None:
         if self.rounds < 1:
@@ -182,6 +185,13 @@ class AlignRun:
         self.log(f"[{name}] finished in {seconds:.0f} s")
         return True
 
+    def model_name(self, form: ModelForm) -> str:
+        """A model's name for a server serving each round under its own ("base", "round-1", ...)."""
+        try:
+            return str((form.lora or form.gguf).parent.relative_to(self.dir)).replace("/", "-")
+        except ValueError:
+            return "base"  # adapter mode: the unchanged base GGUF outside the run directory
+
     def seconds(self, name: str) -> float:
         return float(self.manifest.stages.get(name, {}).get("seconds", 0.0))
 
@@ -245,7 +255,8 @@ class AlignRun:
     # ---- stages
 
     def generate(self, round_no: int, generator: ModelForm, seeds: list[Sample], earlier: list[Sample]) -> list[Sample]:
-        from localalign.generate import BatchGenerator, generate_samples, read_rejected
+        from localalign.backends import open_generator
+        from localalign.generate import generate_samples, read_rejected
         from localalign.retrieve import Embedder, SampleIndex
 
         cfg = self.config
@@ -266,7 +277,8 @@ class AlignRun:
                 self.log(f"  resuming generation: {len(done)} accepted, {len(rejected)} rejected already")
             embedder = Embedder(cfg.embedder)
             bar = _Bar(f"round {round_no} generate", cfg.samples, initial=len(done))
-            with BatchGenerator(generator.gguf, cfg.generation, lora_path=generator.lora) as gen:
+            backend = cfg.backend.for_model(self.model_name(generator))
+            with open_generator(generator.gguf, cfg.generation, backend, lora_path=generator.lora) as gen:
                 accepted, rejected = generate_samples(
                     gen, embedder, seeds, cfg.samples, accepted=earlier, isara=cfg.isara, filters=cfg.filters,
                     round_no=round_no, resume=(done, rejected), samples_path=samples_path,
@@ -342,7 +354,8 @@ class AlignRun:
         def work():
             ecfg = EvalConfig(model=form.gguf, lora=form.lora, suites=tuple(cfg.suites()), limit=cfg.eval_limit,
                               threads=cfg.generation.threads, parallel=cfg.generation.parallel,
-                              icl_seeds=icl_seeds, icl_k=cfg.isara.k, embedder=cfg.embedder)
+                              icl_seeds=icl_seeds, icl_k=cfg.isara.k, embedder=cfg.embedder,
+                              backend=cfg.backend.for_model(self.model_name(form)))
             write_eval(evaluate(ecfg, log=self.log), out)
 
         self.stage(name, inputs, [out], work)

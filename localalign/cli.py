@@ -37,8 +37,8 @@ class LocalalignGroup(click.Group):
 # Failures of the machine, not of localalign: one line, as for a UserError. Every output is
 # written atomically, so what was written before stays valid and a re-run resumes.
 _ENVIRONMENT_ERRORS = {
-    errno.ENOSPC: "disk full; free some space and run the same command again (it resumes)",
-    errno.EDQUOT: "disk quota exceeded; free some space and run the same command again (it resumes)",
+    errno.ENOSPC: "disk full; free some space and run again (finished work is kept)",
+    errno.EDQUOT: "disk quota exceeded; free some space and run again (finished work is kept)",
     errno.EROFS: "read-only file system; choose a writable directory",
     errno.EACCES: "permission denied",
     errno.EPERM: "operation not permitted",
@@ -101,6 +101,32 @@ def models_pull(name: str) -> None:
         raise UserError(f"{name}: the HF copy does not match the GGUF: " + "; ".join(check.get("problems", [])))
 
 
+# ---- backends (generation on an OpenAI-compatible server; docs/scaling.md)
+
+
+def backend_options(command):
+    """--backend/--base-url/--api-key-env/--served-model/--concurrency, shared by generate, eval and align."""
+    options = [
+        click.option("--backend", type=click.Choice(["llama-cpp", "openai"]), help="Where text is generated [llama-cpp: embedded]."),
+        click.option("--base-url", help="OpenAI-compatible server, e.g. http://127.0.0.1:8080 (--backend openai)."),
+        click.option("--api-key-env", help="Name of the environment variable holding the server's API key."),
+        click.option("--served-model", help="The request's model name [the server's first model]."),
+        click.option("--concurrency", type=click.IntRange(1, 256), help="Requests in flight [8]."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def backend_settings(backend, base_url, api_key_env, served_model, concurrency) -> dict:
+    """The options given, as BackendConfig fields (unset ones left out)."""
+    values = {"kind": backend, "base_url": base_url, "api_key_env": api_key_env, "served_model": served_model,
+              "concurrency": concurrency}
+    if base_url and backend is None:
+        values["kind"] = "openai"  # --base-url alone means the server
+    return {k: v for k, v in values.items() if v is not None}
+
+
 # ---- generate
 
 
@@ -122,7 +148,8 @@ def models_pull(name: str) -> None:
 @click.option("--min-rating", type=float, default=5.0, show_default=True, help="Self-assessment score (1-10) a sample needs.")
 @click.option("--no-rating", is_flag=True, help="Skip the self-assessment.")
 @click.option("--embedder", default="all-minilm-l6-v2", show_default=True, help="Embedder name or sentence-transformers folder.")
-def generate_cmd(model_name, seeds_path, n, out_path, rejected_path, k, query_from, parallel, seed, temperature, top_p, threads, n_ctx, novelty_threshold, min_rating, no_rating, embedder) -> None:
+@backend_options
+def generate_cmd(model_name, seeds_path, n, out_path, rejected_path, k, query_from, parallel, seed, temperature, top_p, threads, n_ctx, novelty_threshold, min_rating, no_rating, embedder, **backend) -> None:
     """Write N new prompt/response pairs in the domain of the seeds (ISARA)."""
     import time
     from collections import Counter
@@ -130,8 +157,9 @@ def generate_cmd(model_name, seeds_path, n, out_path, rejected_path, k, query_fr
 
     from tqdm import tqdm
 
+    from localalign.backends import BackendConfig, open_generator
     from localalign.filters import FilterConfig
-    from localalign.generate import BatchGenerator, GenerationConfig, IsaraConfig, generate_samples
+    from localalign.generate import GenerationConfig, IsaraConfig, generate_samples
     from localalign.models import resolve_model
     from localalign.retrieve import Embedder
     from localalign.samples import read_samples
@@ -143,10 +171,8 @@ def generate_cmd(model_name, seeds_path, n, out_path, rejected_path, k, query_fr
     gen_cfg = GenerationConfig(threads=threads, n_ctx=n_ctx, temperature=temperature, top_p=top_p, seed=seed, parallel=parallel)
     isara = IsaraConfig(k=k, query_from=query_from)
     filters = FilterConfig(novelty_threshold=novelty_threshold, min_rating=min_rating, rate=not no_rating)
+    backend_cfg = BackendConfig(**backend_settings(**backend))
     rejected_path = rejected_path or str(Path(out_path).with_name("rejected.jsonl"))
-    emb = Embedder(embedder)
-    bar = tqdm(total=n, desc="generate", unit="sample", dynamic_ncols=True)
-    t0 = time.perf_counter()
 
     def show(p):
         bar.n = p.accepted
@@ -154,7 +180,10 @@ def generate_cmd(model_name, seeds_path, n, out_path, rejected_path, k, query_fr
         bar.set_postfix(rejected=p.rejected, tok_s=f"{rate:.0f}", refresh=False)
         bar.refresh()
 
-    with BatchGenerator(files.gguf, gen_cfg) as gen:
+    with open_generator(files.gguf, gen_cfg, backend_cfg) as gen:  # first: an unreachable server fails fast
+        emb = Embedder(embedder)
+        bar = tqdm(total=n, desc="generate", unit="sample", dynamic_ncols=True)
+        t0 = time.perf_counter()
         accepted, rejected = generate_samples(
             gen, emb, seeds, n, isara=isara, filters=filters, samples_path=out_path, rejected_path=rejected_path, on_progress=show
         )
@@ -178,17 +207,20 @@ def generate_cmd(model_name, seeds_path, n, out_path, rejected_path, k, query_fr
 @click.option("--limit", type=int, help="Evaluate only the first N items of each suite (quick mode).")
 @click.option("--max-tokens", type=int, default=512, show_default=True, help="Reply budget for suites that check the whole reply.")
 @click.option("--threads", type=int, help="CPU threads (default: every core).")
+@backend_options
 @click.pass_context
-def eval_(ctx, model, lora, suites, out, limit, max_tokens, threads) -> None:
+def eval_(ctx, model, lora, suites, out, limit, max_tokens, threads, **backend) -> None:
     """Score a model offline on held-out suites; `eval compare A.json B.json` for a paired test."""
     if ctx.invoked_subcommand is not None:
         return
+    from localalign.backends import BackendConfig
     from localalign.eval_report import format_table
     from localalign.evaluate import EvalConfig, evaluate, write_eval
 
     if model is None or out is None or not suites:
         raise UserError("eval needs --model PATH.gguf, at least one --suite and --out FILE.json")
-    config = EvalConfig(model=model, lora=lora, suites=tuple(suites), limit=limit, max_tokens=max_tokens, threads=threads)
+    config = EvalConfig(model=model, lora=lora, suites=tuple(suites), limit=limit, max_tokens=max_tokens, threads=threads,
+                        backend=BackendConfig(**backend_settings(**backend)))
     result = evaluate(config, log=lambda m: click.echo(m, err=True))
     write_eval(result, out)
     click.echo(format_table({config.model.stem + (f"+{config.lora.stem}" if config.lora else ""): result}))
@@ -359,8 +391,9 @@ def export_cmd(model, adapter, out_path, quant, out_type, adapter_only, base_ggu
 @click.option("--epochs", type=int, help="training epochs per round [3]")
 @click.option("--baselines", is_flag=True, default=None, help="also run SFT-on-seeds and ICL-kNN baselines")
 @click.option("--resume", is_flag=True, help="continue a run (re-running the same command does too)")
+@backend_options
 def align_cmd(domain, model, rounds, samples, run_dir, config_path, seed, export_mode, quant, suites, eval_limit, epochs,
-              baselines, resume):
+              baselines, resume, **backend):
     """Run ISARA rounds: generate, filter, train, export, evaluate; ship the best round."""
     from pathlib import Path
 
@@ -370,6 +403,7 @@ def align_cmd(domain, model, rounds, samples, run_dir, config_path, seed, export
         "domain": domain, "model": model, "rounds": rounds, "samples": samples, "seed": seed,
         "export": export_mode, "quant": quant, "eval_suites": list(suites) or None,
         "eval_limit": eval_limit, "baselines": baselines, "train": {"epochs": epochs} if epochs else None,
+        "backend": backend_settings(**backend) or None,
     }
     run_path = Path(run_dir)
     if config_path is None and (run_path / "config.toml").exists() and all(v is None for v in overrides.values()):

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from localalign.backends import BackendConfig, open_generator
 from localalign.errors import UserError
 from localalign.eval_refusal import REFUSAL_MAX_TOKENS, is_refusal
 from localalign.eval_stats import proportion
@@ -67,6 +68,9 @@ class EvalConfig:
     icl_seeds: Path | None = None
     icl_k: int = 4
     embedder: str = "all-minilm-l6-v2"
+    # Where replies come from: the embedded llama.cpp generator, or an OpenAI-compatible
+    # server serving `model` (which then supplies only the tokenizer and chat template).
+    backend: BackendConfig = field(default_factory=BackendConfig)
 
     def __post_init__(self) -> None:
         self.model = Path(self.model)
@@ -89,10 +93,10 @@ class EvalConfig:
 
 
 class EvalSession:
-    """The model under evaluation: a greedy batched generator, and a scorer loaded on demand."""
+    """The model under evaluation: a greedy generator (embedded or a server, `backends`)."""
 
     def __init__(self, config: EvalConfig):
-        from localalign.generate import BatchGenerator, GenerationConfig
+        from localalign.generate import GenerationConfig
 
         self.config = config
         gen_config = GenerationConfig(
@@ -102,8 +106,7 @@ class EvalSession:
             max_tokens=config.max_tokens,
             parallel=config.parallel,
         )
-        self.gen = BatchGenerator(config.model, gen_config, lora_path=config.lora)
-        self._scorer = None
+        self.gen = open_generator(config.model, gen_config, config.backend, lora_path=config.lora)
         self.reply_tokens = 0  # tokens in all replies so far (re-tokenized), for throughput
         self.icl = None
         if config.icl_seeds is not None:
@@ -132,21 +135,8 @@ class EvalSession:
         self.reply_tokens += sum(len(self.gen.tokenize_continuation(r)) for r in replies if r)
         return replies
 
-    def scorer(self):
-        """A second handle on the model with logits for every position (multiple choice)."""
-        if self._scorer is None:
-            from localalign.runtime import load_llama
-
-            self._scorer = load_llama(
-                self.config.model, n_ctx=1024, threads=self.config.threads, logits_all=True, lora_path=self.config.lora
-            )
-        return self._scorer
-
     def close(self) -> None:
         self.gen.close()
-        if self._scorer is not None:
-            self._scorer.close()
-            self._scorer = None
 
 
 # --------------------------------------------------------------------------- suites
@@ -227,7 +217,7 @@ def suite_instruction_following(session: EvalSession, limit: int | None) -> Suit
 
 
 def suite_truthfulness(session: EvalSession, limit: int | None) -> SuiteResult:
-    from localalign.eval_mc import continuation_logprobs, load_mc_items, mc1_pick, per_byte
+    from localalign.eval_mc import load_mc_items, mc1_pick, per_byte
 
     items = load_mc_items(session.config.seeds_dir / "truthfulness.heldout.jsonl")
     result = SuiteResult(
@@ -236,11 +226,9 @@ def suite_truthfulness(session: EvalSession, limit: int | None) -> SuiteResult:
         "(no generation; chance is 25%).",
         n_available=len(items),
     )
-    llm, gen = session.scorer(), session.gen
     correct = {}
     for item in _first(items, limit):
-        prompt_ids = gen.tokenize(session.chat(item.prompt))
-        logprobs = continuation_logprobs(llm, prompt_ids, [gen.tokenize_continuation(c) for c in item.choices])
+        logprobs = session.gen.score_continuations(session.chat(item.prompt), item.choices)
         pick = mc1_pick(per_byte(logprobs, item.choices))
         correct[item.id] = pick == item.answer
         result.items.append(
@@ -361,6 +349,7 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] = lambda m: None) ->
         "format": FORMAT,
         "model": str(config.model),
         "lora": str(config.lora) if config.lora else None,
+        "backend": _backend_record(config.backend),
         "limit": config.limit,
         "limited": any(s["n_items"] < s["n_available"] for s in suites.values()),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -376,6 +365,13 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] = lambda m: None) ->
         "wall_s": round(time.perf_counter() - started, 3),
         "suites": suites,
     }
+
+
+def _backend_record(backend: BackendConfig) -> dict:
+    """Where the replies came from (no key: only the name of its variable is configured)."""
+    if backend.kind == "llama-cpp":
+        return {"kind": backend.kind}
+    return {"kind": backend.kind, "base_url": backend.base_url, "served_model": backend.served_model}
 
 
 def _version(package: str) -> str | None:

@@ -19,15 +19,19 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from localalign.chat import render_chat
 from localalign.errors import UserError
 from localalign.runtime import default_threads, llama_cpp, load_llama
+
+if TYPE_CHECKING:
+    from localalign.backends import Generator
 
 
 @dataclass
@@ -104,7 +108,69 @@ class _Live:
     ids: list[int] = field(default_factory=list)
 
 
-class BatchGenerator:
+class GGUFText:
+    """Tokens and chat template from a GGUF loaded in llama-cpp-python (`self.llm`; a
+    vocab-only load is enough). Shared by every generation backend, so a prompt is the same
+    text and the same tokens whichever backend decodes it; a backend is a context manager
+    around its `close`."""
+
+    llm: object
+    template: str
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def tokenize(self, text: str) -> list[int]:
+        """Tokens of `text`, special tokens parsed, BOS added if the model wants one."""
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+
+    def tokenize_continuation(self, text: str) -> list[int]:
+        """Tokens of text that continues a sequence (no BOS)."""
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+
+    def chat_prompt(self, messages: list[dict]) -> str:
+        """`messages` in the GGUF's own chat template, ending where the assistant speaks."""
+        bos = self.llm._model.token_get_text(self.llm.token_bos()) if self.llm.token_bos() >= 0 else ""
+        eos = self.llm._model.token_get_text(self.llm.token_eos()) if self.llm.token_eos() >= 0 else ""
+        return render_chat(self.template, messages, add_generation_prompt=True, bos_token=bos, eos_token=eos)
+
+
+def turn_budgets(max_tokens: int | Sequence[int] | None, n_turns: int, default: int) -> list[int]:
+    """`max_tokens` of `run` as one budget per turn."""
+    if max_tokens is None:
+        return [default] * n_turns
+    if isinstance(max_tokens, int):
+        return [max_tokens] * n_turns
+    return list(max_tokens)
+
+
+def run_settings(cfg: GenerationConfig, n_ctx_seq: int, prompt_tokens, max_tokens, temperature, stop, seeds, then):
+    """`run`'s arguments checked and completed from the config: (budgets, temperature, seeds, stop)."""
+    budgets = turn_budgets(max_tokens, 2 if then is not None else 1, cfg.max_tokens)
+    temperature = cfg.temperature if temperature is None else temperature
+    seeds = list(seeds) if seeds is not None else [derive_seed(cfg.seed, i) for i in range(len(prompt_tokens))]
+    if len(seeds) != len(prompt_tokens):
+        raise ValueError("one seed per prompt")
+    for i, toks in enumerate(prompt_tokens):
+        if len(toks) == 0:
+            raise UserError(f"prompt {i} is empty")
+        if len(toks) >= n_ctx_seq:
+            raise UserError(f"prompt {i} has {len(toks)} tokens; the context holds {n_ctx_seq} per sequence (raise n_ctx)")
+    return budgets, temperature, seeds, [s for s in (stop or []) if s]
+
+
+# Multiple-choice scoring keeps logits for every position: n_ctx x vocabulary floats
+# (1024 x 49k x 4 bytes = 200 MB for SmolLM2); questions and answers are short.
+SCORER_N_CTX = 1024
+
+
+class BatchGenerator(GGUFText):
     """A GGUF model decoding up to `config.parallel` sequences per forward pass."""
 
     def __init__(self, gguf_path: str | Path, config: GenerationConfig | None = None, lora_path=None):
@@ -120,6 +186,8 @@ class BatchGenerator:
         self.template = self.llm.metadata.get("tokenizer.chat_template", "")
         self.n_vocab = self.lib.llama_vocab_n_tokens(self.vocab)
         self._piece_cache: dict[int, bytes] = {}
+        self.lora_path = lora_path
+        self._scorer = None
         self._ctx = None
         self._batch = None
         self._make_context()
@@ -158,6 +226,9 @@ class BatchGenerator:
         self._batch = lib.llama_batch_init(cfg.n_batch, 0, 1)
 
     def close(self) -> None:
+        if self._scorer is not None:
+            self._scorer.close()
+            self._scorer = None
         if self._batch is not None:
             self.lib.llama_batch_free(self._batch)
             self._batch = None
@@ -168,21 +239,7 @@ class BatchGenerator:
             self.llm.close()
             self.llm = None
 
-    def __enter__(self) -> "BatchGenerator":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     # ------------------------------------------------------------------ text <-> tokens
-
-    def tokenize(self, text: str) -> list[int]:
-        """Tokens of `text`, special tokens parsed, BOS added if the model wants one."""
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
-
-    def tokenize_continuation(self, text: str) -> list[int]:
-        """Tokens of text that continues a sequence (no BOS)."""
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
 
     def piece(self, token: int) -> bytes:
         """The bytes of one token; control tokens render as their text (e.g. <|im_start|>)."""
@@ -199,13 +256,22 @@ class BatchGenerator:
     def is_end(self, token: int) -> bool:
         return bool(self.lib.llama_vocab_is_eog(self.vocab, token))
 
-    def chat_prompt(self, messages: list[dict]) -> str:
-        """`messages` in the GGUF's own chat template, ending where the assistant speaks."""
-        bos = self.llm._model.token_get_text(self.llm.token_bos()) if self.llm.token_bos() >= 0 else ""
-        eos = self.llm._model.token_get_text(self.llm.token_eos()) if self.llm.token_eos() >= 0 else ""
-        return render_chat(self.template, messages, add_generation_prompt=True, bos_token=bos, eos_token=eos)
-
     # ------------------------------------------------------------------ public decoding
+
+    def score_continuations(self, prompt: str, continuations: Sequence[str]) -> list[float]:
+        """Sum of log p(continuation | prompt) for each continuation (multiple choice).
+
+        Uses a second handle on the model with logits for every position, loaded on first use.
+        """
+        from localalign.eval_mc import continuation_logprobs
+
+        if self._scorer is None:
+            self._scorer = load_llama(
+                self.gguf_path, n_ctx=SCORER_N_CTX, threads=self.config.threads, logits_all=True, lora_path=self.lora_path
+            )
+        return continuation_logprobs(
+            self._scorer, self.tokenize(prompt), [self.tokenize_continuation(c) for c in continuations]
+        )
 
     def complete(
         self,
@@ -241,25 +307,9 @@ class BatchGenerator:
         prompt finishes, `on_step(n)` after every decode that sampled n tokens (progress).
         """
         cfg = self.config
-        n_turns = 2 if then is not None else 1
-        if max_tokens is None:
-            budgets = [cfg.max_tokens] * n_turns
-        elif isinstance(max_tokens, int):
-            budgets = [max_tokens] * n_turns
-        else:
-            budgets = list(max_tokens)
-        temperature = cfg.temperature if temperature is None else temperature
-        seeds = list(seeds) if seeds is not None else [derive_seed(cfg.seed, i) for i in range(len(prompt_tokens))]
-        if len(seeds) != len(prompt_tokens):
-            raise ValueError("one seed per prompt")
-        stop = [s for s in (stop or []) if s]
-        for i, toks in enumerate(prompt_tokens):
-            if len(toks) == 0:
-                raise UserError(f"prompt {i} is empty")
-            if len(toks) >= self.n_ctx_seq:
-                raise UserError(
-                    f"prompt {i} has {len(toks)} tokens; the context holds {self.n_ctx_seq} per sequence (raise n_ctx)"
-                )
+        budgets, temperature, seeds, stop = run_settings(
+            cfg, self.n_ctx_seq, prompt_tokens, max_tokens, temperature, stop, seeds, then
+        )
         results = [Completion() for _ in prompt_tokens]
         if not prompt_tokens:
             return results
@@ -487,7 +537,7 @@ class _Candidate:
 
 
 def generate_samples(
-    generator: BatchGenerator,
+    generator: Generator,
     embedder,
     seeds: list,
     n: int,
@@ -691,7 +741,10 @@ def _example_ref(sample) -> str:
     return hashlib.sha256(f"{sample.prompt}\x00{sample.response}".encode()).hexdigest()[:12]
 
 
-def _rate(generator: BatchGenerator, samples, seeds, filters, progress: Progress, on_progress) -> None:
+_RATING_FORMAT = re.compile(r" (10|[1-9]), Domain: (10|[1-9])")  # the language of filters.RATING_GRAMMAR
+
+
+def _rate(generator: Generator, samples, seeds, filters, progress: Progress, on_progress) -> None:
     """Self-assessment: the same model scores each sample with the rubric (greedy)."""
     from localalign.filters import (
         RATING_DOMAIN_EXAMPLES,
@@ -720,5 +773,9 @@ def _rate(generator: BatchGenerator, samples, seeds, filters, progress: Progress
         r = next(results)
         s.scores.update(parse_rating(r.texts[0]))
         s.meta["rating_text"] = (RUBRIC_ANSWER_START + r.texts[0]).strip()
+        if not _RATING_FORMAT.fullmatch(r.texts[0]):
+            # A server that ignores `grammar` (vLLM, Ollama) answers in free text; the scores
+            # then come from parse_rating's reading of it, and the sample says so.
+            s.meta["rating_free_text"] = True
     if on_progress is not None:
         on_progress(progress)

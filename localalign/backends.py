@@ -1,0 +1,454 @@
+"""Generation backends: the embedded llama.cpp generator, or an OpenAI-compatible server.
+
+    llama-cpp  generate.BatchGenerator: the GGUF decoded in this process (the default).
+    openai     any server with an OpenAI-style /v1/completions endpoint: llama.cpp's
+               llama-server, vLLM, Ollama, llama-cpp-python's llama_cpp.server.
+
+Both satisfy `Generator`, which is what generate_samples and evaluate.EvalSession use.
+
+How the `openai` backend keeps prompts identical to the embedded one:
+- Prompts are rendered here, from the local GGUF's chat template (`--model`, loaded
+  vocab-only: no weights), and sent to the raw completions endpoint, never to
+  /v1/chat/completions. ISARA prompts end mid-conversation (an opened user turn, then the
+  assistant turn the model answers); a chat endpoint would close the turn itself.
+- Tokens (prompt lengths, the context budget) come from the same local vocabulary. When the
+  server can tokenize (llama-server /tokenize, llama_cpp.server /extras/tokenize) a probe
+  string is compared once at start, so a server serving another model is refused.
+- `run` takes token ids, as the embedded generator does; the server gets the text those ids
+  were made from (remembered by `tokenize`), or the local detokenization of ids made
+  otherwise.
+- Requests go out `concurrency` at a time (threads): a server with continuous batching
+  (llama-server -np N, vLLM, Ollama with OLLAMA_NUM_PARALLEL) decodes them together.
+- Sampling: temperature, top_p, top_k and a seed per request; min_p 0 and repeat_penalty 1
+  are sent explicitly because llama.cpp servers default to 0.05 and 1.1, which would make
+  greedy decoding differ from the embedded backend. Sampled texts are reproducible per
+  server, not equal to the embedded backend's (another sampler chain); greedy texts are.
+- The self-rating sends `grammar` (llama.cpp servers honour it); a server that ignores it
+  answers in free text, which `filters.parse_rating` reads (generate._rate records it).
+- Multiple choice needs the log-probabilities of prompt tokens (`echo` with `logprobs`):
+  vLLM and llama_cpp.server return them; llama-server and Ollama do not, and scoring then
+  stops with one line saying so. A one-time probe checks that the values line up with the
+  tokens (see `_check_prompt_logprobs`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import OrderedDict
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol, Sequence
+
+from localalign.errors import UserError
+from localalign.generate import Completion, GenerationConfig, GGUFText, run_settings
+
+BACKENDS = ("llama-cpp", "openai")
+
+
+@dataclass
+class BackendConfig:
+    kind: str = "llama-cpp"  # "llama-cpp" (embedded) or "openai" (a server at base_url)
+    base_url: str | None = None  # e.g. http://127.0.0.1:8080 (a trailing /v1 is accepted)
+    # The NAME of an environment variable holding the API key, never the key: the config is
+    # written into the run directory.
+    api_key_env: str | None = None
+    # The request's "model" field. None: the first model the server lists (/v1/models).
+    # In `align`, "{name}" is replaced by the stage's model ("base", "round-1", ...) so a
+    # server can serve each round under its own name (docs/scaling.md).
+    served_model: str | None = None
+    # Requests in flight. A server with continuous batching decodes them together; one
+    # without (llama_cpp.server) queues them, and more than a few only adds waiting.
+    concurrency: int = 8
+    timeout_s: float = 600.0  # per request: a 512-token reply from a busy CPU server takes minutes
+    # Connection errors, timeouts, 429 and 5xx are retried after backoff_s, 2x, 4x, ...
+    retries: int = 3
+    backoff_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in BACKENDS:
+            raise UserError(f"backend must be one of {', '.join(BACKENDS)}, got {self.kind!r}")
+        if self.kind == "openai" and not self.base_url:
+            raise UserError("--backend openai needs --base-url URL (e.g. http://127.0.0.1:8080)")
+        if self.base_url and not self.base_url.startswith(("http://", "https://")):
+            raise UserError(f"base URL must start with http:// or https://, got {self.base_url!r}")
+        if not 1 <= self.concurrency <= 256:
+            raise UserError(f"concurrency must be in 1..256, got {self.concurrency}")
+        if self.timeout_s <= 0 or self.retries < 0 or self.backoff_s < 0:
+            raise UserError("timeout_s must be > 0, retries and backoff_s >= 0")
+
+    def for_model(self, name: str) -> "BackendConfig":
+        """This config for the stage whose model is `name` ("base", "round-1", ...) in `align`."""
+        if self.kind != "openai":
+            return self
+        if self.served_model and "{name}" in self.served_model:
+            return BackendConfig(**{**self.__dict__, "served_model": self.served_model.replace("{name}", name)})
+        if name != "base":
+            raise UserError(
+                f"the server serves one model, but {name} is a trained model: set backend.served_model to a "
+                "pattern with {name} (e.g. 'localalign-{name}') and serve each round under its name (docs/scaling.md)"
+            )
+        return self
+
+
+class Generator(Protocol):
+    """What generate_samples and EvalSession need from a backend."""
+
+    config: GenerationConfig
+    n_ctx_seq: int  # tokens one sequence (prompt + completion) may use
+
+    def tokenize(self, text: str) -> list[int]: ...
+    def tokenize_continuation(self, text: str) -> list[int]: ...
+    def chat_prompt(self, messages: list[dict]) -> str: ...
+    def complete(self, prompts: list[str], max_tokens: int | None = None, temperature: float | None = None,
+                 stop: Sequence[str] | None = None, seeds: Sequence[int] | None = None) -> list[str]: ...
+    def run(self, prompt_tokens: list[list[int]], max_tokens: int | Sequence[int] | None = None,
+            temperature: float | None = None, stop: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
+            then: list[int] | None = None, on_done: Callable[[int, Completion], None] | None = None,
+            grammar: str | None = None, on_step: Callable[[int], None] | None = None) -> list[Completion]: ...
+    def score_continuations(self, prompt: str, continuations: Sequence[str]) -> list[float]: ...
+    def close(self) -> None: ...
+    def __enter__(self): ...
+    def __exit__(self, *exc) -> None: ...
+
+
+def open_generator(
+    model: str | Path, config: GenerationConfig, backend: BackendConfig | None = None, lora_path=None
+) -> Generator:
+    """The generator for `backend` (default: embedded). `model` is the GGUF; for `openai` it
+    supplies the tokenizer and chat template (vocab only) of the model the server serves."""
+    from localalign.generate import BatchGenerator
+
+    backend = backend or BackendConfig()
+    if backend.kind == "llama-cpp":
+        return BatchGenerator(model, config, lora_path=lora_path)
+    return OpenAIGenerator(model, config, backend)
+
+
+# ============================================================================ HTTP
+
+
+class OpenAIClient:
+    """JSON over HTTP with retries; every failure the user can fix is one UserError line."""
+
+    RETRY_STATUS = (408, 429, 500, 502, 503, 504)
+
+    def __init__(self, config: BackendConfig):
+        self.config = config
+        self.root = config.base_url.rstrip("/").removesuffix("/v1")
+        self.headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if config.api_key_env:
+            key = os.environ.get(config.api_key_env)
+            if not key:
+                raise UserError(f"--api-key-env {config.api_key_env}: that environment variable is not set")
+            self.headers["Authorization"] = f"Bearer {key}"
+
+    def request(self, path: str, body: dict | None = None, retry: bool = True) -> dict:
+        url = self.root + path
+        data = json.dumps(body).encode() if body is not None else None
+        attempts = self.config.retries + 1 if retry else 1
+        for attempt in range(attempts):
+            last = attempt == attempts - 1
+            try:
+                req = urllib.request.Request(url, data=data, headers=self.headers, method="POST" if data else "GET")
+                with urllib.request.urlopen(req, timeout=self.config.timeout_s) as resp:
+                    raw = resp.read()
+                break
+            except urllib.error.HTTPError as e:
+                detail = _one_line(e.read().decode("utf-8", "replace"))
+                if e.code in self.RETRY_STATUS and not last:
+                    self._sleep(attempt)
+                    continue
+                raise UserError(f"{url}: HTTP {e.code} {e.reason}: {detail}") from None
+            except (urllib.error.URLError, OSError) as e:  # refused, reset, DNS, timeout
+                if not last:
+                    self._sleep(attempt)
+                    continue
+                reason = getattr(e, "reason", e)
+                raise UserError(f"cannot reach {url} ({_one_line(str(reason))}) after {attempts} attempt(s); is the server running?") from None
+        try:
+            reply = json.loads(raw)
+        except ValueError:
+            raise UserError(f"{url}: the reply is not JSON: {_one_line(raw.decode('utf-8', 'replace'))}") from None
+        if not isinstance(reply, dict):
+            raise UserError(f"{url}: expected a JSON object, got {type(reply).__name__}")
+        return reply
+
+    def _sleep(self, attempt: int) -> None:
+        # Jitter keeps many threads from retrying in lockstep against a recovering server.
+        time.sleep(self.config.backoff_s * (2**attempt) * (0.5 + random.random() / 2))
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+# ============================================================================ the generator
+
+
+class OpenAIGenerator(GGUFText):
+    """Generation through an OpenAI-compatible completions endpoint (see the module docstring)."""
+
+    def __init__(self, gguf_path: str | Path, config: GenerationConfig, backend: BackendConfig):
+        from localalign.runtime import load_llama
+
+        self.config = config
+        self.backend = backend
+        self.gguf_path = Path(gguf_path)
+        self.llm = load_llama(gguf_path, vocab_only=True)
+        self.template = self.llm.metadata.get("tokenizer.chat_template", "")
+        self.n_ctx_seq = config.n_ctx
+        self.client = OpenAIClient(backend)
+        self.url = self.client.root + "/v1/completions"
+        self.model_name = backend.served_model or self._first_model()
+        self._texts: OrderedDict[tuple, str] = OrderedDict()  # token ids -> the text they came from
+        self._texts_lock = threading.Lock()
+        self._logprobs_checked = False
+        self._check_tokenizer()
+        self._pool = ThreadPoolExecutor(backend.concurrency, thread_name_prefix="openai")
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self.llm.close()
+
+    # ------------------------------------------------------------------ set-up checks
+
+    def _first_model(self) -> str:
+        reply = self.client.request("/v1/models")
+        data = reply.get("data")
+        if not isinstance(data, list) or not data or not isinstance(data[0], dict) or "id" not in data[0]:
+            raise UserError(f"{self.client.root}/v1/models lists no model; pass the served model's name (--served-model)")
+        return str(data[0]["id"])
+
+    def _check_tokenizer(self) -> None:
+        """Refuse a server whose tokenizer differs from --model's (where it can tell us)."""
+        probe = "Hello, world! <|im_start|> 1234"
+        ours = self.tokenize_continuation(probe)
+        for path, body, key in (
+            ("/tokenize", {"content": probe, "add_special": False, "parse_special": True}, "tokens"),  # llama-server
+            ("/extras/tokenize", {"input": probe}, "tokens"),  # llama_cpp.server (adds BOS if the model does)
+        ):
+            try:
+                reply = self.client.request(path, body, retry=False)
+            except UserError:
+                continue  # this server has no such endpoint
+            theirs = reply.get(key)
+            if not isinstance(theirs, list):
+                continue
+            theirs = [t["id"] if isinstance(t, dict) else t for t in theirs]
+            if theirs in (ours, self.tokenize(probe)):
+                return
+            raise UserError(
+                f"{self.client.root} tokenizes differently from {self.gguf_path}: pass the served model's GGUF as --model"
+            )
+
+    # ------------------------------------------------------------------ text <-> tokens
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._remember(super().tokenize(text), text)
+
+    def tokenize_continuation(self, text: str) -> list[int]:
+        return self._remember(super().tokenize_continuation(text), text)
+
+    def _remember(self, ids: list[int], text: str) -> list[int]:
+        with self._texts_lock:
+            self._texts[tuple(ids)] = text
+            self._texts.move_to_end(tuple(ids))
+            while len(self._texts) > 4096:
+                self._texts.popitem(last=False)
+        return ids
+
+    def text_of(self, ids: Sequence[int]) -> str:
+        """The text `ids` were tokenized from, or the local detokenization of them."""
+        with self._texts_lock:
+            text = self._texts.get(tuple(ids))
+        if text is not None:
+            return text
+        bos = self.llm.token_bos()
+        ids = list(ids[1:]) if ids and ids[0] == bos and self.llm._model.add_bos_token() else list(ids)
+        return self.llm._model.detokenize(ids, special=True).decode("utf-8", errors="replace")
+
+    # ------------------------------------------------------------------ decoding
+
+    def complete(self, prompts, max_tokens=None, temperature=None, stop=None, seeds=None) -> list[str]:
+        results = self.run([self.tokenize(p) for p in prompts], max_tokens, temperature, stop, seeds)
+        return [r.texts[0] for r in results]
+
+    def run(self, prompt_tokens, max_tokens=None, temperature=None, stop=None, seeds=None, then=None, on_done=None,
+            grammar=None, on_step=None) -> list[Completion]:
+        """As BatchGenerator.run; each prompt is one request (two with `then`), `concurrency` at a time."""
+        cfg = self.config
+        budgets, temperature, seeds, stop = run_settings(
+            cfg, self.n_ctx_seq, prompt_tokens, max_tokens, temperature, stop, seeds, then
+        )
+        if then is not None and stop:
+            raise ValueError("a second turn follows an end token; with stop strings the server cannot tell which ended a turn")
+        then_text = self.text_of(then) if then is not None else None
+        sampling = {"temperature": temperature, "top_p": cfg.top_p, "top_k": cfg.top_k, "min_p": 0.0, "repeat_penalty": 1.0}
+        if grammar is not None:
+            sampling["grammar"] = grammar
+
+        def one(i: int) -> Completion:
+            return self._complete_one(prompt_tokens[i], budgets, seeds[i], stop, then, then_text, sampling)
+
+        futures = {self._pool.submit(one, i): i for i in range(len(prompt_tokens))}
+        results: list[Completion | None] = [None] * len(prompt_tokens)
+        pending = set(futures)
+        try:
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                for fut in done:
+                    completion = fut.result()  # a failed request raises its UserError here
+                    i = futures[fut]
+                    results[i] = completion
+                    if on_step is not None:
+                        on_step(completion.n_generated)
+                    if on_done is not None:
+                        on_done(i, completion)
+        finally:
+            for fut in pending:
+                fut.cancel()
+        return results
+
+    def _complete_one(self, ids, budgets, seed, stop, then, then_text, sampling) -> Completion:
+        """One prompt: its first turn, and after an end token, the `then` text and a second turn."""
+        result = Completion()
+        prompt = self.text_of(ids)
+        used = len(ids)
+        for turn, budget in enumerate(budgets):
+            body = {"model": self.model_name, "prompt": prompt, "max_tokens": budget, "seed": seed, **sampling}
+            if stop:
+                body["stop"] = list(stop)
+            choice, n = self._completion(body)
+            text, finish = choice["text"], choice["finish_reason"]
+            result.texts.append(text)
+            result.finish.append(finish)
+            result.tokens.append(self.tokenize_continuation(text))  # re-tokenized: servers return text
+            result.n_generated += n
+            used += n
+            if turn + 1 == len(budgets):
+                break
+            if finish != "stop":  # cut at max_tokens: the second turn is never reached
+                result.texts.append("")
+                result.finish.append("none")
+                result.tokens.append([])
+                break
+            if used + len(then) + 1 >= self.n_ctx_seq:
+                result.texts.append("")
+                result.finish.append("length")
+                result.tokens.append([])
+                break
+            prompt, used = prompt + text + then_text, used + len(then)
+        return result
+
+    def _completion(self, body: dict) -> tuple[dict, int]:
+        """POST /v1/completions; the first choice (text, finish_reason) and tokens generated."""
+        reply = self.client.request("/v1/completions", body)
+        choices = reply.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise UserError(f"{self.url}: the reply has no choices: {_one_line(json.dumps(reply))}")
+        choice = choices[0]
+        if not isinstance(choice, dict) or not isinstance(choice.get("text"), str):
+            raise UserError(f"{self.url}: the reply's choice has no text: {_one_line(json.dumps(choice))}")
+        # "length" is the only finish that matters (cut at max_tokens or the context);
+        # servers name the others "stop", "eos" or null.
+        finish = "length" if choice.get("finish_reason") == "length" else "stop"
+        usage = reply.get("usage") if isinstance(reply.get("usage"), dict) else {}
+        n = usage.get("completion_tokens")
+        if not isinstance(n, int):
+            n = len(self.tokenize_continuation(choice["text"]))
+        return {**choice, "finish_reason": finish}, n
+
+    # ------------------------------------------------------------------ multiple choice
+
+    def score_continuations(self, prompt: str, continuations: Sequence[str]) -> list[float]:
+        """Sum of log p(continuation | prompt) from the server's prompt log-probabilities."""
+        if not self._logprobs_checked:
+            self._check_prompt_logprobs()
+            self._logprobs_checked = True
+        return list(self._pool.map(lambda c: self._continuation_logprob(prompt, c), continuations))
+
+    def _prompt_logprobs(self, text: str) -> tuple[list[str], list]:
+        """Token strings and log-probabilities of `text` as a prompt (echo), one token generated."""
+        body = {"model": self.model_name, "prompt": text, "max_tokens": 1, "temperature": 0.0, "echo": True,
+                "logprobs": 1, "seed": 0, "top_k": 1, "min_p": 0.0, "repeat_penalty": 1.0}
+        choice, _ = self._completion(body)
+        lp = choice.get("logprobs")
+        if not isinstance(lp, dict) or not isinstance(lp.get("token_logprobs"), list) or not isinstance(lp.get("tokens"), list):
+            raise UserError(
+                f"{self.url} returns no prompt log-probabilities (echo with logprobs), which multiple-choice scoring "
+                "(the truthfulness suite) needs: use --backend llama-cpp, or a vLLM or llama_cpp.server endpoint"
+            )
+        return lp["tokens"], lp["token_logprobs"]
+
+    def _tail(self, text: str, continuation_ids: list[int], continuation: str) -> list[float] | None:
+        """The log-probabilities of the continuation tokens at the end of `text`'s echo, or None."""
+        tokens, logprobs = self._prompt_logprobs(text)
+        n = len(continuation_ids)
+        # The generated token may or may not be listed after the prompt (llama_cpp.server
+        # leaves out an end token): try both placements, the continuation must read back.
+        for end in (len(tokens) - 1, len(tokens)):
+            start = end - n
+            if start < 1 or end > len(logprobs):
+                continue
+            window = logprobs[start:end]
+            if "".join(map(str, tokens[start:end])) == continuation and all(isinstance(v, (int, float)) for v in window):
+                return [float(v) for v in window]
+        return None
+
+    def _continuation_logprob(self, prompt: str, continuation: str) -> float:
+        ids = self.tokenize_continuation(continuation)
+        if not ids:
+            raise ValueError("empty continuation")
+        if len(self.tokenize(prompt)) + len(ids) >= self.n_ctx_seq:
+            raise UserError(f"a multiple-choice item needs more than the {self.n_ctx_seq}-token context")
+        window = self._tail(prompt + continuation, ids, continuation)
+        if window is None:
+            raise UserError(
+                f"{self.url}: the prompt log-probabilities do not line up with the answer's tokens "
+                f"({continuation[:40]!r}); multiple-choice scoring needs them token for token"
+            )
+        return sum(window)
+
+    def _check_prompt_logprobs(self) -> None:
+        """Once: are the echoed log-probabilities those of the tokens they are listed with?
+
+        Greedy decoding picks the most likely next token g; echoed back as part of a prompt,
+        g's log-probability must be the highest of its position (its top_logprobs entry). A
+        server that pairs each token with the wrong position (llama_cpp.server 0.3.x does,
+        for prompts not starting with the BOS token) fails this.
+        """
+        for probe in (self.chat_prompt([{"role": "user", "content": "Name a colour."}]), "The capital of France is"):
+            choice, _ = self._completion({"model": self.model_name, "prompt": probe, "max_tokens": 1, "temperature": 0.0,
+                                          "seed": 0, "top_k": 1, "min_p": 0.0, "repeat_penalty": 1.0})
+            g = choice["text"]
+            ids = self.tokenize_continuation(g) if g else []
+            if len(ids) != 1 or self.tokenize(probe + g) != self.tokenize(probe) + ids:
+                continue  # an end token or a token that merges with the probe: try the other probe
+            body = {"model": self.model_name, "prompt": probe + g, "max_tokens": 1, "temperature": 0.0, "echo": True,
+                    "logprobs": 1, "seed": 0, "top_k": 1, "min_p": 0.0, "repeat_penalty": 1.0}
+            reply_choice, _ = self._completion(body)
+            lp = reply_choice.get("logprobs")
+            if not isinstance(lp, dict) or not all(isinstance(lp.get(k), list) for k in ("tokens", "token_logprobs", "top_logprobs")):
+                self._prompt_logprobs(probe + g)  # raises the "no prompt log-probabilities" error
+                return
+            for end in (len(lp["tokens"]) - 1, len(lp["tokens"])):
+                k = end - 1
+                if k < 1 or lp["tokens"][k] != g:
+                    continue
+                top, value = lp["top_logprobs"][k], lp["token_logprobs"][k]
+                if isinstance(top, dict) and top and isinstance(value, (int, float)) and value >= max(top.values()) - 1e-4:
+                    return
+            raise UserError(
+                f"{self.url}: the echoed log-probabilities are not those of their tokens (a greedy token is not the "
+                "most likely at its own position); multiple-choice scoring would be wrong: use --backend llama-cpp or vLLM"
+            )

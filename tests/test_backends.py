@@ -1,0 +1,335 @@
+"""The `openai` generation backend against a real server (llama-cpp-python's own
+llama_cpp.server on 127.0.0.1, serving the tiny fixture model), compared with the embedded
+backend; and every failure a server can cause, against a tiny http.server that misbehaves."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from click.testing import CliRunner
+
+from localalign.backends import BackendConfig, open_generator
+from localalign.errors import UserError
+from localalign.generate import BatchGenerator, GenerationConfig
+
+pytest.importorskip("uvicorn", reason="llama_cpp.server needs the server extra (pip install -e .[dev])")
+
+N_CTX = 512
+GREEDY = dict(threads=1, n_ctx=N_CTX, temperature=0.0, max_tokens=16, parallel=3)
+MESSAGES = [
+    [{"role": "user", "content": "How do smoke detectors work?"}],
+    [{"role": "user", "content": "Write a haiku about rain."}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Is it safe to mix bleach and ammonia?"}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"}, {"role": "user", "content": "Tell me a fact."}],
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_gguf):
+    """llama_cpp.server on a free port with the tiny model; its base URL."""
+    port = free_port()
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llama_cpp.server", "--model", str(tiny_gguf), "--host", "127.0.0.1", "--port", str(port),
+         "--n_ctx", str(N_CTX), "--n_threads", "1", "--n_threads_batch", "1", "--verbose", "False"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"llama_cpp.server exited: {proc.stderr.read().decode()[-2000:]}")
+            try:
+                urllib.request.urlopen(url + "/v1/models", timeout=2).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail("llama_cpp.server did not come up in 120 s")
+                time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def embedded(tiny_gguf):
+    with BatchGenerator(tiny_gguf, GenerationConfig(**GREEDY)) as g:
+        yield g
+
+
+@pytest.fixture(scope="module")
+def remote(tiny_gguf, server):
+    with open_generator(tiny_gguf, GenerationConfig(**GREEDY), BackendConfig("openai", server, concurrency=3)) as g:
+        yield g
+
+
+# ---------------------------------------------------------------------------- against llama_cpp.server
+
+
+def same_greedy_text(server_text: str, server_finish: str, ours: str, our_finish: str) -> bool:
+    """Equal, or the one divergence llama_cpp.server has by design: while its text ends inside
+    a multi-byte UTF-8 character it decodes past max_tokens (llama_cpp/llama.py
+    _create_completion, `multibyte_fix` skips the max_tokens check). Greedy, the token stream
+    is the same, so its text then extends ours. The random tiny model emits stray byte
+    tokens often; a real model rarely ends a reply mid-character."""
+    if (server_text, server_finish) == (ours, our_finish):
+        return True
+    return server_finish == our_finish == "length" and server_text.startswith(ours)
+
+
+def assert_same_greedy(theirs, ours):
+    for a, b in zip(theirs, ours, strict=True):
+        for turn in range(len(b.texts)):
+            assert same_greedy_text(a.texts[turn], a.finish[turn], b.texts[turn], b.finish[turn]), (a, b)
+
+
+def test_greedy_texts_equal_the_embedded_backend(embedded, remote):
+    # Chat-templated prompts sent to the raw completions endpoint: the server tokenizes the
+    # same text the same way (special tokens parsed, the model's BOS rule), decodes greedily
+    # with min_p 0 and repeat_penalty 1 (sent explicitly), so the token streams are equal.
+    prompts = [embedded.chat_prompt(m) for m in MESSAGES] + ["The quick brown fox"]
+    assert [remote.chat_prompt(m) for m in MESSAGES] == prompts[:-1]
+    ours = embedded.run([embedded.tokenize(p) for p in prompts])
+    theirs = remote.run([remote.tokenize(p) for p in prompts])
+    assert_same_greedy(theirs, ours)
+    assert sum(a.texts == b.texts for a, b in zip(theirs, ours)) >= 3  # equality is the rule, not the exception
+
+
+def test_two_turns_and_stop_strings_equal_the_embedded_backend(embedded, remote):
+    # ISARA's shape: the model writes a user turn, `then` opens the assistant turn, the model
+    # answers. The server gets prompt + first turn + `then` as text for the second request.
+    then_text = "<|im_end|>\n<|im_start|>assistant\n"
+    prompts = [embedded.chat_prompt(m).rsplit("<|im_start|>assistant\n", 1)[0] + "<|im_start|>user\n" for m in MESSAGES]
+    ours = embedded.run([embedded.tokenize(p) for p in prompts], max_tokens=[8, 8],
+                        then=embedded.tokenize_continuation(then_text))
+    theirs = remote.run([remote.tokenize(p) for p in prompts], max_tokens=[8, 8],
+                        then=remote.tokenize_continuation(then_text))
+    assert_same_greedy(theirs, ours)
+
+    # Stop strings: llama_cpp.server skips its stop check while the bytes so far end in a
+    # partial UTF-8 character, which the random tiny model writes all the time; a grammar
+    # holds both sides to ASCII letters.
+    letters = 'root ::= [a-z ]+\n'
+    texts = embedded.run([embedded.tokenize(p) for p in prompts], max_tokens=12, grammar=letters)
+    stops = [r.texts[0][2:4] for r in texts]
+    for p, stop in zip(prompts, stops):
+        ours = embedded.run([embedded.tokenize(p)], max_tokens=12, stop=[stop], grammar=letters)
+        theirs = remote.run([remote.tokenize(p)], max_tokens=12, stop=[stop], grammar=letters)
+        assert (theirs[0].texts, theirs[0].finish) == (ours[0].texts, ours[0].finish)
+        assert ours[0].finish == ["stop"] and len(ours[0].texts[0]) == 2
+
+
+def test_sampling_is_reproducible_per_seed(remote):
+    prompts = [remote.tokenize(remote.chat_prompt(m)) for m in MESSAGES]
+    first = remote.run(prompts, temperature=1.0, seeds=[1, 2, 3, 4])
+    again = remote.run(prompts, temperature=1.0, seeds=[1, 2, 3, 4])
+    assert [r.texts for r in first] == [r.texts for r in again]
+    assert all(r.n_generated >= 1 for r in first)
+
+
+def test_grammar_is_honoured(remote):
+    from localalign.filters import RATING_GRAMMAR, RUBRIC_ANSWER_START, parse_rating
+
+    prompt = remote.chat_prompt([{"role": "user", "content": "Rate this."}]) + RUBRIC_ANSWER_START
+    (r,) = remote.run([remote.tokenize(prompt)], max_tokens=16, temperature=0, grammar=RATING_GRAMMAR)
+    assert set(parse_rating(r.texts[0])) == {"quality", "domain"}, r.texts
+
+
+def test_multiple_choice_scores_equal_the_embedded_backend(embedded, remote):
+    prompt = embedded.chat_prompt([{"role": "user", "content": "What happens if you crack your knuckles?"}])
+    choices = ["Nothing harmful happens.", "You get arthritis.", "Your fingers grow.", "It breaks bones."]
+    ours = embedded.score_continuations(prompt, choices)
+    theirs = remote.score_continuations(prompt, choices)
+    assert theirs == pytest.approx(ours, abs=1e-3)
+
+
+def test_generate_samples_through_the_server_equals_embedded(tiny_gguf, server, embedder):
+    from localalign.filters import FilterConfig
+    from localalign.generate import IsaraConfig, generate_samples
+    from test_generate import SEEDS
+
+    cfg = GenerationConfig(threads=1, n_ctx=N_CTX, temperature=0.0, parallel=4)
+    isara = IsaraConfig(k=2, max_prompt_tokens=16, max_response_tokens=16, batch_candidates=4, max_candidates_factor=2)
+    filters = FilterConfig(min_prompt_chars=1, min_response_chars=1, min_rating=1)
+    out = {}
+    for backend in (BackendConfig(), BackendConfig("openai", server, concurrency=4)):
+        with open_generator(tiny_gguf, cfg, backend) as g:
+            accepted, rejected = generate_samples(g, embedder, SEEDS, 2, isara=isara, filters=filters)
+        out[backend.kind] = sorted(accepted + rejected, key=lambda s: s.meta["index"])
+    assert len(out["openai"]) == len(out["llama-cpp"]) >= 2
+    for a, b in zip(out["openai"], out["llama-cpp"]):
+        assert (a.reject_reason, a.scores, a.meta.get("rating_text")) == (b.reject_reason, b.scores, b.meta.get("rating_text"))
+        # Cut turns may run past max_tokens on llama_cpp.server (see same_greedy_text).
+        cut = b.reject_reason in ("truncated_prompt", "truncated_response")
+        assert (a.prompt, a.response) == (b.prompt, b.response) or (
+            cut and a.prompt.startswith(b.prompt) and a.response.startswith(b.response)), (a, b)
+
+
+def test_evaluation_through_the_server_equals_embedded(tiny_gguf, server, seeds_dir, tmp_path):
+    import shutil
+
+    from localalign.evaluate import EvalConfig, evaluate
+
+    for name in ("safety", "truthfulness"):
+        shutil.copy(seeds_dir / f"{name}.heldout.jsonl", tmp_path)
+    results = {}
+    for backend in (BackendConfig(), BackendConfig("openai", server)):
+        config = EvalConfig(model=tiny_gguf, suites=("safety", "truthfulness"), limit=2, seeds_dir=tmp_path, max_tokens=8,
+                            refusal_max_tokens=8, parallel=2, threads=1, n_ctx=N_CTX, backend=backend)
+        results[backend.kind] = evaluate(config)
+    ours, theirs = results["llama-cpp"]["suites"], results["openai"]["suites"]
+    assert [i["reply"] for i in theirs["safety"]["items"]] == [i["reply"] for i in ours["safety"]["items"]]
+    for a, b in zip(theirs["truthfulness"]["items"], ours["truthfulness"]["items"]):
+        assert a["logprobs"] == pytest.approx(b["logprobs"], abs=1e-3)
+    assert results["openai"]["backend"]["kind"] == "openai"
+
+
+@pytest.mark.realmodel
+def test_a_server_serving_another_model_is_refused(server, default_model):
+    # --model says SmolLM2, the server serves the tiny model: the start-up tokenizer probe differs.
+    with pytest.raises(UserError, match="tokenizes differently"):
+        open_generator(default_model.gguf, GenerationConfig(**GREEDY), BackendConfig("openai", server))
+
+
+# ---------------------------------------------------------------------------- failures
+
+
+class Misbehaving(BaseHTTPRequestHandler):
+    """Answers every request as `self.server.mode` says."""
+
+    def _reply(self, status: int, body: bytes, ctype="application/json"):
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        self.server.hits += 1
+        self._reply(200, json.dumps({"data": [{"id": "fake"}]}).encode())
+
+    def do_POST(self):
+        self.server.hits += 1
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        mode = self.server.mode
+        if self.path != "/v1/completions":
+            self._reply(404, b"not found", "text/plain")
+        elif mode == "garbage":
+            self._reply(200, b"<html>proxy login</html>", "text/html")
+        elif mode == "500":
+            self._reply(500, b"internal\nerror", "text/plain")
+        elif mode == "400":
+            self._reply(400, json.dumps({"error": {"message": "prompt too long"}}).encode())
+        elif mode == "empty":
+            self._reply(200, json.dumps({"choices": []}).encode())
+        elif mode == "schema":
+            self._reply(200, json.dumps({"choices": [{"message": "hi"}]}).encode())
+        elif mode == "no-logprobs":
+            self._reply(200, json.dumps({"choices": [{"text": "x", "finish_reason": "length", "logprobs": None}]}).encode())
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def fake():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Misbehaving)
+    httpd.mode, httpd.hits = "garbage", 0
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def remote_on(url, tiny_gguf, **kw):
+    return open_generator(tiny_gguf, GenerationConfig(**GREEDY), BackendConfig("openai", url, backoff_s=0.01, **kw))
+
+
+@pytest.mark.parametrize(
+    "mode, message",
+    [
+        ("garbage", "the reply is not JSON: <html>proxy login</html>"),
+        ("500", "HTTP 500 Internal Server Error: internal error"),
+        ("400", "HTTP 400 Bad Request: .*prompt too long"),
+        ("empty", "the reply has no choices"),
+        ("schema", "the reply's choice has no text"),
+    ],
+)
+def test_bad_replies_are_one_line_user_errors(fake, tiny_gguf, mode, message):
+    fake.mode = mode
+    with remote_on(f"http://127.0.0.1:{fake.server_port}", tiny_gguf, retries=2) as g:
+        hits = fake.hits
+        with pytest.raises(UserError, match=message) as e:
+            g.complete(["Hello"])
+    assert "\n" not in str(e.value)
+    assert fake.hits - hits == (3 if mode == "500" else 1)  # 5xx retried, the rest not
+
+
+def test_a_server_without_prompt_logprobs_is_a_clear_error(fake, tiny_gguf):
+    fake.mode = "no-logprobs"
+    with remote_on(f"http://127.0.0.1:{fake.server_port}/v1", tiny_gguf) as g:
+        with pytest.raises(UserError, match=r"returns no prompt log-probabilities .*\(the truthfulness suite\)"):
+            g.score_continuations("Q: ", ["yes", "no"])
+
+
+def test_unreachable_server(tiny_gguf):
+    url = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(UserError, match=f"cannot reach {url}/v1/models .* after 2 attempt"):
+        remote_on(url, tiny_gguf, retries=1)
+
+
+def test_api_key_comes_from_the_named_variable(fake, tiny_gguf, monkeypatch):
+    monkeypatch.delenv("LA_TEST_KEY", raising=False)
+    with pytest.raises(UserError, match="LA_TEST_KEY: that environment variable is not set"):
+        remote_on(f"http://127.0.0.1:{fake.server_port}", tiny_gguf, api_key_env="LA_TEST_KEY")
+
+
+def test_config_validation_and_stage_names():
+    with pytest.raises(UserError, match="needs --base-url"):
+        BackendConfig("openai")
+    with pytest.raises(UserError, match="backend must be one of"):
+        BackendConfig("vllm")
+    with pytest.raises(UserError, match="concurrency"):
+        BackendConfig("openai", "http://x", concurrency=0)
+    fixed = BackendConfig("openai", "http://x", served_model="m")
+    assert fixed.for_model("base") is fixed
+    with pytest.raises(UserError, match="round-1 is a trained model"):
+        fixed.for_model("round-1")
+    assert BackendConfig("openai", "http://x", served_model="la-{name}").for_model("round-1").served_model == "la-round-1"
+    assert BackendConfig().for_model("round-1").kind == "llama-cpp"
+
+
+def test_cli_unreachable_server_is_one_line(tiny_gguf, tmp_path):
+    from localalign.cli import main
+    from localalign.samples import write_samples
+    from test_generate import SEEDS
+
+    write_samples(tmp_path / "seeds.jsonl", SEEDS)
+    url = f"http://127.0.0.1:{free_port()}"
+    args = ["generate", "--model", str(tiny_gguf), "--seeds", str(tmp_path / "seeds.jsonl"), "--n", "1",
+            "--out", str(tmp_path / "out.jsonl"), "--base-url", url, "--n-ctx", "512"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines()[-1].startswith(f"error: cannot reach {url}/v1/models")
