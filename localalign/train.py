@@ -59,7 +59,7 @@ from localalign.distributed import (
     world_from_env,
 )
 from localalign.errors import UserError
-from localalign.fsutil import TEMP_SUFFIX, atomic_write_text, fault_point, fsync_dir
+from localalign.fsutil import TEMP_SUFFIX, atomic_write_text, disk_full_error, fault_point, fsync_dir
 from localalign.samples import Sample
 from localalign.train_data import (
     BATCHING,
@@ -228,8 +228,11 @@ def _train(base_hf_dir, samples, out_dir, config: TrainConfig, resume, init_adap
     import torch
 
     base_hf_dir, out_dir = Path(base_hf_dir), Path(out_dir)
-    if not world.is_main:
-        log = _silent  # every process would print the same lines
+    if not world.is_main:  # every process would print the same lines
+        from transformers.utils import logging as hf_logging
+
+        log = _silent
+        hf_logging.disable_progress_bar()  # "Loading weights" bars
     if not (base_hf_dir / "config.json").exists():
         raise UserError(f"{base_hf_dir}: not a Hugging Face model directory (no config.json)")
     if not samples:
@@ -544,8 +547,10 @@ def rng_state() -> dict:
     import torch
 
     state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # This process's GPU only: the *_all variants would open a CUDA context on every GPU
+        # of the machine (hundreds of MB each, from every process under torchrun).
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -555,7 +560,8 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate((3, tuple(state["python"]), None))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]  # older checkpoints hold a list (one state per GPU)
+        torch.cuda.set_rng_state(cuda[0] if isinstance(cuda, list) else cuda)
 
 
 def trainable_state(model) -> dict:
@@ -585,8 +591,11 @@ def save_checkpoint(ckpt_root: Path, model, optimizer, scheduler, state: dict) -
         fault_point("rename", final)
         os.rename(tmp, final)
         fsync_dir(ckpt_root)
-    except BaseException:
+    except BaseException as e:
+        full = disk_full_error(e, ckpt_root)
         shutil.rmtree(tmp, ignore_errors=True)
+        if full is not None:
+            raise full from e
         raise
     for p in ckpt_root.iterdir():
         if p != final:  # older steps and temp dirs of runs killed mid-write
@@ -650,8 +659,11 @@ def save_adapter(model, out: Path) -> Path:
             os.rename(out, old)
         os.rename(tmp, out)
         fsync_dir(out.parent)
-    except BaseException:
+    except BaseException as e:
+        full = disk_full_error(e, out.parent)
         shutil.rmtree(tmp, ignore_errors=True)
+        if full is not None:
+            raise full from e
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
