@@ -42,6 +42,7 @@ import urllib.error
 import urllib.request
 from collections import OrderedDict
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
@@ -452,3 +453,52 @@ class OpenAIGenerator(GGUFText):
                 f"{self.url}: the echoed log-probabilities are not those of their tokens (a greedy token is not the "
                 "most likely at its own position); multiple-choice scoring would be wrong: use --backend llama-cpp or vLLM"
             )
+
+
+# ============================================================================ a local server
+
+
+@contextmanager
+def llama_cpp_server(gguf: str | Path, n_ctx: int = 2048, threads: int | None = None, startup_s: float = 120.0):
+    """llama-cpp-python's own OpenAI-compatible server (`python -m llama_cpp.server`, the
+    `server` extra) on 127.0.0.1 at a free port, serving `gguf`; yields its base URL.
+
+    For the tests, the benchmark, and trying `--backend openai` without another server. It
+    decodes one request at a time (see docs/scaling.md).
+    """
+    import socket
+    import subprocess
+    import sys
+
+    from localalign.runtime import default_threads
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    threads = threads or default_threads()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+         "--n_ctx", str(n_ctx), "--n_threads", str(threads), "--n_threads_batch", str(threads), "--verbose", "False"],
+        env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + startup_s
+        while True:
+            if proc.poll() is not None:
+                raise UserError(f"llama_cpp.server exited: {_one_line(proc.stderr.read().decode('utf-8', 'replace'), 400)}")
+            try:
+                urllib.request.urlopen(url + "/v1/models", timeout=2).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise UserError(f"llama_cpp.server did not answer within {startup_s:.0f} s") from None
+                time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

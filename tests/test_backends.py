@@ -5,19 +5,14 @@ backend; and every failure a server can cause, against a tiny http.server that m
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
-import sys
 import threading
-import time
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from click.testing import CliRunner
 
-from localalign.backends import BackendConfig, open_generator
+from localalign.backends import BackendConfig, llama_cpp_server, open_generator
 from localalign.errors import UserError
 from localalign.generate import BatchGenerator, GenerationConfig
 
@@ -42,34 +37,8 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tiny_gguf):
     """llama_cpp.server on a free port with the tiny model; its base URL."""
-    port = free_port()
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(tiny_gguf), "--host", "127.0.0.1", "--port", str(port),
-         "--n_ctx", str(N_CTX), "--n_threads", "1", "--n_threads_batch", "1", "--verbose", "False"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"llama_cpp.server exited: {proc.stderr.read().decode()[-2000:]}")
-            try:
-                urllib.request.urlopen(url + "/v1/models", timeout=2).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail("llama_cpp.server did not come up in 120 s")
-                time.sleep(0.3)
+    with llama_cpp_server(tiny_gguf, n_ctx=N_CTX, threads=1) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
