@@ -329,7 +329,7 @@ class OpenAIGenerator(GGUFText):
             body = {"model": self.model_name, "prompt": prompt, "max_tokens": budget, "seed": seed, **sampling}
             if stop:
                 body["stop"] = list(stop)
-            choice, n = self._completion(body)
+            choice, n = self._completion(body, n_prompt=len(ids) if turn == 0 else None)
             text, finish = choice["text"], choice["finish_reason"]
             result.texts.append(text)
             result.finish.append(finish)
@@ -351,9 +351,21 @@ class OpenAIGenerator(GGUFText):
             prompt, used = prompt + text + then_text, used + len(then)
         return result
 
-    def _completion(self, body: dict) -> tuple[dict, int]:
-        """POST /v1/completions; the first choice (text, finish_reason) and tokens generated."""
+    def _completion(self, body: dict, n_prompt: int | None = None) -> tuple[dict, int]:
+        """POST /v1/completions; the first choice (text, finish_reason) and tokens generated.
+
+        `n_prompt`: the prompt's length in local tokens. A server that counts more wrapped the
+        prompt in a template of its own (Ollama's /v1/completions does, unless the model's
+        TEMPLATE is just the prompt); fewer can be prompt caching, and is not an error.
+        """
         reply = self.client.request("/v1/completions", body)
+        usage = reply.get("usage") if isinstance(reply.get("usage"), dict) else {}
+        counted = usage.get("prompt_tokens")
+        if n_prompt is not None and isinstance(counted, int) and counted > n_prompt:
+            raise UserError(
+                f"{self.url} read {counted} prompt tokens where {self.gguf_path.name} gives {n_prompt}: the server "
+                "wraps prompts in a template of its own (Ollama: serve a model whose TEMPLATE is {{ .Prompt }}, docs/scaling.md)"
+            )
         choices = reply.get("choices")
         if not isinstance(choices, list) or not choices:
             raise UserError(f"{self.url}: the reply has no choices: {_one_line(json.dumps(reply))}")
@@ -363,7 +375,6 @@ class OpenAIGenerator(GGUFText):
         # "length" is the only finish that matters (cut at max_tokens or the context);
         # servers name the others "stop", "eos" or null.
         finish = "length" if choice.get("finish_reason") == "length" else "stop"
-        usage = reply.get("usage") if isinstance(reply.get("usage"), dict) else {}
         n = usage.get("completion_tokens")
         if not isinstance(n, int):
             n = len(self.tokenize_continuation(choice["text"]))

@@ -214,6 +214,9 @@ class Misbehaving(BaseHTTPRequestHandler):
             self._reply(200, json.dumps({"choices": []}).encode())
         elif mode == "schema":
             self._reply(200, json.dumps({"choices": [{"message": "hi"}]}).encode())
+        elif mode == "templated":
+            reply = {"choices": [{"text": "x", "finish_reason": "stop"}], "usage": {"prompt_tokens": 999, "completion_tokens": 1}}
+            self._reply(200, json.dumps(reply).encode())
         elif mode == "no-logprobs":
             self._reply(200, json.dumps({"choices": [{"text": "x", "finish_reason": "length", "logprobs": None}]}).encode())
 
@@ -244,6 +247,7 @@ def remote_on(url, tiny_gguf, **kw):
         ("400", "HTTP 400 Bad Request: .*prompt too long"),
         ("empty", "the reply has no choices"),
         ("schema", "the reply's choice has no text"),
+        ("templated", "read 999 prompt tokens where tiny.f32.gguf gives 5: the server wraps prompts in a template"),
     ],
 )
 def test_bad_replies_are_one_line_user_errors(fake, tiny_gguf, mode, message):
