@@ -51,6 +51,10 @@ from localalign.errors import UserError
 from localalign.generate import Completion, GenerationConfig, GGUFText, run_settings
 
 BACKENDS = ("llama-cpp", "openai")
+NO_PROMPT_LOGPROBS = (
+    "{url} returns no prompt log-probabilities (echo with logprobs), which multiple-choice scoring "
+    "(the truthfulness suite) needs: use --backend llama-cpp, or a vLLM or llama_cpp.server endpoint"
+)
 
 
 @dataclass
@@ -232,7 +236,8 @@ class OpenAIGenerator(GGUFText):
 
     def _check_tokenizer(self) -> None:
         """Refuse a server whose tokenizer differs from --model's (where it can tell us)."""
-        probe = "Hello, world! <|im_start|> 1234"
+        # Plain text only: older llama-server versions cannot parse special tokens in /tokenize.
+        probe = "Hello, world! 1234 naïve café"
         ours = self.tokenize_continuation(probe)
         for path, body, key in (
             ("/tokenize", {"content": probe, "add_special": False, "parse_special": True}, "tokens"),  # llama-server
@@ -396,10 +401,7 @@ class OpenAIGenerator(GGUFText):
         choice, _ = self._completion(body)
         lp = choice.get("logprobs")
         if not isinstance(lp, dict) or not isinstance(lp.get("token_logprobs"), list) or not isinstance(lp.get("tokens"), list):
-            raise UserError(
-                f"{self.url} returns no prompt log-probabilities (echo with logprobs), which multiple-choice scoring "
-                "(the truthfulness suite) needs: use --backend llama-cpp, or a vLLM or llama_cpp.server endpoint"
-            )
+            raise UserError(NO_PROMPT_LOGPROBS.format(url=self.url))
         return lp["tokens"], lp["token_logprobs"]
 
     def _tail(self, text: str, continuation_ids: list[int], continuation: str) -> list[float] | None:
@@ -450,9 +452,9 @@ class OpenAIGenerator(GGUFText):
                     "logprobs": 1, "seed": 0, "top_k": 1, "min_p": 0.0, "repeat_penalty": 1.0}
             reply_choice, _ = self._completion(body)
             lp = reply_choice.get("logprobs")
-            if not isinstance(lp, dict) or not all(isinstance(lp.get(k), list) for k in ("tokens", "token_logprobs", "top_logprobs")):
-                self._prompt_logprobs(probe + g)  # raises the "no prompt log-probabilities" error
-                return
+            lists = isinstance(lp, dict) and all(isinstance(lp.get(k), list) for k in ("tokens", "token_logprobs", "top_logprobs"))
+            if not lists or len(lp["tokens"]) <= 1:  # no logprobs, or those of the generated token only (echo ignored)
+                raise UserError(NO_PROMPT_LOGPROBS.format(url=self.url))
             for end in (len(lp["tokens"]) - 1, len(lp["tokens"])):
                 k = end - 1
                 if k < 1 or lp["tokens"][k] != g:
