@@ -212,7 +212,7 @@ class OpenAIGenerator(GGUFText):
         self.n_ctx_seq = config.n_ctx
         self.client = OpenAIClient(backend)
         self.url = self.client.root + "/v1/completions"
-        self.model_name = backend.served_model or self._first_model()
+        self.model_name = self._served_model()
         self._texts: OrderedDict[tuple, str] = OrderedDict()  # token ids -> the text they came from
         self._texts_lock = threading.Lock()
         self._logprobs_checked = False
@@ -227,12 +227,31 @@ class OpenAIGenerator(GGUFText):
 
     # ------------------------------------------------------------------ set-up checks
 
-    def _first_model(self) -> str:
-        reply = self.client.request("/v1/models")
+    def _served_model(self) -> str:
+        """The request's model name: as configured (and listed by the server), or its first model.
+
+        A single-model server (llama-server, llama_cpp.server) answers whatever name is asked
+        for, so a name it does not list would silently get another model: refused.
+        """
+        try:
+            reply = self.client.request("/v1/models")
+        except UserError:
+            if not self.backend.served_model:
+                raise
+            reply = {}  # no model list: trust the configured name
         data = reply.get("data")
-        if not isinstance(data, list) or not data or not isinstance(data[0], dict) or "id" not in data[0]:
-            raise UserError(f"{self.client.root}/v1/models lists no model; pass the served model's name (--served-model)")
-        return str(data[0]["id"])
+        names = [str(m["id"]) for m in data if isinstance(m, dict) and "id" in m] if isinstance(data, list) else []
+        wanted = self.backend.served_model
+        if wanted is None:
+            if not names:
+                raise UserError(f"{self.client.root}/v1/models lists no model; pass the served model's name (--served-model)")
+            return names[0]
+        if names and wanted not in names:
+            raise UserError(
+                f"{self.client.root} does not serve {wanted!r} (it serves {', '.join(names[:5])}): serve {self.gguf_path} "
+                "under that name (docs/scaling.md) and run the same command again"
+            )
+        return wanted
 
     def _check_tokenizer(self) -> None:
         """Refuse a server whose tokenizer differs from --model's (where it can tell us)."""
@@ -242,6 +261,7 @@ class OpenAIGenerator(GGUFText):
         for path, body, key in (
             ("/tokenize", {"content": probe, "add_special": False, "parse_special": True}, "tokens"),  # llama-server
             ("/extras/tokenize", {"input": probe}, "tokens"),  # llama_cpp.server (adds BOS if the model does)
+            ("/tokenize", {"prompt": probe, "add_special_tokens": False}, "tokens"),  # vLLM
         ):
             try:
                 reply = self.client.request(path, body, retry=False)

@@ -200,7 +200,7 @@ class Misbehaving(BaseHTTPRequestHandler):
 
     def do_POST(self):
         self.server.hits += 1
-        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
         mode = self.server.mode
         if self.path != "/v1/completions":
             self._reply(404, b"not found", "text/plain")
@@ -217,6 +217,12 @@ class Misbehaving(BaseHTTPRequestHandler):
         elif mode == "templated":
             reply = {"choices": [{"text": "x", "finish_reason": "stop"}], "usage": {"prompt_tokens": 999, "completion_tokens": 1}}
             self._reply(200, json.dumps(reply).encode())
+        elif mode == "misaligned" and not body.get("echo"):
+            self._reply(200, json.dumps({"choices": [{"text": "\n", "finish_reason": "length"}]}).encode())
+        elif mode == "misaligned":  # the greedy token listed with another position's log-probabilities
+            lp = {"tokens": ["Q", "\n", "!"], "token_logprobs": [None, -3.0, -1.0],
+                  "top_logprobs": [None, {"a": -0.2, "\n": -3.0}, {"!": -1.0}]}
+            self._reply(200, json.dumps({"choices": [{"text": "x", "finish_reason": "length", "logprobs": lp}]}).encode())
         elif mode == "no-logprobs":
             self._reply(200, json.dumps({"choices": [{"text": "x", "finish_reason": "length", "logprobs": None}]}).encode())
 
@@ -260,10 +266,25 @@ def test_bad_replies_are_one_line_user_errors(fake, tiny_gguf, mode, message):
     assert fake.hits - hits == (3 if mode == "500" else 1)  # 5xx retried, the rest not
 
 
+def test_a_model_the_server_does_not_list_is_refused(fake, tiny_gguf):
+    # A single-model server answers any name: asking for a round it does not list must stop.
+    with pytest.raises(UserError, match=r"does not serve 'la-round-1' \(it serves fake\): serve .*tiny.f32.gguf under that name"):
+        remote_on(f"http://127.0.0.1:{fake.server_port}", tiny_gguf, served_model="la-round-1")
+    with remote_on(f"http://127.0.0.1:{fake.server_port}", tiny_gguf, served_model="fake") as g:
+        assert g.model_name == "fake"
+
+
 def test_a_server_without_prompt_logprobs_is_a_clear_error(fake, tiny_gguf):
     fake.mode = "no-logprobs"
     with remote_on(f"http://127.0.0.1:{fake.server_port}/v1", tiny_gguf) as g:
         with pytest.raises(UserError, match=r"returns no prompt log-probabilities .*\(the truthfulness suite\)"):
+            g.score_continuations("Q: ", ["yes", "no"])
+
+
+def test_misaligned_prompt_logprobs_are_refused(fake, tiny_gguf):
+    fake.mode = "misaligned"
+    with remote_on(f"http://127.0.0.1:{fake.server_port}", tiny_gguf) as g:
+        with pytest.raises(UserError, match="echoed log-probabilities are not those of their tokens"):
             g.score_continuations("Q: ", ["yes", "no"])
 
 
