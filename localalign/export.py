@@ -26,7 +26,7 @@ import gguf
 import numpy as np
 
 from localalign.errors import UserError
-from localalign.fsutil import commit_temp, temp_path_for
+from localalign.fsutil import commit_temp, disk_full_error, temp_path_for
 from localalign.models import SUPPORTED_ARCHS
 
 OUT_TYPES = ("f32", "f16", "bf16")
@@ -383,8 +383,11 @@ def _write_atomically(out_path: Path, arch: str, fill: Callable[[Any], None]) ->
         w.write_tensors_to_file()
         w.close()
         commit_temp(tmp, out_path)
-    except BaseException:
+    except BaseException as e:
+        full = disk_full_error(e, out_path.parent)
         tmp.unlink(missing_ok=True)
+        if full is not None:
+            raise full from e
         raise
     return out_path
 
@@ -481,6 +484,8 @@ def quantize_gguf(in_path: str | Path, out_path: str | Path, qtype: str = "q8_0"
     tmp = temp_path_for(out_path)
     try:
         rc = module.llama_model_quantize(str(in_path).encode(), str(tmp).encode(), params)
+        if rc != 0 and (full := disk_full_error(None, out_path.parent)) is not None:
+            raise full
         if rc != 0:
             raise UserError(
                 f"llama.cpp could not quantize {in_path} to {qtype} (code {rc}; "

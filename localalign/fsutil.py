@@ -67,9 +67,32 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(path)
         os.replace(tmp, path)
         fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
+        full = disk_full_error(e, path.parent)  # before the clean-up frees the space
         shutil.rmtree(tmp, ignore_errors=True)
+        if full is not None:
+            raise full from e
         raise
+
+
+def disk_full_error(exc: BaseException | None, directory: str | Path) -> OSError | None:
+    """The OSError(ENOSPC) that `exc` hides, if the disk under `directory` is full; else None.
+
+    safetensors and torch.save report a full disk as their own exception types (torch's says
+    only "unexpected pos 576 vs 534"), numpy's tofile as an OSError without an errno; the CLI
+    reports an ENOSPC OSError as one line. Call it before deleting the failed temp file, while
+    the disk is still full.
+    """
+    if (isinstance(exc, OSError) and exc.errno is not None) or (exc is not None and not isinstance(exc, Exception)):
+        return None  # Ctrl-C and OSErrors that say what they are pass through as they are
+    text = str(exc) if exc is not None else ""
+    try:
+        full = shutil.disk_usage(directory).free < (1 << 20)
+    except OSError:
+        full = False
+    if full or "No space left on device" in text or "os error 28" in text:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
+    return None
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -587,7 +587,7 @@ def generate_samples(
     seed_vectors = embedder.embed_samples(seeds)
     known = SampleIndex(embedder.dim)  # everything a new sample must differ from
     known.add(seeds, seed_vectors)
-    done, rejected_done = resume or ([], [])
+    done, rejected_done = before_last_pass(*(resume or ([], [])), isara.batch_candidates)
     if accepted_before + list(done):
         known.add(accepted_before + list(done), embedder.embed_samples(accepted_before + list(done)))
     pool = known if isara.query_from == "all" else _seed_index(seeds, seed_vectors, embedder.dim)
@@ -702,6 +702,24 @@ def generate_samples(
         if rejected_path is not None:
             write_samples(rejected_path, rejected)
     return new, rejected
+
+
+def before_last_pass(accepted: list, rejected: list, batch: int) -> tuple[list, list]:
+    """What a resume keeps: the samples of every pass but the last one recorded.
+
+    The two files are rewritten one after the other at the end of each pass, so a kill
+    between the writes leaves them a pass apart (the rejects of the last pass missing).
+    Passes start at multiples of `batch` and regenerate identically, so the last one is
+    simply run again.
+    """
+    indices = [s.meta.get("index") for s in accepted + rejected]
+    last = max((i for i in indices if isinstance(i, int)), default=-1)
+    start = last // batch * batch if last >= 0 else 0
+
+    def keep(s) -> bool:
+        return not isinstance(s.meta.get("index"), int) or s.meta["index"] < start
+
+    return [s for s in accepted if keep(s)], [s for s in rejected if keep(s)]
 
 
 def read_rejected(path: str | Path) -> list:
