@@ -83,6 +83,24 @@ def test_precision_choice():
     assert choose_precision("cpu", cpu_bf16=False, cuda_bf16_supported=True) == "fp32"
 
 
+def test_device_choice_with_a_pretend_gpu(monkeypatch):
+    """The CUDA branch of pick_device/precision_for, with torch.cuda faked (no GPU here)."""
+    from localalign.train import pick_device, precision_for
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert pick_device("auto", local_rank=1) == torch.device("cuda", 1) and chosen == [1]
+    assert pick_device("cpu", local_rank=1) == torch.device("cpu")
+    with pytest.raises(UserError, match="no GPU of its own"):
+        pick_device("cuda", local_rank=2)
+    assert precision_for(torch.device("cuda", 0), TrainConfig()) == "fp32"  # pre-Ampere: no bf16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert precision_for(torch.device("cuda", 0), TrainConfig(cpu_bf16=False)) == "bf16"
+
+
 def test_llama_gpu_layers_choice():
     assert gpu_layers("auto", supports_offload=True) == -1
     assert gpu_layers("auto", supports_offload=False) == 0
