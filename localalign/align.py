@@ -95,6 +95,11 @@ class AlignConfig:
             raise UserError("eval_limit must be at least 1")
         if self.domain not in DOMAINS and not self.domain.endswith(".jsonl"):
             raise UserError(f"unknown domain {self.domain!r}; use one of {', '.join(DOMAINS)} or a seeds .jsonl file")
+        if self.backend.kind == "openai" and "{name}" not in (self.backend.served_model or ""):
+            raise UserError(
+                "align on a server evaluates every round's own model: set --served-model to a pattern with {name} "
+                "(e.g. 'localalign-{name}') and serve each model under its name (docs/scaling.md)"
+            )
         if self.domain not in DOMAINS and not self.eval_suites:
             raise UserError("a custom domain needs eval_suites (e.g. --suite safety) to score its rounds")
 

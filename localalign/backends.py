@@ -43,7 +43,7 @@ import urllib.request
 from collections import OrderedDict
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
@@ -59,22 +59,27 @@ NO_PROMPT_LOGPROBS = (
 
 @dataclass
 class BackendConfig:
+    """Where text is generated. `kind` and `served_model` decide what a run produces; the
+    rest is how to reach the server (compare=False: a run resumed against the same model
+    at another address, or with other timeouts, is the same run)."""
+
     kind: str = "llama-cpp"  # "llama-cpp" (embedded) or "openai" (a server at base_url)
-    base_url: str | None = None  # e.g. http://127.0.0.1:8080 (a trailing /v1 is accepted)
+    base_url: str | None = field(default=None, compare=False)  # e.g. http://127.0.0.1:8080 (a trailing /v1 is accepted)
     # The NAME of an environment variable holding the API key, never the key: the config is
     # written into the run directory.
-    api_key_env: str | None = None
+    api_key_env: str | None = field(default=None, compare=False)
     # The request's "model" field. None: the first model the server lists (/v1/models).
     # In `align`, "{name}" is replaced by the stage's model ("base", "round-1", ...) so a
     # server can serve each round under its own name (docs/scaling.md).
     served_model: str | None = None
     # Requests in flight. A server with continuous batching decodes them together; one
     # without (llama_cpp.server) queues them, and more than a few only adds waiting.
-    concurrency: int = 8
-    timeout_s: float = 600.0  # per request: a 512-token reply from a busy CPU server takes minutes
+    # Results do not depend on it: every request carries its own seed.
+    concurrency: int = field(default=8, compare=False)
+    timeout_s: float = field(default=600.0, compare=False)  # per request: a 512-token reply from a busy CPU server takes minutes
     # Connection errors, timeouts, 429 and 5xx are retried after backoff_s, 2x, 4x, ...
-    retries: int = 3
-    backoff_s: float = 1.0
+    retries: int = field(default=3, compare=False)
+    backoff_s: float = field(default=1.0, compare=False)
 
     def __post_init__(self) -> None:
         if self.kind not in BACKENDS:
@@ -492,9 +497,11 @@ class OpenAIGenerator(GGUFText):
 
 
 @contextmanager
-def llama_cpp_server(gguf: str | Path, n_ctx: int = 2048, threads: int | None = None, startup_s: float = 120.0):
+def llama_cpp_server(gguf: str | Path, n_ctx: int = 2048, threads: int | None = None, alias: str | None = None,
+                     startup_s: float = 120.0):
     """llama-cpp-python's own OpenAI-compatible server (`python -m llama_cpp.server`, the
-    `server` extra) on 127.0.0.1 at a free port, serving `gguf`; yields its base URL.
+    `server` extra) on 127.0.0.1 at a free port, serving `gguf` (named `alias` in /v1/models
+    if given, else by its path); yields its base URL.
 
     For the tests, the benchmark, and trying `--backend openai` without another server. It
     decodes one request at a time (see docs/scaling.md).
@@ -511,7 +518,8 @@ def llama_cpp_server(gguf: str | Path, n_ctx: int = 2048, threads: int | None = 
     threads = threads or default_threads()
     proc = subprocess.Popen(
         [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-         "--n_ctx", str(n_ctx), "--n_threads", str(threads), "--n_threads_batch", str(threads), "--verbose", "False"],
+         "--n_ctx", str(n_ctx), "--n_threads", str(threads), "--n_threads_batch", str(threads), "--verbose", "False",
+         *(["--model_alias", alias] if alias else [])],
         env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     url = f"http://127.0.0.1:{port}"
@@ -519,7 +527,8 @@ def llama_cpp_server(gguf: str | Path, n_ctx: int = 2048, threads: int | None = 
         deadline = time.monotonic() + startup_s
         while True:
             if proc.poll() is not None:
-                raise UserError(f"llama_cpp.server exited: {_one_line(proc.stderr.read().decode('utf-8', 'replace'), 400)}")
+                tail = proc.stderr.read().decode("utf-8", "replace").strip().splitlines()[-1:]  # the exception
+                raise UserError(f"llama_cpp.server exited ({proc.returncode}): {_one_line(' '.join(tail), 400)}")
             try:
                 urllib.request.urlopen(url + "/v1/models", timeout=2).read()
                 break

@@ -5,6 +5,7 @@ backend; and every failure a server can cause, against a tiny http.server that m
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -313,6 +314,18 @@ def test_config_validation_and_stage_names():
         fixed.for_model("round-1")
     assert BackendConfig("openai", "http://x", served_model="la-{name}").for_model("round-1").served_model == "la-round-1"
     assert BackendConfig().for_model("round-1").kind == "llama-cpp"
+    # The address and transport settings are not part of a run's identity; the model is.
+    assert BackendConfig("openai", "http://a", concurrency=1) == BackendConfig("openai", "http://b:8000", retries=0)
+    assert BackendConfig("openai", "http://a", served_model="x") != BackendConfig("openai", "http://a")
+
+
+def test_align_on_a_server_needs_a_name_per_model():
+    from localalign.align import load_config
+
+    with pytest.raises(UserError, match="served-model to a pattern with {name}"):
+        load_config(None, {"backend": {"kind": "openai", "base_url": "http://127.0.0.1:8080"}})
+    config = load_config(None, {"backend": {"kind": "openai", "base_url": "http://h:1", "served_model": "la-{name}"}})
+    assert config.backend.for_model("round-2").served_model == "la-round-2"
 
 
 def test_cli_unreachable_server_is_one_line(tiny_gguf, tmp_path):
@@ -327,3 +340,53 @@ def test_cli_unreachable_server_is_one_line(tiny_gguf, tmp_path):
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2, result.output
     assert result.output.strip().splitlines()[-1].startswith(f"error: cannot reach {url}/v1/models")
+
+
+# ---------------------------------------------------------------------------- align on a server
+
+
+@pytest.mark.slow
+def test_align_on_a_server_stops_for_each_model_and_resumes(tiny_hf_dir, seeds_dir, tmp_path):
+    """`align --backend openai`: each stage asks the server for its own model by name; a model
+    it does not serve stops the run with the file to serve, and the same command resumes."""
+    import json
+    import subprocess
+    import sys
+
+    from test_align import TINY_RUN_TOML
+    from tiny_model import fit_tiny_to_chats
+
+    pairs = [(json.loads(line)["prompt"], json.loads(line)["response"]) for line in open(seeds_dir / "safety.jsonl")]
+    model = fit_tiny_to_chats(tiny_hf_dir, tmp_path / "chat", pairs, steps=200)
+    run = tmp_path / "run"
+
+    def align(url):
+        config = tmp_path / "run.toml"
+        config.write_text(TINY_RUN_TOML.replace("rounds = 2", "rounds = 1")
+                          + f'\n[backend]\nkind = "openai"\nbase_url = "{url}"\nserved_model = "la-{{name}}"\nconcurrency = 4\n')
+        cmd = [sys.executable, "-m", "localalign", "align", "--domain", "safety", "--model", str(model),
+               "--run-dir", str(run), "--config", str(config)]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env={**os.environ, "LOCALALIGN_THREADS": "1"})
+
+    stops = []
+    for served, alias in ((None, "other"), (run / "base" / "model.gguf", "la-base"), (run / "round-1" / "model.gguf", "la-round-1")):
+        assert served is None or served.exists(), stops
+        with llama_cpp_server(served or model_gguf(model, tmp_path), n_ctx=1024, threads=1, alias=alias) as url:
+            r = align(url)
+        if r.returncode == 0:
+            break
+        assert r.returncode == 2, r.stderr[-3000:]
+        stops.append(r.stderr.strip().splitlines()[-1])
+    assert [s.split(" does not serve ")[1].split(" (")[0] for s in stops] == ["'la-base'", "'la-round-1'"], stops
+    assert str(run / "base" / "model.gguf") in stops[0] and str(run / "round-1" / "model.gguf") in stops[1]
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (run / "final.gguf").exists() and (run / "round-1" / "samples.jsonl").stat().st_size > 0
+    assert json.loads((run / "round-1" / "eval.json").read_text())["backend"]["served_model"] == "la-round-1"
+    assert 'served_model = "la-{name}"' in (run / "config.toml").read_text()
+
+
+def model_gguf(hf_dir, tmp_path):
+    """Something for the first server to serve before the run has made its base GGUF."""
+    from localalign.export import write_gguf
+
+    return write_gguf(hf_dir, tmp_path / "first.gguf", out_type="f32")
