@@ -120,11 +120,14 @@ def process_group(world: World, device_type: str) -> Iterator[None]:
     """
     import torch.distributed as dist
 
-    if not world.distributed or dist.is_initialized():
+    if not world.distributed:
         yield
         return
     if not dist.is_available():
         raise UserError("this torch build has no torch.distributed; run one process")
+    if dist.is_initialized():
+        yield
+        return
     dist.init_process_group(backend_for(device_type))
     try:
         yield
