@@ -475,7 +475,10 @@ class OpenAIGenerator(GGUFText):
                 continue  # an end token or a token that merges with the probe: try the other probe
             body = {"model": self.model_name, "prompt": probe + g, "max_tokens": 1, "temperature": 0.0, "echo": True,
                     "logprobs": 1, "seed": 0, "top_k": 1, "min_p": 0.0, "repeat_penalty": 1.0}
-            reply_choice, _ = self._completion(body)
+            try:
+                reply_choice, _ = self._completion(body)
+            except UserError as e:  # llama-server: HTTP 500 "Only no echo is supported"
+                raise UserError(f"{NO_PROMPT_LOGPROBS.format(url=self.url)} ({e})") from None
             lp = reply_choice.get("logprobs")
             lists = isinstance(lp, dict) and all(isinstance(lp.get(k), list) for k in ("tokens", "token_logprobs", "top_logprobs"))
             if not lists or len(lp["tokens"]) <= 1:  # no logprobs, or those of the generated token only (echo ignored)

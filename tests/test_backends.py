@@ -224,6 +224,10 @@ class Misbehaving(BaseHTTPRequestHandler):
             lp = {"tokens": ["Q", "\n", "!"], "token_logprobs": [None, -3.0, -1.0],
                   "top_logprobs": [None, {"a": -0.2, "\n": -3.0}, {"!": -1.0}]}
             self._reply(200, json.dumps({"choices": [{"text": "x", "finish_reason": "length", "logprobs": lp}]}).encode())
+        elif mode == "no-echo" and body.get("echo"):  # llama-server's answer to echo
+            self._reply(500, json.dumps({"error": {"code": 500, "message": "Only no echo is supported"}}).encode())
+        elif mode == "no-echo":
+            self._reply(200, json.dumps({"choices": [{"text": "\n", "finish_reason": "length"}]}).encode())
         elif mode == "no-logprobs":
             self._reply(200, json.dumps({"choices": [{"text": "x", "finish_reason": "length", "logprobs": None}]}).encode())
 
@@ -275,11 +279,13 @@ def test_a_model_the_server_does_not_list_is_refused(fake, tiny_gguf):
         assert g.model_name == "fake"
 
 
-def test_a_server_without_prompt_logprobs_is_a_clear_error(fake, tiny_gguf):
-    fake.mode = "no-logprobs"
+@pytest.mark.parametrize("mode", ["no-logprobs", "no-echo"])
+def test_a_server_without_prompt_logprobs_is_a_clear_error(fake, tiny_gguf, mode):
+    fake.mode = mode
     with remote_on(f"http://127.0.0.1:{fake.server_port}/v1", tiny_gguf) as g:
-        with pytest.raises(UserError, match=r"returns no prompt log-probabilities .*\(the truthfulness suite\)"):
+        with pytest.raises(UserError, match=r"returns no prompt log-probabilities .*\(the truthfulness suite\)") as e:
             g.score_continuations("Q: ", ["yes", "no"])
+    assert "\n" not in str(e.value)
 
 
 def test_misaligned_prompt_logprobs_are_refused(fake, tiny_gguf):
