@@ -449,3 +449,32 @@ def test_invalid_config(ws, toml, message):
     with unchanged(ws):
         assert_refused(align_with_config(ws, toml), message)
     assert not (ws / "run").exists()  # refused before the run directory is made
+
+
+# ---------------------------------------------------------------------------- safe loading, audited
+
+
+def test_the_package_never_unpickles_runs_a_shell_or_trusts_remote_code():
+    """Every call in localalign/ that could run code from a file is written the safe way."""
+    import ast
+
+    problems = []
+    for path in sorted((Path(__file__).resolve().parents[1] / "localalign").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            owner = getattr(func.value, "id", "") if isinstance(func, ast.Attribute) else ""
+            kw = {k.arg: getattr(k.value, "value", None) for k in node.keywords}
+            where = f"{path.name}:{node.lineno}"
+            if kw.get("shell") is True:
+                problems.append(f"{where}: shell=True")
+            if owner in ("pickle", "dill", "joblib", "cloudpickle") and name in ("load", "loads"):
+                problems.append(f"{where}: {owner}.{name}")
+            if owner == "torch" and name == "load" and kw.get("weights_only") is not True:
+                problems.append(f"{where}: torch.load without weights_only=True")
+            if (name == "from_pretrained" and owner.startswith("Auto")) or name == "SentenceTransformer":
+                if kw.get("trust_remote_code") is not False:
+                    problems.append(f"{where}: {owner or name} without trust_remote_code=False")
+    assert problems == []
