@@ -285,17 +285,24 @@ class OpenAIGenerator(GGUFText):
     # ------------------------------------------------------------------ text <-> tokens
 
     def tokenize(self, text: str) -> list[int]:
-        return self._remember(super().tokenize(text), text)
+        with self._texts_lock:  # one tokenizer, called from the request threads too
+            return self._remember(super().tokenize(text), text)
 
     def tokenize_continuation(self, text: str) -> list[int]:
-        return self._remember(super().tokenize_continuation(text), text)
+        with self._texts_lock:
+            return self._remember(super().tokenize_continuation(text), text)
+
+    def _reply_ids(self, text: str) -> list[int]:
+        """A reply's tokens (not remembered: only prompts need their text back)."""
+        with self._texts_lock:
+            return super().tokenize_continuation(text)
 
     def _remember(self, ids: list[int], text: str) -> list[int]:
-        with self._texts_lock:
-            self._texts[tuple(ids)] = text
-            self._texts.move_to_end(tuple(ids))
-            while len(self._texts) > 4096:
-                self._texts.popitem(last=False)
+        """Keep `text` for `ids` (the caller holds the lock); the 4096 latest are kept."""
+        self._texts[tuple(ids)] = text
+        self._texts.move_to_end(tuple(ids))
+        while len(self._texts) > 4096:
+            self._texts.popitem(last=False)
         return ids
 
     def text_of(self, ids: Sequence[int]) -> str:
@@ -306,7 +313,8 @@ class OpenAIGenerator(GGUFText):
             return text
         bos = self.llm.token_bos()
         ids = list(ids[1:]) if ids and ids[0] == bos and self.llm._model.add_bos_token() else list(ids)
-        return self.llm._model.detokenize(ids, special=True).decode("utf-8", errors="replace")
+        with self._texts_lock:
+            return self.llm._model.detokenize(ids, special=True).decode("utf-8", errors="replace")
 
     # ------------------------------------------------------------------ decoding
 
@@ -363,7 +371,7 @@ class OpenAIGenerator(GGUFText):
             text, finish = choice["text"], choice["finish_reason"]
             result.texts.append(text)
             result.finish.append(finish)
-            result.tokens.append(self.tokenize_continuation(text))  # re-tokenized: servers return text
+            result.tokens.append(self._reply_ids(text))  # re-tokenized: servers return text
             result.n_generated += n
             used += n
             if turn + 1 == len(budgets):
@@ -407,7 +415,7 @@ class OpenAIGenerator(GGUFText):
         finish = "length" if choice.get("finish_reason") == "length" else "stop"
         n = usage.get("completion_tokens")
         if not isinstance(n, int):
-            n = len(self.tokenize_continuation(choice["text"]))
+            n = len(self._reply_ids(choice["text"]))
         return {**choice, "finish_reason": finish}, n
 
     # ------------------------------------------------------------------ multiple choice
