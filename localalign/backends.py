@@ -144,6 +144,14 @@ def open_generator(
 # ============================================================================ HTTP
 
 
+class ServerHTTPError(UserError):
+    """The server answered with an HTTP error status (it is there, but refused the request)."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
 class OpenAIClient:
     """JSON over HTTP with retries; every failure the user can fix is one UserError line."""
 
@@ -175,7 +183,7 @@ class OpenAIClient:
                 if e.code in self.RETRY_STATUS and not last:
                     self._sleep(attempt)
                     continue
-                raise UserError(f"{url}: HTTP {e.code} {e.reason}: {detail}") from None
+                raise ServerHTTPError(f"{url}: HTTP {e.code} {e.reason}: {detail}", e.code) from None
             except (urllib.error.URLError, OSError) as e:  # refused, reset, DNS, timeout
                 if not last:
                     self._sleep(attempt)
@@ -240,10 +248,10 @@ class OpenAIGenerator(GGUFText):
         """
         try:
             reply = self.client.request("/v1/models")
-        except UserError:
+        except ServerHTTPError:
             if not self.backend.served_model:
                 raise
-            reply = {}  # no model list: trust the configured name
+            reply = {}  # there, but no model list: trust the configured name
         data = reply.get("data")
         names = [str(m["id"]) for m in data if isinstance(m, dict) and "id" in m] if isinstance(data, list) else []
         wanted = self.backend.served_model
@@ -270,8 +278,10 @@ class OpenAIGenerator(GGUFText):
         ):
             try:
                 reply = self.client.request(path, body, retry=False)
+            except ServerHTTPError:
+                continue  # this server has no such endpoint (or another request body)
             except UserError:
-                continue  # this server has no such endpoint
+                continue  # an answer that is not JSON: no tokenizer to compare with
             theirs = reply.get(key)
             if not isinstance(theirs, list):
                 continue

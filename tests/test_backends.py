@@ -295,10 +295,11 @@ def test_misaligned_prompt_logprobs_are_refused(fake, tiny_gguf):
             g.score_continuations("Q: ", ["yes", "no"])
 
 
-def test_unreachable_server(tiny_gguf):
+@pytest.mark.parametrize("served_model", [None, "la-base"])
+def test_unreachable_server(tiny_gguf, served_model):
     url = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(UserError, match=f"cannot reach {url}/v1/models .* after 2 attempt"):
-        remote_on(url, tiny_gguf, retries=1)
+        remote_on(url, tiny_gguf, retries=1, served_model=served_model)
 
 
 def test_api_key_comes_from_the_named_variable(fake, tiny_gguf, monkeypatch):
