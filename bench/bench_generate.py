@@ -30,6 +30,7 @@ import platform
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,6 +92,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--parallel", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sweep", default="8,16,32", help="also time BatchGenerator on the Q8_0 file at these --parallel values")
     ap.add_argument("--no-docs", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = ap.parse_args()
 
@@ -113,6 +115,14 @@ def main() -> None:
             base = run_baseline(path, prompts, cfg)
             ours = run_batched(path, prompts, cfg)
             rows.append((label, base, ours))
+        # How many sequences to decode together: the same prompts on the Q8_0 file that
+        # `align` generates with, only the batch width changing.
+        sweep = []
+        if len(models) > 1:
+            for width in [int(w) for w in args.sweep.split(",") if w]:
+                seconds, tokens, _ = run_batched(models[1][1], prompts, replace(cfg, parallel=width))
+                print(f"Q8_0 batched, {width} sequences: {tokens} tok / {seconds:.1f} s = {tokens / seconds:.1f} tok/s")
+                sweep.append((width, seconds, tokens))
         load_after = load_average()
 
     lines, ratios = [], []
@@ -135,6 +145,15 @@ def main() -> None:
     if args.no_docs:
         return
     table = "\n".join(lines)
+    sweep_table = "\n".join(f"| {w} | {t} | {sec:.1f} s | {t / sec:.1f} |" for w, sec, t in sweep)
+    sweep_section = f"""
+Batch width on the Q8_0 file (`--sweep`), same prompts, `BatchGenerator` only; `GenerationConfig.parallel`
+defaults to the best width measured here:
+
+| sequences decoded together | generated tokens | wall time | tokens/s |
+|---|---|---|---|
+{sweep_table}
+""" if sweep else ""
     body = f"""## Batched generation (issue 3): default model
 
 `.venv/bin/python bench/bench_generate.py --prompts {args.prompts} --max-tokens {args.max_tokens} --parallel {args.parallel} --threads {args.threads}`
@@ -152,7 +171,7 @@ Why the file format matters: one decode step of 8 sequences cost 4.5 single-sequ
 3.2 on Q4_0 (a separate sweep, `GenerationConfig(parallel=1)` vs `parallel=8`, load average about 6). Our reading of
 llama.cpp's CPU backend: its batched matrix kernels (tinyBLAS, the AVX2 Q4_0 repacking) cover Q8_0 and Q4_0, while
 Q4_1 falls back to one dot product per (row, token), so batching saves memory traffic but no arithmetic.
-"""
+{sweep_section}"""
     atomic_write_text(DOCS, update_section(DOCS.read_text() if DOCS.exists() else "# Benchmarks\n", body, BEGIN, END))
     print(f"updated {DOCS.relative_to(REPO)}")
 

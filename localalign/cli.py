@@ -138,7 +138,7 @@ def backend_settings(backend, base_url, api_key_env, served_model, concurrency) 
 @click.option("--rejected", "rejected_path", type=click.Path(dir_okay=False), help="Rejected samples [rejected.jsonl beside --out].")
 @click.option("--k", type=click.IntRange(min=1), default=4, show_default=True, help="In-context examples per prompt.")
 @click.option("--query-from", type=click.Choice(["seeds", "all"]), default="seeds", show_default=True, help="Pick examples from the seeds, or seeds + accepted.")
-@click.option("--parallel", type=click.IntRange(min=1, max=64), default=8, show_default=True, help="Sequences decoded together.")
+@click.option("--parallel", type=click.IntRange(min=1, max=64), default=32, show_default=True, help="Sequences decoded together.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--temperature", type=float, default=0.8, show_default=True)
 @click.option("--top-p", type=float, default=0.95, show_default=True)
@@ -219,8 +219,11 @@ def eval_(ctx, model, lora, suites, out, limit, max_tokens, threads, **backend) 
 
     if model is None or out is None or not suites:
         raise UserError("eval needs --model PATH.gguf, at least one --suite and --out FILE.json")
+    backend_cfg = BackendConfig(**backend_settings(**backend))
+    if lora and backend_cfg.kind == "openai":
+        raise UserError("--lora applies to the embedded backend; on a server, serve model + adapter and name it with --served-model")
     config = EvalConfig(model=model, lora=lora, suites=tuple(suites), limit=limit, max_tokens=max_tokens, threads=threads,
-                        backend=BackendConfig(**backend_settings(**backend)))
+                        backend=backend_cfg)
     result = evaluate(config, log=lambda m: click.echo(m, err=True))
     write_eval(result, out)
     click.echo(format_table({config.model.stem + (f"+{config.lora.stem}" if config.lora else ""): result}))

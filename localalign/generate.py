@@ -47,9 +47,10 @@ class GenerationConfig:
     top_k: int = 40
     max_tokens: int = 384  # per completion (per turn for two-turn generation)
     seed: int = 0  # base seed; prompt i samples with derive_seed(seed, i)
-    # Sequences decoded together. 8 fills a 2-core CPU's forward pass; beyond it the
-    # per-token attention and sampling cost grows and throughput flattens.
-    parallel: int = 8
+    # Sequences decoded together. On a Q8_0 model llama.cpp's batched kernels keep gaining
+    # up to 32 here (2 cores, SmolLM2-135M, 32 prompts x 128 tokens: 85 tokens/s with 8,
+    # 104 with 16, 147 with 32: bench/bench_parallel.py, docs/benchmarks.md).
+    parallel: int = 32
     n_batch: int = 512  # tokens per llama_decode while reading prompts
     # One KV buffer for all sequences (True) makes every token attend over every sequence's
     # cells, masked; separate buffers (False) keep attention to a sequence's own cells.
@@ -504,7 +505,7 @@ class IsaraConfig:
     max_prompt_tokens: int = 128  # the generated user turn; a longer one is cut and rejected
     max_response_tokens: int = 384
     # Candidates decoded per pass: a few times `parallel`, so slots stay busy until the tail.
-    batch_candidates: int = 32
+    batch_candidates: int = 64
     max_candidates_factor: float = 6.0  # give up after n * this many candidates
 
     def __post_init__(self) -> None:

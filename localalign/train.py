@@ -92,7 +92,11 @@ class TrainConfig:
     #   memory for 135M at batch 4 (measured), and mlx-lm also defaults to 0; set 0.05 to regularize
     target_modules: tuple[str, ...] = DEFAULT_TARGETS
     # --- optimization
-    learning_rate: float = 2e-4  # standard for LoRA; full fine-tuning would want ~10x less
+    # The lever that moves a small model. SmolLM2-135M on the 60 safety seeds + 24 generated
+    # samples, held-out harmful refusal / benign helpfulness (base: 0.04 / 1.00): 2e-4 x 2 epochs
+    # -> 0.00 / 1.00 (no effect); 3 epochs at 3e-4 -> 0.67 / 0.75, at 5e-4 -> 1.00 / 0.25, at
+    # 1e-3 -> 1.00 / 0.15 (refuses everything). docs/benchmarks.md has the runs.
+    learning_rate: float = 3e-4
     min_lr_ratio: float = 0.1  # cosine decays to lr * this, not to 0 (short runs end too early otherwise)
     warmup_ratio: float = 0.1  # share of steps with linear warmup; protects the fresh adapter from big first steps
     weight_decay: float = 0.0  # LoRA's B starts at zero; decay on tiny data mostly pulls it back
