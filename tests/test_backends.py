@@ -397,3 +397,12 @@ def model_gguf(hf_dir, tmp_path):
     from localalign.export import write_gguf
 
     return write_gguf(hf_dir, tmp_path / "first.gguf", out_type="f32")
+
+
+def test_cli_eval_lora_on_a_server_is_refused(tiny_gguf, tmp_path):
+    from localalign.cli import main
+
+    args = ["eval", "--model", str(tiny_gguf), "--lora", str(tiny_gguf), "--suite", "safety", "--out", str(tmp_path / "e.json"),
+            "--base-url", "http://127.0.0.1:9"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "error: --lora applies to the embedded backend" in result.output
