@@ -228,6 +228,9 @@ class Misbehaving(BaseHTTPRequestHandler):
             self._reply(500, json.dumps({"error": {"code": 500, "message": "Only no echo is supported"}}).encode())
         elif mode == "no-echo":
             self._reply(200, json.dumps({"choices": [{"text": "\n", "finish_reason": "length"}]}).encode())
+        elif mode == "free-text":  # a server that ignores `grammar`
+            reply = {"choices": [{"text": " 7/10, it is clear. Domain: 9/10", "finish_reason": "stop"}]}
+            self._reply(200, json.dumps(reply).encode())
         elif mode == "no-logprobs":
             self._reply(200, json.dumps({"choices": [{"text": "x", "finish_reason": "length", "logprobs": None}]}).encode())
 
@@ -286,6 +289,20 @@ def test_a_server_without_prompt_logprobs_is_a_clear_error(fake, tiny_gguf, mode
         with pytest.raises(UserError, match=r"returns no prompt log-probabilities .*\(the truthfulness suite\)") as e:
             g.score_continuations("Q: ", ["yes", "no"])
     assert "\n" not in str(e.value)
+
+
+def test_a_server_ignoring_the_grammar_still_rates_and_says_so(fake, tiny_gguf):
+    from localalign.filters import FilterConfig
+    from localalign.generate import Progress, _rate
+    from localalign.samples import Sample
+    from test_generate import SEEDS
+
+    fake.mode = "free-text"
+    samples = [Sample("How do fuses work?", "A thin wire melts when the current is too high.")]
+    with remote_on(f"http://127.0.0.1:{fake.server_port}", tiny_gguf) as g:
+        _rate(g, samples, SEEDS, FilterConfig(), Progress(), None)
+    assert samples[0].scores == {"quality": 7.0, "domain": 9.0}
+    assert samples[0].meta["rating_free_text"] is True
 
 
 def test_misaligned_prompt_logprobs_are_refused(fake, tiny_gguf):
