@@ -47,7 +47,7 @@ models: setup
 # Re-running it resumes (finished stages are verified and skipped) and prints the table again.
 DEMO_DIR := runs/demo
 run: setup models
-	$(CLI) align --domain safety --rounds 2 --samples 24 --epochs 2 --run-dir $(DEMO_DIR)
+	$(CLI) align --domain safety --rounds 2 --samples 24 --run-dir $(DEMO_DIR)
 
 test: setup
 	$(PY) -m pytest
@@ -59,6 +59,8 @@ bench: setup models
 	$(PY) bench/bench_train.py
 	$(PY) bench/bench_export.py
 	$(PY) bench/bench_eval.py
+	$(PY) bench/bench_server.py
+	$(PY) bench/bench_train_ddp.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
