@@ -26,10 +26,8 @@ from localalign.eval_refusal import agreement  # noqa: E402
 from localalign.eval_report import format_table, format_wall_times, write_report  # noqa: E402
 from localalign.evaluate import SUITES, EvalConfig, evaluate, read_eval, write_eval  # noqa: E402
 from localalign.fsutil import atomic_write_text  # noqa: E402
-from localalign.models import materialized  # noqa: E402
-from benchdoc import load_average, update_section
+from benchdoc import DEFAULT_MODEL, default_model, load_average, update_section
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
 DOCS = REPO / "docs" / "benchmarks.md"
 OUT = REPO / "bench" / "out" / "eval"
 LABELS = REPO / "tests" / "data" / "refusal_labels.jsonl"
@@ -69,9 +67,7 @@ def main() -> None:
                         help="report the suites not run now from their last bench/out/eval/SUITE.json")
     args = parser.parse_args()
 
-    files = materialized(DEFAULT_MODEL)
-    if files.gguf is None:
-        sys.exit(f"default model not materialized (run `make models`): {DEFAULT_MODEL}")
+    files = default_model()
     suites = tuple(args.suite or ORDER)
     limits = parse_limits(args.suite_limit)
     load_before = load_average()

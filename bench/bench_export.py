@@ -36,10 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from localalign.fsutil import atomic_write_text  # noqa: E402
-from localalign.models import materialized  # noqa: E402
-from benchdoc import load_average, update_section
+from benchdoc import DEFAULT_MODEL, default_model, load_average, update_section
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
 DOCS = REPO / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- bench_export -->", "<!-- /bench_export -->"
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
@@ -153,9 +151,7 @@ def main() -> None:
     parser.add_argument("--no-parity", action="store_true", help="skip the export_model parity runs")
     args = parser.parse_args()
 
-    files = materialized(DEFAULT_MODEL)
-    if files.hf_dir is None:
-        raise SystemExit(f"{DEFAULT_MODEL} is not materialized: run `make models` first")
+    files = default_model()
     load_before = load_average()
     scratch = REPO / "bench" / "out"  # git-ignored; same disk as the repo (files of ~1 GB)
     scratch.mkdir(parents=True, exist_ok=True)

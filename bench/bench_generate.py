@@ -38,12 +38,10 @@ sys.path.insert(0, str(REPO))
 
 from localalign.fsutil import atomic_write_text  # noqa: E402
 from localalign.generate import BatchGenerator, GenerationConfig, derive_seed  # noqa: E402
-from localalign.models import materialized  # noqa: E402
 from localalign.runtime import load_llama  # noqa: E402
 from localalign.samples import read_samples  # noqa: E402
-from benchdoc import load_average, update_section
+from benchdoc import default_model, load_average, update_section
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
 DOCS = REPO / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- bench_generate -->", "<!-- /bench_generate -->"
 TARGET_RATIO = 3.0  # the target on 2 cores
@@ -96,9 +94,7 @@ def main() -> None:
     ap.add_argument("--no-docs", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = ap.parse_args()
 
-    files = materialized(DEFAULT_MODEL)
-    if files.gguf is None:
-        sys.exit(f"{DEFAULT_MODEL} is not materialized: run `make models` first")
+    files = default_model()
     seeds = read_samples(REPO / "seeds" / "safety.jsonl")
     cfg = GenerationConfig(threads=args.threads, parallel=args.parallel, max_tokens=args.max_tokens, n_ctx=1024, seed=0)
     with BatchGenerator(files.gguf, cfg) as gen:  # only to render the chat template

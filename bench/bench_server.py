@@ -39,11 +39,9 @@ from localalign.eval_mc import load_mc_items, mc1_pick  # noqa: E402
 from localalign.backends import BackendConfig, llama_cpp_server, open_generator  # noqa: E402
 from localalign.fsutil import atomic_write_text  # noqa: E402
 from localalign.generate import BatchGenerator, GenerationConfig  # noqa: E402
-from localalign.models import materialized  # noqa: E402
 from localalign.samples import read_samples  # noqa: E402
-from benchdoc import load_average, update_section  # noqa: E402
+from benchdoc import DEFAULT_MODEL, default_model, load_average, update_section  # noqa: E402
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
 DOCS = REPO / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- bench_server -->", "<!-- /bench_server -->"
 
@@ -73,9 +71,7 @@ def main() -> None:
     ap.add_argument("--no-docs", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = ap.parse_args()
 
-    files = materialized(DEFAULT_MODEL)
-    if files.gguf is None:
-        sys.exit(f"{DEFAULT_MODEL} is not materialized: run `make models` first")
+    files = default_model()
     seeds = read_samples(REPO / "seeds" / "safety.jsonl")
     mc_items = load_mc_items(REPO / "seeds" / "truthfulness.heldout.jsonl")[: args.mc_items]
     cfg = GenerationConfig(threads=args.threads, parallel=8, max_tokens=args.max_tokens, n_ctx=1024, seed=0)

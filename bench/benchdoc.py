@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import sys
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 def load_average() -> str:
@@ -16,3 +19,13 @@ def update_section(text: str, body: str, begin: str, end: str) -> str:
         head, rest = text.split(begin, 1)
         return head + block + rest.split(end, 1)[1]
     return text.rstrip() + "\n\n" + block + "\n"
+
+
+def default_model():
+    """The default model's files (GGUF and HF copy); exit with one line if `make models` has not run."""
+    from localalign.models import materialized
+
+    files = materialized(DEFAULT_MODEL)
+    if files.gguf is None or files.hf_dir is None:
+        sys.exit(f"{DEFAULT_MODEL} is not materialized: run `make models` first")
+    return files
