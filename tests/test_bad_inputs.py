@@ -17,7 +17,6 @@ import pickle
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,7 @@ from click.testing import CliRunner
 from localalign.cli import main
 from localalign.fsutil import sha256_file
 from localalign.samples import read_samples
+from lock_holder import lock_held_by_another_process
 
 SEED = {"prompt": "How do I boil an egg?", "response": "Simmer it for nine minutes, then cool it in cold water."}
 
@@ -341,24 +341,10 @@ def test_run_directory_made_by_a_different_config(ws):
 def test_two_runs_on_one_directory(ws):
     run_dir = ws / "run"
     run_dir.mkdir()
-    holder = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(f"""
-            import time
-            from localalign.rundir import RunLock
-            with RunLock({str(run_dir)!r}):
-                print("locked", flush=True)
-                time.sleep(120)
-        """)],
-        stdout=subprocess.PIPE, text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_held_by_another_process(run_dir) as holder:
         with unchanged(ws):
             out = cli_process(*align_in(run_dir))
         assert_refused(out, f"is in use by another localalign run (PID {holder.pid})")
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_stale_lock_is_detected_and_taken_over(ws):

@@ -1,8 +1,4 @@
 import json
-import subprocess
-import sys
-import textwrap
-import time
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -11,6 +7,7 @@ import pytest
 from localalign.config import from_dict, read_toml, to_dict, to_toml
 from localalign.errors import UserError
 from localalign.rundir import LOCK_NAME, Manifest, RunLock
+from lock_holder import lock_held_by_another_process
 
 
 @dataclass
@@ -58,24 +55,10 @@ def test_invalid_toml_is_one_line(tmp_path):
 
 
 def test_second_run_on_a_locked_directory_is_refused_naming_the_pid(tmp_path):
-    holder = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(f"""
-            import sys, time
-            from localalign.rundir import RunLock
-            with RunLock({str(tmp_path)!r}):
-                print("locked", flush=True)
-                time.sleep(60)
-        """)],
-        stdout=subprocess.PIPE, text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_held_by_another_process(tmp_path) as holder:
         with pytest.raises(UserError, match=f"in use by another localalign run \\(PID {holder.pid}\\)"):
             with RunLock(tmp_path):
                 pass
-    finally:
-        holder.kill()
-        holder.wait()
     # The holder was killed with its lock in place: the lock is stale now and is taken over.
     assert (tmp_path / LOCK_NAME).exists()
     messages = []
