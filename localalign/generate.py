@@ -48,8 +48,8 @@ class GenerationConfig:
     max_tokens: int = 384  # per completion (per turn for two-turn generation)
     seed: int = 0  # base seed; prompt i samples with derive_seed(seed, i)
     # Sequences decoded together. On a Q8_0 model llama.cpp's batched kernels keep gaining
-    # up to 32 here (2 cores, SmolLM2-135M, 32 prompts x 128 tokens: 85 tokens/s with 8,
-    # 104 with 16, 147 with 32: bench/bench_parallel.py, docs/benchmarks.md).
+    # up to 32 here (2 cores, SmolLM2-135M, 32 prompts x 128 tokens: 111 tokens/s with 8,
+    # 144 with 16, 159 with 32: bench/bench_generate.py --sweep, docs/benchmarks.md).
     parallel: int = 32
     n_batch: int = 512  # tokens per llama_decode while reading prompts
     # One KV buffer for all sequences (True) makes every token attend over every sequence's
