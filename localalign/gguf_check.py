@@ -68,9 +68,11 @@ def read_gguf_header(path: str | os.PathLike) -> dict:
         raise UserError(f"{path}: is a directory, expected a .gguf file")
     size = path.stat().st_size
     with open(path, "rb") as f:
-        if size < 24 or f.read(4) != GGUF_MAGIC:
-            f.seek(0)
-            raise UserError(f"{path}: not a GGUF file (bad magic {f.read(4)!r})")
+        magic = f.read(4)
+        if magic != GGUF_MAGIC:
+            raise UserError(f"{path}: not a GGUF file (bad magic {magic!r})")
+        if size < 24:
+            raise UserError(f"{path}: truncated GGUF file ({size} bytes, shorter than its header)")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             cur = _Cursor(buf, path)
             cur.pos = 4

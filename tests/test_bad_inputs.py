@@ -212,6 +212,12 @@ def test_truncated_gguf(ws, tiny_gguf):
         assert_refused(cli("chat", "--model", ws / "cut.gguf", input="hi\n"), "truncated GGUF")
 
 
+def test_gguf_cut_inside_its_header(ws, tiny_gguf):
+    (ws / "cut.gguf").write_bytes(tiny_gguf.read_bytes()[:10])  # the magic is right; the rest is missing
+    with unchanged(ws):
+        assert_refused(cli("chat", "--model", ws / "cut.gguf", input="hi\n"), "truncated GGUF file (10 bytes")
+
+
 def test_corrupt_gguf_header(ws):
     header = b"GGUF" + (3).to_bytes(4, "little") + (0).to_bytes(8, "little") + (1).to_bytes(8, "little")
     key = b"general.architecture"
