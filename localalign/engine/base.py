@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 from localalign.chat import render_chat
 from localalign.errors import UserError
+
+if TYPE_CHECKING:
+    from llama_cpp import Llama
 
 BACKENDS = ("llama-cpp", "openai")
 
@@ -86,7 +89,7 @@ class GGUFText:
     text and the same tokens whichever backend decodes it; a backend is a context manager
     around its `close`."""
 
-    llm: object
+    llm: Llama
     template: str
 
     def close(self) -> None:
