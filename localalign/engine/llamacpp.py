@@ -13,6 +13,9 @@ eight sequences per pass cost little more than one.
   text) is decoded once into its own sequence and its KV cache copied into each slot.
 - Every prompt gets its own sampler seeded from (config.seed, prompt index): the same
   config and prompts give the same texts, and a resumed run can regenerate sample i alone.
+
+`continuation_logprobs` scores given continuations instead (multiple choice), on a second
+handle of the model that keeps the logits of every position.
 """
 
 from __future__ import annotations
