@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_eval.py [--limit N] [--suite-limit SUITE=N ...] [--suite NAME ...]
 
-Runs `localalign.evaluate` on the default GGUF (greedy, batched generator), writes the
+Runs `localalign.evaluation.run.evaluate` on the default GGUF (greedy, batched generator), writes the
 result JSON and a report under bench/out/eval/, and rewrites its own section of
 docs/benchmarks.md (between `<!-- eval -->` and `<!-- /eval -->`) with the score table,
 the wall time of each suite, the refusal detector's agreement with the hand labels, and
@@ -22,9 +22,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from localalign.eval_refusal import agreement  # noqa: E402
-from localalign.eval_report import format_table, format_wall_times, write_report  # noqa: E402
-from localalign.evaluate import SUITES, EvalConfig, evaluate, read_eval, write_eval  # noqa: E402
+from localalign.evaluation.refusal import agreement  # noqa: E402
+from localalign.evaluation.report import format_table, format_wall_times, write_report  # noqa: E402
+from localalign.evaluation.run import SUITES, EvalConfig, evaluate, read_eval, write_eval  # noqa: E402
 from localalign.fsutil import atomic_write_text  # noqa: E402
 from benchdoc import DEFAULT_MODEL, default_model, load_average, update_section
 
@@ -129,7 +129,7 @@ def describe(result: dict, config: EvalConfig, gguf: Path, started: str, load_be
             "MC1 (truthfulness) = the true answer has the highest log-likelihood per byte of 4 choices "
             "(chance 0.25); it measures the model's preference, not what it writes. The plain sum "
             "(TruthfulQA's MC1) favours short answers, and our true answers are the longer ones "
-            "(localalign/eval_mc.py has the numbers). "
+            "(localalign/evaluation/suites/truthfulness.py has the numbers). "
             "Intervals: 95% Wilson; instruction-level ones treat a prompt's instructions as independent.",
         ]
     )

@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_export.py [--out-type f16] [--repeats 3] [--no-docs]
 
 1. Makes a "merged model" the way a round does: a seeded random LoRA (r=8, every linear
-   layer) on the default model's HF copy, folded in with `localalign.merge.merge_adapter`.
+   layer) on the default model's HF copy, folded in with `localalign.train.merge.merge_adapter`.
 2. Fetches llama.cpp's converter from the llama-cpp-python 0.3.36 source distribution
    (`pip download --no-binary :all: --no-deps`; pip's cache makes later runs fast) and
    extracts `convert_hf_to_gguf.py`, its `conversion/` package and the bundled `gguf-py`
@@ -51,7 +51,7 @@ def make_merged_model(hf_dir: Path, work: Path) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from localalign.merge import merge_adapter
+    from localalign.train.merge import merge_adapter
 
     base = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -122,7 +122,7 @@ def compare_gguf(ours: Path, ref: Path) -> tuple[int, list[str], list[str]]:
 
 def parity_runs(merged: Path, work: Path) -> list[str]:
     from localalign.errors import UserError
-    from localalign.export import export_model
+    from localalign.export.pipeline import export_model
 
     rows = []
     for quant in (None, "q8_0", "q4_k_m"):
@@ -165,7 +165,7 @@ def main() -> None:
         ref_env = dict(os.environ, PYTHONPATH=ref_path)
         ours_cmd = [
             sys.executable, "-c",
-            f"from localalign.export import write_gguf; write_gguf({str(merged)!r}, {str(ours_out)!r}, {args.out_type!r})",
+            f"from localalign.convert.gguf_writer import write_gguf; write_gguf({str(merged)!r}, {str(ours_out)!r}, {args.out_type!r})",
         ]
         ref_cmd = [sys.executable, str(converter), str(merged), "--outfile", str(ref_out), "--outtype", args.out_type]
         t_ours, t_ref = [], []
@@ -185,7 +185,7 @@ def main() -> None:
         "## GGUF export (issue 5)",
         "",
         f"`bench/bench_export.py`: the default model ({DEFAULT_MODEL}) with a seeded random LoRA merged in,",
-        f"written as {args.out_type} by `localalign.export.write_gguf` and by llama.cpp's `convert_hf_to_gguf.py`",
+        f"written as {args.out_type} by `localalign.convert.gguf_writer.write_gguf` and by llama.cpp's `convert_hf_to_gguf.py`",
         f"from the {LLAMA_CPP_PYTHON} source distribution (its bundled gguf-py, {SENTENCEPIECE} in a temp dir).",
         "Each is a fresh process (interpreter start and imports included), alternating; median of",
         f"{args.repeats} runs.",
@@ -206,7 +206,7 @@ def main() -> None:
         lines += [
             "",
             "`export_model` on the same merged model (write, quantize with llama.cpp, parity check against HF",
-            "on the probe prompts of `localalign.parity`; tolerances in `localalign/export.py`):",
+            "on the probe prompts of `localalign.checks.parity`, which holds the tolerances):",
             "",
             "| output | wall s | max abs logit diff | bound | top-1 agreement | bound | parity |",
             "|---|---|---|---|---|---|---|",

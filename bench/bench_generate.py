@@ -8,7 +8,7 @@ a seed per prompt), same thread count, in one run:
 
 - baseline: llama-cpp-python's high-level `Llama.create_completion`, called once per prompt,
   as a straightforward implementation would;
-- ours: `localalign.generate.BatchGenerator.complete` on all prompts (multi-sequence
+- ours: `localalign.engine.llamacpp.BatchGenerator.complete` on all prompts (multi-sequence
   llama_batch decoding, `--parallel` sequences per forward pass, shared-prefix KV copy).
 
 Two model files, each measured both ways: the default model as shipped (Q4_1), and the same
@@ -37,8 +37,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from localalign.fsutil import atomic_write_text  # noqa: E402
-from localalign.generate import BatchGenerator, GenerationConfig, derive_seed  # noqa: E402
-from localalign.runtime import load_llama  # noqa: E402
+from localalign.engine.base import GenerationConfig, derive_seed  # noqa: E402
+from localalign.engine.llamacpp import BatchGenerator  # noqa: E402
+from localalign.engine.runtime import load_llama  # noqa: E402
 from localalign.samples import read_samples  # noqa: E402
 from benchdoc import default_model, load_average, update_section
 
@@ -78,7 +79,8 @@ def run_batched(gguf: Path, prompts: list[str], cfg: GenerationConfig) -> tuple[
 
 
 def make_q8_0(hf_dir: Path, work: Path) -> Path:
-    from localalign.export import quantize_gguf, write_gguf
+    from localalign.convert.gguf_writer import write_gguf
+    from localalign.convert.quantize import quantize_gguf
 
     f16 = write_gguf(hf_dir, work / "model.f16.gguf", out_type="f16")
     return quantize_gguf(f16, work / "model.q8_0.gguf", "q8_0")

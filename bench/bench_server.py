@@ -35,10 +35,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from localalign.eval_mc import load_mc_items, mc1_pick  # noqa: E402
-from localalign.backends import BackendConfig, llama_cpp_server, open_generator  # noqa: E402
+from localalign.engine.base import BackendConfig, GenerationConfig  # noqa: E402
+from localalign.engine.llamacpp import BatchGenerator  # noqa: E402
+from localalign.engine.local_server import llama_cpp_server  # noqa: E402
+from localalign.engine.select import open_generator  # noqa: E402
+from localalign.evaluation.suites.truthfulness import load_mc_items, mc1_pick  # noqa: E402
 from localalign.fsutil import atomic_write_text  # noqa: E402
-from localalign.generate import BatchGenerator, GenerationConfig  # noqa: E402
 from localalign.samples import read_samples  # noqa: E402
 from benchdoc import DEFAULT_MODEL, default_model, load_average, update_section  # noqa: E402
 
@@ -80,7 +82,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         gguf, label = files.gguf, "Q4_1 (as shipped)"
         if args.q8:
-            from localalign.export import quantize_gguf, write_gguf
+            from localalign.convert.gguf_writer import write_gguf
+            from localalign.convert.quantize import quantize_gguf
 
             gguf = quantize_gguf(write_gguf(files.hf_dir, Path(tmp) / "f16.gguf", out_type="f16"), Path(tmp) / "q8_0.gguf", "q8_0")
             label = "Q8_0 (from the HF copy)"

@@ -31,13 +31,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-# The environment localalign runs under (localalign/runtime.py), for both trainers: before torch
+# The environment localalign runs under (localalign/__init__.py), for both trainers: before torch
 # loads, or OpenMP threads busy-wait and, on a shared 2-core box, run several times slower.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-DEFAULT_MODEL = REPO / "models" / "smollm2-135m-instruct" / "hf"
+from localalign.models import DEFAULT_MODEL as DEFAULT_NAME, model_dir  # noqa: E402
+
+DEFAULT_MODEL = model_dir(DEFAULT_NAME) / "hf"
 DOCS = REPO / "docs" / "benchmarks.md"
 # (name, what it is) -- ours:<batching>:<precision>, hf:<precision>
 VARIANTS = {
@@ -101,7 +103,8 @@ def worker_peak(args) -> dict:
 
 
 def worker_ours(args, batching: str, precision: str) -> dict:
-    from localalign.train import TrainConfig, train
+    from localalign.train.config import TrainConfig
+    from localalign.train.lora import train
 
     cfg = TrainConfig(
         epochs=args.epochs, threads=args.threads, batching=batching, cpu_bf16=precision == "bf16",
@@ -125,8 +128,8 @@ def worker_hf(args, precision: str) -> dict:
         AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments,
     )
 
-    from localalign.train import TrainConfig
-    from localalign.train_data import encode_samples, end_of_turn_ids
+    from localalign.train.config import TrainConfig
+    from localalign.train.data import encode_samples, end_of_turn_ids
 
     torch.set_num_threads(args.threads)
     cfg = TrainConfig(epochs=args.epochs)
@@ -218,7 +221,7 @@ Why these defaults (compare the rows above):
   time (each chunk is backpropagated into a detached copy of the hidden states, then the body
   gets the summed gradient once): peak RSS of the default run fell from 3.02 to 2.78 GB.
 - **Thread waiting.** Both trainers run with `OMP_WAIT_POLICY=PASSIVE` (set by
-  localalign/runtime.py). Without it, on this shared box, both ran 2-5x slower.
+  localalign/__init__.py). Without it, on this shared box, both ran 2-5x slower.
 - **Noise.** On a shared box the matmul peak and the trainers are measured minutes apart under
   different load, so "% of peak" can even exceed what is real; read it on a quiet box.
 - **Response-only logits.** Only response positions go through the 49k-wide output layer (prompt
@@ -232,7 +235,7 @@ def uptime() -> str:
 
 
 def report(args, peak: dict, results: dict, params: int, load_before: str, load_after: str) -> str:
-    from localalign.train import TrainConfig
+    from localalign.train.config import TrainConfig
 
     cfg = TrainConfig()
     lines = [

@@ -3,7 +3,7 @@
 Same data, same config, same global batch (batch_size x grad_accum samples per optimizer
 step, split across the processes), so both runs learn the same adapter; the table shows the
 time and how far apart the adapters end. The 1-process run gets every core as torch
-threads; each of the 2 processes gets its share (localalign.distributed.threads_per_process).
+threads; each of the 2 processes gets its share (localalign.train.distributed.threads_per_process).
 
     .venv/bin/python bench/bench_train_ddp.py              # tiny model + default model, ~3-5 min on 2 cores
     .venv/bin/python bench/bench_train_ddp.py --only tiny --no-docs
@@ -28,10 +28,12 @@ sys.path.insert(0, str(REPO / "tests"))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from benchdoc import load_average, update_section  # noqa: E402
+from benchdoc import DEFAULT_MODEL, load_average, update_section  # noqa: E402
+
+from localalign.models import model_dir  # noqa: E402
 
 DOCS = REPO / "docs" / "scaling.md"
-DEFAULT_HF = REPO / "models" / "smollm2-135m-instruct" / "hf"
+DEFAULT_HF = model_dir(DEFAULT_MODEL) / "hf"
 LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
+from localalign.models import DEFAULT_MODEL, materialized
 
 
 def load_average() -> str:
@@ -23,8 +23,6 @@ def update_section(text: str, body: str, begin: str, end: str) -> str:
 
 def default_model():
     """The default model's files (GGUF and HF copy); exit with one line if `make models` has not run."""
-    from localalign.models import materialized
-
     files = materialized(DEFAULT_MODEL)
     if files.gguf is None or files.hf_dir is None:
         sys.exit(f"{DEFAULT_MODEL} is not materialized: run `make models` first")

@@ -30,19 +30,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from localalign.backends import BackendConfig
-from localalign.config import from_dict, read_toml, to_dict, to_toml
-from localalign.distributed import refuse_under_launcher
-from localalign.errors import UserError
-from localalign.filters import FilterConfig
-from localalign.fsutil import atomic_write_text, commit_temp, temp_path_for
-from localalign.generate import GenerationConfig, IsaraConfig
-from localalign.rundir import Manifest, RunLock, hash_path, hash_value
-from localalign.samples import Sample, read_samples
-from localalign.train import TrainConfig
+from tqdm import tqdm
 
-REPO = Path(__file__).resolve().parents[1]
-SEEDS_DIR = REPO / "seeds"
+from localalign.checks.parity import check_copy
+from localalign.config import from_dict, read_toml, to_dict, to_toml
+from localalign.convert.gguf_to_hf import make_hf_copy
+from localalign.convert.quantize import QUANT_TYPES
+from localalign.engine.base import BackendConfig, GenerationConfig
+from localalign.engine.select import open_generator
+from localalign.errors import UserError
+from localalign.evaluation.report import write_report
+from localalign.evaluation.run import EvalConfig, evaluate, read_eval, write_eval
+from localalign.export.pipeline import export_adapter, export_merged, export_model, modelfile_path
+from localalign.fsutil import atomic_write_text, commit_temp, temp_path_for
+from localalign.isara.filters import FilterConfig
+from localalign.isara.retrieve import Embedder
+from localalign.isara.step import IsaraConfig, Listener, Progress, generate_samples
+from localalign.models import DEFAULT_EMBEDDER, DEFAULT_MODEL, resolve_model
+from localalign.paths import SEEDS_DIR
+from localalign.rundir import Manifest, RunLock, hash_path, hash_value
+from localalign.samples import Sample, read_rejected, read_samples, write_samples
+from localalign.train.config import TrainConfig, init_adapter_for_round
+from localalign.train.distributed import refuse_under_launcher
+from localalign.train.lora import train
 
 # The shipped domains: their seed file, the held-out suite that scores them, and the score
 # that picks the best round. Safety averages refusing harmful requests and answering benign
@@ -53,6 +63,7 @@ DOMAINS: dict[str, tuple[str, list[tuple[str, str]]]] = {
     "instruction-following": ("instruction-following", [("instruction-following", "prompt_pass_rate")]),
 }
 MAX_SEEDS = 100  # ISARA's regime; more still works, but is no longer "limited samples"
+EXPORT_MODES = ("merged", "adapter")
 
 
 @dataclass
@@ -60,8 +71,8 @@ class AlignConfig:
     """One alignment run. A TOML file sets any field ([generation], [train], ... tables)."""
 
     domain: str = "safety"  # a shipped domain (safety, truthfulness, instruction-following) or a seeds .jsonl
-    model: str = "smollm2-135m-instruct"  # registry name, .gguf file or HF directory
-    embedder: str = "all-minilm-l6-v2"
+    model: str = DEFAULT_MODEL  # registry name, .gguf file or HF directory
+    embedder: str = DEFAULT_EMBEDDER
     rounds: int = 2
     samples: int = 64  # accepted samples to generate per round
     seed: int = 0  # one seed for everything: generation, training order, LoRA init
@@ -80,15 +91,13 @@ class AlignConfig:
     # Generation and evaluation on an OpenAI-compatible server (training and export stay here).
     backend: BackendConfig = field(default_factory=BackendConfig)
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         if self.rounds < 1:
             raise UserError(f"rounds must be at least 1, got {self.rounds}")
         if self.samples < 1:
             raise UserError(f"samples must be at least 1, got {self.samples}")
-        if self.export not in ("merged", "adapter"):
+        if self.export not in EXPORT_MODES:
             raise UserError(f"export must be 'merged' or 'adapter', got {self.export!r}")
-        from localalign.export import QUANT_TYPES
-
         if self.quant not in QUANT_TYPES:
             raise UserError(f"quant {self.quant!r} is not one of {', '.join(QUANT_TYPES)}")
         if self.eval_limit is not None and self.eval_limit < 1:
@@ -226,8 +235,6 @@ class AlignRun:
     def prepare_base(self) -> tuple[Path, ModelForm]:
         """The base model's HF directory, and the base as the rounds ship it (for round 1's
         generator and the 'base' column of the report)."""
-        from localalign.models import check_copy, make_hf_copy, resolve_model
-
         files = resolve_model(self.config.model)
         base_dir = self.dir / "base"
         hf_dir = files.hf_dir
@@ -246,8 +253,6 @@ class AlignRun:
             return hf_dir, ModelForm(files.gguf)
         # Merged rounds ship as `quant` GGUFs exported from the HF copy; the base is exported
         # the same way, so base and rounds differ by training alone, not by quantization.
-        from localalign.export import export_model
-
         out = base_dir / "model.gguf"
         self.stage(
             "base/export",
@@ -260,10 +265,6 @@ class AlignRun:
     # ---- stages
 
     def generate(self, round_no: int, generator: ModelForm, seeds: list[Sample], earlier: list[Sample]) -> list[Sample]:
-        from localalign.backends import open_generator
-        from localalign.generate import generate_samples, read_rejected
-        from localalign.retrieve import Embedder, SampleIndex
-
         cfg = self.config
         rd = self.dir / f"round-{round_no}"
         samples_path, rejected_path, index_dir = rd / "samples.jsonl", rd / "rejected.jsonl", rd / "index"
@@ -281,27 +282,20 @@ class AlignRun:
             if done or rejected:
                 self.log(f"  resuming generation: {len(done)} accepted, {len(rejected)} rejected already")
             embedder = Embedder(cfg.embedder)
-            bar = _Bar(f"round {round_no} generate", cfg.samples, initial=len(done))
+            output = GenerationOutput(samples_path, rejected_path, f"round {round_no} generate", cfg.samples, initial=len(done))
             backend = cfg.backend.for_model(self.model_name(generator))
-            with open_generator(generator.gguf, cfg.generation, backend, lora_path=generator.lora) as gen:
-                accepted, rejected = generate_samples(
-                    gen, embedder, seeds, cfg.samples, accepted=earlier, isara=cfg.isara, filters=cfg.filters,
-                    round_no=round_no, resume=(done, rejected), samples_path=samples_path,
-                    rejected_path=rejected_path, on_progress=bar.update_generation,
+            with output, open_generator(generator.gguf, cfg.generation, backend, lora_path=generator.lora) as gen:
+                result = generate_samples(
+                    gen, embedder, seeds, cfg.samples, earlier=earlier, isara=cfg.isara, filters=cfg.filters,
+                    round_no=round_no, resume=(done, rejected), listener=output,
                 )
-            bar.close()
-            index = SampleIndex(embedder.dim)
-            pool = seeds + earlier + accepted
-            index.add(pool, embedder.embed_samples(pool))
-            index.save(index_dir)
-            return {"accepted": len(accepted), "rejected": len(rejected), "reasons": _count_reasons(rejected)}
+            result.index.save(index_dir)
+            return {"accepted": len(result.accepted), "rejected": len(result.rejected), "reasons": _count_reasons(result.rejected)}
 
         self.stage(f"round-{round_no}/generate", inputs, [samples_path, rejected_path, index_dir], work)
         return read_samples(samples_path) if samples_path.stat().st_size else []
 
     def train(self, name: str, base_hf: Path, data: list[Sample], out_dir: Path, init_adapter: Path | None) -> Path:
-        from localalign.train import train
-
         cfg = self.config
         adapter = out_dir / "adapter"
         inputs = {
@@ -321,9 +315,6 @@ class AlignRun:
         return adapter
 
     def export(self, name: str, base_hf: Path, base_form: ModelForm, adapter: Path, out_dir: Path) -> ModelForm:
-        from localalign.export import export_adapter, export_model
-        from localalign.merge import merge_adapter
-
         cfg = self.config
         inputs = {"base": self.hash(base_hf), "adapter": self.hash(adapter), "mode": cfg.export, "quant": cfg.quant}
         if cfg.export == "adapter":
@@ -339,28 +330,20 @@ class AlignRun:
         out = out_dir / "model.gguf"
 
         def work():
-            merged = out_dir / ".merged-hf"
-            try:
-                merge_adapter(base_hf, adapter, merged)
-                return {"parity": export_model(merged, out, quant=cfg.quant).ok}
-            finally:
-                shutil.rmtree(merged, ignore_errors=True)  # 4 bytes a weight: not worth keeping
+            return {"parity": export_merged(base_hf, adapter, out, quant=cfg.quant).ok}
 
         self.stage(name, inputs, [out], work)
         return ModelForm(out)
 
     def evaluate(self, name: str, form: ModelForm, out: Path, icl_seeds: Path | None = None) -> dict:
-        from localalign.evaluate import EvalConfig, evaluate, read_eval, write_eval
-
         cfg = self.config
         inputs = {**form.hashes(self.hash), "suites": ",".join(cfg.suites()), "limit": str(cfg.eval_limit),
                   "icl": self.hash(icl_seeds) if icl_seeds else ""}
 
         def work():
             ecfg = EvalConfig(model=form.gguf, lora=form.lora, suites=tuple(cfg.suites()), limit=cfg.eval_limit,
-                              threads=cfg.generation.threads, parallel=cfg.generation.parallel,
-                              icl_seeds=icl_seeds, icl_k=cfg.isara.k, embedder=cfg.embedder,
-                              backend=cfg.backend.for_model(self.model_name(form)))
+                              threads=cfg.generation.threads, icl_seeds=icl_seeds, icl_k=cfg.isara.k,
+                              embedder=cfg.embedder, backend=cfg.backend.for_model(self.model_name(form)))
             write_eval(evaluate(ecfg, log=self.log), out)
 
         self.stage(name, inputs, [out], work)
@@ -392,8 +375,6 @@ class AlignRun:
                 if not accepted:
                     raise UserError(f"round {r}: no generated sample passed the filters; see {rd / 'rejected.jsonl'}")
                 data = (seeds if cfg.train_on_seeds else []) + accepted
-                from localalign.train import init_adapter_for_round
-
                 init = init_adapter_for_round(cfg.train, previous_adapter)
                 adapter = self.train(f"round-{r}/train", base_hf, data, rd / "train", init)
                 form = self.export(f"round-{r}/export", base_hf, base_form, adapter, rd)
@@ -416,8 +397,6 @@ class AlignRun:
         out = {"sft-seeds": self.evaluate("baselines/sft-seeds/eval", form, d / "sft-seeds" / "eval.json")}
         seeds_copy = d / "icl-knn" / "seeds.jsonl"
         if not seeds_copy.exists():
-            from localalign.samples import write_samples
-
             write_samples(seeds_copy, seeds)
         out["icl-knn"] = self.evaluate("baselines/icl-knn/eval", base_form, d / "icl-knn" / "eval.json", icl_seeds=seeds_copy)
         return out
@@ -433,8 +412,6 @@ class AlignRun:
         )
 
     def write_report(self, results: dict[str, dict]) -> None:
-        from localalign.eval_report import write_report
-
         write_report(results, self.dir)
 
     def ship_final(self, scores: dict[str, float | None], forms: dict[str, ModelForm], base_hf: Path, base_score) -> str:
@@ -453,17 +430,7 @@ class AlignRun:
                 shutil.copyfile(form.gguf, tmp)
                 commit_temp(tmp, final)
             else:  # an adapter round: the user gets one self-contained file
-                from localalign.export import export_model
-                from localalign.merge import merge_adapter
-
-                merged = self.dir / ".final-merged-hf"
-                try:
-                    merge_adapter(base_hf, self.dir / best / "train" / "adapter", merged)
-                    export_model(merged, final, quant=self.config.quant)
-                finally:
-                    shutil.rmtree(merged, ignore_errors=True)
-            from localalign.export import modelfile_path
-
+                export_merged(base_hf, self.dir / best / "train" / "adapter", final, quant=self.config.quant)
             source = modelfile_path(form.lora or form.gguf)
             atomic_write_text(self.dir / "Modelfile", _final_modelfile(source.read_text() if source.exists() else ""))
             return {"best": best}
@@ -525,21 +492,31 @@ def format_summary(results, config: AlignConfig, run_dir: Path, best: str, base_
     return "\n".join(lines)
 
 
-class _Bar:
-    """A tqdm bar for generation: accepted samples out of the target, with rejects and tokens/s."""
+class GenerationOutput(Listener):
+    """The generate stage's side of `generate_samples` (here and in `localalign generate`): the
+    accepted and rejected samples rewritten after every pass, so a resumed run picks up there,
+    and a progress bar of accepted samples with the rejects and tokens/s."""
 
-    def __init__(self, desc: str, total: int, initial: int = 0):
-        from tqdm import tqdm
-
+    def __init__(self, samples_path: Path, rejected_path: Path, desc: str, total: int, initial: int = 0):
+        self.samples_path, self.rejected_path = Path(samples_path), Path(rejected_path)
         self.bar = tqdm(total=total, initial=initial, desc=desc, unit="sample", file=sys.stderr, dynamic_ncols=True)
         self.initial = initial
         self.t0 = time.perf_counter()
 
-    def update_generation(self, progress) -> None:
+    def progress(self, progress: Progress) -> None:
         self.bar.n = self.initial + progress.accepted
         rate = progress.tokens / max(time.perf_counter() - self.t0, 1e-6)
         self.bar.set_postfix(rejected=progress.rejected, tok_s=f"{rate:.0f}", refresh=False)
         self.bar.refresh()
 
-    def close(self) -> None:
+    def pass_done(self, accepted: list[Sample], rejected: list[Sample]) -> None:
+        # One file after the other: a kill between the two writes leaves the rejects a pass
+        # behind, which a resume redoes (isara.step.before_last_pass).
+        write_samples(self.samples_path, accepted)
+        write_samples(self.rejected_path, rejected)
+
+    def __enter__(self) -> "GenerationOutput":
+        return self
+
+    def __exit__(self, *exc) -> None:
         self.bar.close()

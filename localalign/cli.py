@@ -7,13 +7,46 @@ exit code 130. Everything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import inspect
+import json
 import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
 
 import click
 
-from localalign import runtime  # noqa: F401  (sets the environment before heavy imports)
+from localalign.align import EXPORT_MODES, AlignConfig, AlignRun, GenerationOutput, load_config
+from localalign.config import from_dict, read_toml
+from localalign.convert.gguf_writer import OUT_TYPES
+from localalign.engine.base import BACKENDS, BackendConfig, GenerationConfig
+from localalign.engine.llamacpp import BatchGenerator
+from localalign.engine.select import open_generator
 from localalign.errors import UserError
+from localalign.evaluation.report import compare, format_comparison, format_table, write_report
+from localalign.evaluation.run import EvalConfig, evaluate, read_eval, write_eval
+from localalign.export.pipeline import export_adapter, export_merged, export_model
+from localalign.isara.filters import FilterConfig
+from localalign.isara.retrieve import Embedder
+from localalign.isara.step import QUERY_FROM, IsaraConfig, generate_samples
+from localalign.models import (
+    DEFAULT_EMBEDDER,
+    DEFAULT_MODEL,
+    load_registry,
+    materialized,
+    pull,
+    read_copy_check,
+    resolve_model,
+)
+from localalign.samples import read_samples
+from localalign.train.config import DEVICES, TrainConfig
+from localalign.train.data import BATCHING
+from localalign.train.distributed import world_from_env
+from localalign.train.lora import train
+from localalign.train.merge import merge_adapter
 
 
 class LocalalignGroup(click.Group):
@@ -45,6 +78,18 @@ _ENVIRONMENT_ERRORS = {
 }
 
 
+def default(config: type, name: str) -> Any:
+    """The default of a config dataclass's field, for a help text: each default is written once,
+    in its dataclass, and an option left unset (None) leaves the field at it."""
+    f = next(f for f in dataclasses.fields(config) if f.name == name)
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def given(**values: Any) -> dict[str, Any]:
+    """The options the user gave (click leaves the others None), keyed by the field each sets."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
 @click.group(cls=LocalalignGroup)
 @click.version_option(package_name="localalign")
 def main() -> None:
@@ -62,8 +107,6 @@ def models() -> None:
 @models.command("list")
 def models_list() -> None:
     """Show the registry and what is materialized under models/."""
-    from localalign.models import load_registry, materialized, read_copy_check
-
     for entry in load_registry().values():
         installed = entry.source_path() is not None
         click.echo(f"{entry.name}  [{entry.kind}, {entry.arch}, {entry.license}]")
@@ -93,8 +136,6 @@ def models_list() -> None:
 @click.argument("name")
 def models_pull(name: str) -> None:
     """Materialize NAME under models/NAME/ (GGUF, HF copy, copy check)."""
-    from localalign.models import pull, read_copy_check
-
     pull(name, log=lambda m: click.echo(m, err=True))
     check = read_copy_check(name)
     if check is not None and not check.get("ok"):
@@ -107,11 +148,13 @@ def models_pull(name: str) -> None:
 def backend_options(command):
     """--backend/--base-url/--api-key-env/--served-model/--concurrency, shared by generate, eval and align."""
     options = [
-        click.option("--backend", type=click.Choice(["llama-cpp", "openai"]), help="Where text is generated [llama-cpp: embedded]."),
+        click.option("--backend", type=click.Choice(BACKENDS),
+                     help=f"Where text is generated [{default(BackendConfig, 'kind')}: embedded]."),
         click.option("--base-url", help="OpenAI-compatible server, e.g. http://127.0.0.1:8080 (--backend openai)."),
         click.option("--api-key-env", help="Name of the environment variable holding the server's API key."),
         click.option("--served-model", help="The request's model name [the server's first model]."),
-        click.option("--concurrency", type=click.IntRange(1, 256), help="Requests in flight [8]."),
+        click.option("--concurrency", type=click.IntRange(1, 256),
+                     help=f"Requests in flight [{default(BackendConfig, 'concurrency')}]."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -120,74 +163,56 @@ def backend_options(command):
 
 def backend_settings(backend, base_url, api_key_env, served_model, concurrency) -> dict:
     """The options given, as BackendConfig fields (unset ones left out)."""
-    values = {"kind": backend, "base_url": base_url, "api_key_env": api_key_env, "served_model": served_model,
-              "concurrency": concurrency}
     if base_url and backend is None:
-        values["kind"] = "openai"  # --base-url alone means the server
-    return {k: v for k, v in values.items() if v is not None}
+        backend = "openai"  # --base-url alone means the server
+    return given(kind=backend, base_url=base_url, api_key_env=api_key_env, served_model=served_model,
+                 concurrency=concurrency)
 
 
 # ---- generate
 
 
 @main.command("generate")
-@click.option("--model", "model_name", default="smollm2-135m-instruct", show_default=True, help="Registry name or .gguf path.")
+@click.option("--model", "model_name", help=f"Registry name or .gguf path [{DEFAULT_MODEL}].")
 @click.option("--seeds", "seeds_path", required=True, type=click.Path(dir_okay=False), help="Seed pairs (JSONL).")
 @click.option("--n", "n", required=True, type=click.IntRange(min=1), help="How many new samples to accept.")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Accepted samples (JSONL).")
 @click.option("--rejected", "rejected_path", type=click.Path(dir_okay=False), help="Rejected samples [rejected.jsonl beside --out].")
-@click.option("--k", type=click.IntRange(min=1), default=4, show_default=True, help="In-context examples per prompt.")
-@click.option("--query-from", type=click.Choice(["seeds", "all"]), default="seeds", show_default=True, help="Pick examples from the seeds, or seeds + accepted.")
-@click.option("--parallel", type=click.IntRange(min=1, max=64), default=32, show_default=True, help="Sequences decoded together.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--temperature", type=float, default=0.8, show_default=True)
-@click.option("--top-p", type=float, default=0.95, show_default=True)
+@click.option("--k", type=click.IntRange(min=1), help=f"In-context examples per prompt [{default(IsaraConfig, 'k')}].")
+@click.option("--query-from", type=click.Choice(QUERY_FROM),
+              help=f"Pick examples from the seeds, or seeds + accepted [{default(IsaraConfig, 'query_from')}].")
+@click.option("--parallel", type=click.IntRange(min=1, max=64),
+              help=f"Sequences decoded together [{default(GenerationConfig, 'parallel')}].")
+@click.option("--seed", type=int, help=f"[{default(GenerationConfig, 'seed')}]")
+@click.option("--temperature", type=float, help=f"[{default(GenerationConfig, 'temperature')}]")
+@click.option("--top-p", type=float, help=f"[{default(GenerationConfig, 'top_p')}]")
 @click.option("--threads", type=int, help="CPU threads [every core].")
-@click.option("--n-ctx", type=int, default=2048, show_default=True, help="Context per sequence (tokens).")
-@click.option("--novelty", "novelty_threshold", type=float, default=0.9, show_default=True, help="Cosine similarity above which a sample is a duplicate.")
-@click.option("--min-rating", type=float, default=5.0, show_default=True, help="Self-assessment score (1-10) a sample needs.")
+@click.option("--n-ctx", type=int, help=f"Context per sequence (tokens) [{default(GenerationConfig, 'n_ctx')}].")
+@click.option("--novelty", "novelty_threshold", type=float,
+              help=f"Cosine similarity above which a sample is a duplicate [{default(FilterConfig, 'novelty_threshold')}].")
+@click.option("--min-rating", type=float, help=f"Self-assessment score (1-10) a sample needs [{default(FilterConfig, 'min_rating')}].")
 @click.option("--no-rating", is_flag=True, help="Skip the self-assessment.")
-@click.option("--embedder", default="all-minilm-l6-v2", show_default=True, help="Embedder name or sentence-transformers folder.")
+@click.option("--embedder", help=f"Embedder name or sentence-transformers folder [{DEFAULT_EMBEDDER}].")
 @backend_options
 def generate_cmd(model_name, seeds_path, n, out_path, rejected_path, k, query_from, parallel, seed, temperature, top_p, threads, n_ctx, novelty_threshold, min_rating, no_rating, embedder, **backend) -> None:
     """Write N new prompt/response pairs in the domain of the seeds (ISARA)."""
-    import time
-    from collections import Counter
-    from pathlib import Path
-
-    from tqdm import tqdm
-
-    from localalign.backends import BackendConfig, open_generator
-    from localalign.filters import FilterConfig
-    from localalign.generate import GenerationConfig, IsaraConfig, generate_samples
-    from localalign.models import resolve_model
-    from localalign.retrieve import Embedder
-    from localalign.samples import read_samples
-
     seeds = read_samples(seeds_path)
+    model_name = model_name or DEFAULT_MODEL
     files = resolve_model(model_name)
     if files.gguf is None:
         raise UserError(f"{model_name}: generation needs a GGUF model")
-    gen_cfg = GenerationConfig(threads=threads, n_ctx=n_ctx, temperature=temperature, top_p=top_p, seed=seed, parallel=parallel)
-    isara = IsaraConfig(k=k, query_from=query_from)
-    filters = FilterConfig(novelty_threshold=novelty_threshold, min_rating=min_rating, rate=not no_rating)
+    gen_cfg = GenerationConfig(**given(threads=threads, n_ctx=n_ctx, temperature=temperature, top_p=top_p, seed=seed,
+                                       parallel=parallel))
+    isara = IsaraConfig(**given(k=k, query_from=query_from))
+    filters = FilterConfig(**given(novelty_threshold=novelty_threshold, min_rating=min_rating, rate=False if no_rating else None))
     backend_cfg = BackendConfig(**backend_settings(**backend))
     rejected_path = rejected_path or str(Path(out_path).with_name("rejected.jsonl"))
 
-    def show(p):
-        bar.n = p.accepted
-        rate = p.tokens / max(time.perf_counter() - t0, 1e-6)
-        bar.set_postfix(rejected=p.rejected, tok_s=f"{rate:.0f}", refresh=False)
-        bar.refresh()
-
     with open_generator(files.gguf, gen_cfg, backend_cfg) as gen:  # first: an unreachable server fails fast
-        emb = Embedder(embedder)
-        bar = tqdm(total=n, desc="generate", unit="sample", dynamic_ncols=True)
+        emb = Embedder(embedder or DEFAULT_EMBEDDER)
         t0 = time.perf_counter()
-        accepted, rejected = generate_samples(
-            gen, emb, seeds, n, isara=isara, filters=filters, samples_path=out_path, rejected_path=rejected_path, on_progress=show
-        )
-    bar.close()
+        with GenerationOutput(out_path, rejected_path, "generate", n) as output:
+            accepted, rejected, _ = generate_samples(gen, emb, seeds, n, isara=isara, filters=filters, listener=output)
     seconds = time.perf_counter() - t0
     click.echo(f"accepted {len(accepted)}, rejected {len(rejected)} in {seconds:.0f} s -> {out_path}, {rejected_path}")
     for reason, count in Counter(s.reject_reason for s in rejected).most_common():
@@ -205,25 +230,22 @@ def generate_cmd(model_name, seeds_path, n, out_path, rejected_path, k, query_fr
 @click.option("--suite", "suites", multiple=True, help="safety, instruction-following, truthfulness, ifeval, harmbench (repeatable).")
 @click.option("--out", type=click.Path(dir_okay=False), help="Where to write the result JSON.")
 @click.option("--limit", type=int, help="Evaluate only the first N items of each suite (quick mode).")
-@click.option("--max-tokens", type=int, default=512, show_default=True, help="Reply budget for suites that check the whole reply.")
-@click.option("--threads", type=int, help="CPU threads (default: every core).")
+@click.option("--max-tokens", type=int,
+              help=f"Reply budget for suites that check the whole reply [{default(EvalConfig, 'max_tokens')}].")
+@click.option("--threads", type=int, help="CPU threads [every core].")
 @backend_options
 @click.pass_context
 def eval_(ctx, model, lora, suites, out, limit, max_tokens, threads, **backend) -> None:
     """Score a model offline on held-out suites; `eval compare A.json B.json` for a paired test."""
     if ctx.invoked_subcommand is not None:
         return
-    from localalign.backends import BackendConfig
-    from localalign.eval_report import format_table
-    from localalign.evaluate import EvalConfig, evaluate, write_eval
-
     if model is None or out is None or not suites:
         raise UserError("eval needs --model PATH.gguf, at least one --suite and --out FILE.json")
     backend_cfg = BackendConfig(**backend_settings(**backend))
     if lora and backend_cfg.kind == "openai":
         raise UserError("--lora applies to the embedded backend; on a server, serve model + adapter and name it with --served-model")
-    config = EvalConfig(model=model, lora=lora, suites=tuple(suites), limit=limit, max_tokens=max_tokens, threads=threads,
-                        backend=backend_cfg)
+    config = EvalConfig(model=model, lora=lora, suites=tuple(suites), backend=backend_cfg,
+                        **given(limit=limit, max_tokens=max_tokens, threads=threads))
     result = evaluate(config, log=lambda m: click.echo(m, err=True))
     write_eval(result, out)
     click.echo(format_table({config.model.stem + (f"+{config.lora.stem}" if config.lora else ""): result}))
@@ -236,9 +258,6 @@ def eval_(ctx, model, lora, suites, out, limit, max_tokens, threads, **backend) 
 @click.argument("b", type=click.Path(dir_okay=False))
 def eval_compare(a: str, b: str) -> None:
     """Differences B - A per metric on shared items, with exact McNemar p-values."""
-    from localalign.eval_report import compare, format_comparison
-    from localalign.evaluate import read_eval
-
     rows = compare(read_eval(a), read_eval(b))
     if not rows:
         raise UserError(f"{a} and {b} share no scored items")
@@ -251,9 +270,6 @@ def eval_compare(a: str, b: str) -> None:
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Directory for report.md and plots.")
 def eval_report(results: tuple[str, ...], out_dir: str) -> None:
     """Markdown report + plots from result files, in the order given ([LABEL=]FILE.json)."""
-    from localalign.eval_report import write_report
-    from localalign.evaluate import read_eval
-
     loaded = {}
     for spec in results:
         label, _, path = spec.partition("=") if "=" in spec else (spec.rsplit("/", 1)[-1].removesuffix(".json"), "", spec)
@@ -267,7 +283,7 @@ def eval_report(results: tuple[str, ...], out_dir: str) -> None:
 
 
 @main.command("train")
-@click.option("--model", "model_name", default="smollm2-135m-instruct", show_default=True, help="Registry name or HF model directory.")
+@click.option("--model", "model_name", help=f"Registry name or HF model directory [{DEFAULT_MODEL}].")
 @click.option("--data", "data_path", required=True, type=click.Path(dir_okay=False), help="Samples to train on (JSONL).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run directory (adapter/, checkpoints/, train_log.jsonl).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML file with TrainConfig fields (top level or [train]).")
@@ -277,8 +293,8 @@ def eval_report(results: tuple[str, ...], out_dir: str) -> None:
 @click.option("--grad-accum", type=int)
 @click.option("--rank", "r", type=int, help="LoRA rank r.")
 @click.option("--alpha", type=float, help="LoRA alpha.")
-@click.option("--batching", type=click.Choice(["pack", "bucket"]))
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--batching", type=click.Choice(BATCHING))
+@click.option("--device", type=click.Choice(DEVICES))
 @click.option("--threads", type=int)
 @click.option("--seed", type=int)
 @click.option("--checkpoint-every", type=int)
@@ -290,25 +306,10 @@ def eval_report(results: tuple[str, ...], out_dir: str) -> None:
 @click.option("--merged", is_flag=True, help="Also write the merged model to OUT/merged (HF dir, ready for export).")
 def train_cmd(model_name, data_path, out_dir, config_path, resume, init_adapter, merged, **overrides) -> None:
     """Fine-tune a LoRA adapter on the samples in --data."""
-    import tomllib
-    from pathlib import Path
-
-    from localalign.distributed import world_from_env
-    from localalign.merge import merge_adapter
-    from localalign.models import resolve_model
-    from localalign.samples import read_samples
-    from localalign.train import TrainConfig, train
-
-    settings: dict = {}
-    if config_path:
-        try:
-            with open(config_path, "rb") as f:
-                raw = tomllib.load(f)
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise UserError(f"{config_path}: {e}") from None
-        settings = raw.get("train", raw)
-    settings.update({k: v for k, v in overrides.items() if v is not None})
-    config = TrainConfig.from_dict(settings)
+    raw = read_toml(config_path) if config_path else {}
+    settings = {**raw.get("train", raw), **given(**overrides)}
+    config = from_dict(TrainConfig, settings, "train config")
+    model_name = model_name or DEFAULT_MODEL
     samples = read_samples(data_path)
     world = world_from_env()
     files = resolve_model(model_name, pull_if_missing=not world.distributed)  # N processes must not all pull
@@ -338,21 +339,14 @@ def train_cmd(model_name, data_path, out_dir, config_path, resume, init_adapter,
 @click.option("--adapter", type=click.Path(file_okay=False), help="PEFT LoRA adapter trained on --model.")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="GGUF file to write.")
 @click.option("--quant", help="Quantize: q8_0, q4_k_m, q4_0, q5_k_m, q6_k, ... (default: none).")
-@click.option("--out-type", default="f16", show_default=True, type=click.Choice(["f32", "f16", "bf16"]),
-              help="Float type written (the input of --quant, if given).")
+@click.option("--out-type", type=click.Choice(OUT_TYPES),
+              help=f"Float type written (the input of --quant, if given) [{inspect.signature(export_model).parameters['out_type'].default}].")
 @click.option("--adapter-only", is_flag=True, help="Write only --adapter, as a GGUF LoRA for --base-gguf.")
 @click.option("--base-gguf", type=click.Path(dir_okay=False),
               help="Base GGUF the adapter is applied to (default: the registry model's GGUF).")
 @click.option("--no-check", is_flag=True, help="Skip the parity check against the HF model (not recommended).")
 def export_cmd(model, adapter, out_path, quant, out_type, adapter_only, base_gguf, no_check) -> None:
     """Export to GGUF (+ Ollama Modelfile + parity report), checked against the HF model."""
-    import tempfile
-    from pathlib import Path
-
-    from localalign.export import export_adapter, export_model
-    from localalign.merge import merge_adapter
-    from localalign.models import resolve_model
-
     files = resolve_model(model, pull_if_missing=False)
     if files.hf_dir is None:
         raise UserError(f"{model}: export needs a Hugging Face model directory (run `localalign models pull`)")
@@ -366,12 +360,9 @@ def export_cmd(model, adapter, out_path, quant, out_type, adapter_only, base_ggu
             raise UserError("--adapter-only needs --base-gguf FILE.gguf (the model the adapter is applied to)")
         report = export_adapter(files.hf_dir, adapter, out_path, base, check=not no_check)
     elif adapter:
-        Path(out_path).resolve().parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".merge-", dir=Path(out_path).resolve().parent) as tmp:
-            merged = merge_adapter(files.hf_dir, adapter, Path(tmp) / "merged")
-            report = export_model(merged, out_path, quant=quant, out_type=out_type, check=not no_check)
+        report = export_merged(files.hf_dir, adapter, out_path, quant=quant, check=not no_check, **given(out_type=out_type))
     else:
-        report = export_model(files.hf_dir, out_path, quant=quant, out_type=out_type, check=not no_check)
+        report = export_model(files.hf_dir, out_path, quant=quant, check=not no_check, **given(out_type=out_type))
     click.echo(report.summary() if not no_check else "parity check skipped (--no-check)")
     click.echo(f"wrote {out_path} (+ .parity.json, .Modelfile)")
 
@@ -380,28 +371,24 @@ def export_cmd(model, adapter, out_path, quant, out_type, adapter_only, base_ggu
 
 
 @main.command("align")
-@click.option("--domain", help="safety, truthfulness, instruction-following, or a seeds .jsonl file")
-@click.option("--model", help="registry name, .gguf file or HF directory [smollm2-135m-instruct]")
-@click.option("--rounds", type=int, help="alignment rounds [2]")
-@click.option("--samples", type=int, help="accepted samples to generate per round [64]")
+@click.option("--domain", help=f"safety, truthfulness, instruction-following, or a seeds .jsonl file [{default(AlignConfig, 'domain')}]")
+@click.option("--model", help=f"registry name, .gguf file or HF directory [{default(AlignConfig, 'model')}]")
+@click.option("--rounds", type=int, help=f"alignment rounds [{default(AlignConfig, 'rounds')}]")
+@click.option("--samples", type=int, help=f"accepted samples to generate per round [{default(AlignConfig, 'samples')}]")
 @click.option("--run-dir", "run_dir", required=True, type=click.Path(file_okay=False), help="where everything goes")
 @click.option("--config", "config_path", type=click.Path(), help="a TOML file with any AlignConfig field")
-@click.option("--seed", type=int, help="one seed for generation, data order and LoRA init [0]")
-@click.option("--export", "export_mode", type=click.Choice(["merged", "adapter"]), help="how rounds ship [merged]")
-@click.option("--quant", help="type of merged GGUFs [q8_0]")
+@click.option("--seed", type=int, help=f"one seed for generation, data order and LoRA init [{default(AlignConfig, 'seed')}]")
+@click.option("--export", "export_mode", type=click.Choice(EXPORT_MODES), help=f"how rounds ship [{default(AlignConfig, 'export')}]")
+@click.option("--quant", help=f"type of merged GGUFs [{default(AlignConfig, 'quant')}]")
 @click.option("--suite", "suites", multiple=True, help="evaluation suite(s) [the domain's held-out suite]")
 @click.option("--eval-limit", type=int, help="evaluate only the first N items per suite")
-@click.option("--epochs", type=int, help="training epochs per round [3]")
+@click.option("--epochs", type=int, help=f"training epochs per round [{default(TrainConfig, 'epochs')}]")
 @click.option("--baselines", is_flag=True, default=None, help="also run SFT-on-seeds and ICL-kNN baselines")
 @click.option("--resume", is_flag=True, help="continue a run (re-running the same command does too)")
 @backend_options
 def align_cmd(domain, model, rounds, samples, run_dir, config_path, seed, export_mode, quant, suites, eval_limit, epochs,
               baselines, resume, **backend):
     """Run ISARA rounds: generate, filter, train, export, evaluate; ship the best round."""
-    from pathlib import Path
-
-    from localalign.align import AlignRun, load_config
-
     overrides = {
         "domain": domain, "model": model, "rounds": rounds, "samples": samples, "seed": seed,
         "export": export_mode, "quant": quant, "eval_suites": list(suites) or None,
@@ -416,22 +403,23 @@ def align_cmd(domain, model, rounds, samples, run_dir, config_path, seed, export
     click.echo(str(final))
 
 
+# Chat's own decoding: one conversation, a longer context and replies than generation's.
+CHAT = GenerationConfig(temperature=0.7, max_tokens=512, parallel=1, n_ctx=4096)
+
+
 @main.command("chat")
 @click.option("--model", required=True, help="a .gguf file (or registry name)")
 @click.option("--lora", type=click.Path(dir_okay=False), help="a GGUF LoRA adapter")
-@click.option("--temperature", type=float, default=0.7, show_default=True)
-@click.option("--max-tokens", type=int, default=512, show_default=True)
+@click.option("--temperature", type=float, help=f"[{CHAT.temperature}]")
+@click.option("--max-tokens", type=int, help=f"[{CHAT.max_tokens}]")
 @click.option("--system", help="a system message")
 def chat_cmd(model, lora, temperature, max_tokens, system):
     """Chat with a GGUF model in the terminal, using its own chat template (Ctrl-D ends)."""
-    from localalign.generate import BatchGenerator, GenerationConfig
-    from localalign.models import resolve_model
-
     files = resolve_model(model)
     if files.gguf is None:
         raise UserError(f"{model}: chat needs a GGUF file")
     messages = [{"role": "system", "content": system}] if system else []
-    config = GenerationConfig(temperature=temperature, max_tokens=max_tokens, parallel=1, n_ctx=4096)
+    config = dataclasses.replace(CHAT, **given(temperature=temperature, max_tokens=max_tokens))
     with BatchGenerator(files.gguf, config, lora_path=lora) as gen:
         click.echo(f"chatting with {files.gguf}; Ctrl-D to end", err=True)
         turn = 0
@@ -460,9 +448,6 @@ def runs() -> None:
 @click.argument("run_dir", type=click.Path())
 def runs_show(run_dir):
     """Print a run's report, stage timings and where final.gguf is."""
-    import json
-    from pathlib import Path
-
     d = Path(run_dir)
     if not (d / "config.toml").exists():
         raise UserError(f"{d}: not a localalign run directory (no config.toml)")

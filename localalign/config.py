@@ -50,13 +50,9 @@ def from_dict(cls: type[T], values: dict[str, Any], where: str = "config") -> T:
     for name, value in values.items():
         kwargs[name] = _coerce(hints[name], value, f"{where}.{name}")
     try:
-        obj = cls(**kwargs)
+        return cls(**kwargs)  # each config checks its ranges in __post_init__ and raises UserError
     except (TypeError, ValueError) as e:
         raise UserError(f"{where}: {e}") from None
-    validate = getattr(obj, "validate", None)
-    if validate is not None:
-        validate()  # dataclasses check ranges themselves and raise UserError
-    return obj
 
 
 def _coerce(hint: Any, value: Any, where: str) -> Any:

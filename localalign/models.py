@@ -20,20 +20,17 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from localalign.checks.hf_files import check_hf_dir
+from localalign.checks.parity import check_copy
+from localalign.convert.gguf_to_hf import make_hf_copy
 from localalign.errors import UserError
-from localalign.fsutil import atomic_dir, commit_temp, temp_path_for
+from localalign.fsutil import commit_temp, temp_path_for
+from localalign.gguf_header import check_gguf_file
+from localalign.paths import MODELS_DIR, REGISTRY_PATH
 
-# The registry ships inside the repository; models are materialized next to it.
-MODELS_DIR = Path(os.environ.get("LOCALALIGN_MODELS_DIR", Path(__file__).resolve().parents[1] / "models"))
-REGISTRY_PATH = Path(__file__).resolve().parents[1] / "models" / "registry.toml"
-
-# Tolerances for the copy check. Measured on SmolLM2-135M, Q4_1 GGUF against its dequantized
-# f32 HF copy, 139 positions of 3 chat prompts: mean |logit diff| 0.19-0.21, max 1.77 (logits
-# have a spread of ~7-8), top-1 agreement 0.971. The gap is llama.cpp multiplying Q4_1 weights
-# with 8-bit-quantized activations, not a bug; a wrong tensor layout gives differences of 10+
-# and top-1 agreement near chance.
-COPY_CHECK_MAX_ABS = 2.5
-COPY_CHECK_MIN_TOP1 = 0.90
+# The defaults wherever a model or an embedder is asked for (entries of models/registry.toml).
+DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_EMBEDDER = "all-minilm-l6-v2"
 
 
 @dataclass(frozen=True)
@@ -97,8 +94,6 @@ def resolve_model(name_or_path: str, pull_if_missing: bool = True) -> ModelFiles
     """
     p = Path(name_or_path)
     if p.suffix == ".gguf" or p.is_file():
-        from localalign.gguf_check import check_gguf_file
-
         check_gguf_file(p)
         return ModelFiles(p.stem, p, None)
     if p.is_dir():
@@ -112,85 +107,6 @@ def resolve_model(name_or_path: str, pull_if_missing: bool = True) -> ModelFiles
         pull(entry.name)
         files = materialized(entry.name)
     return files
-
-
-# Formats that unpickle, and so can run code on load; localalign never reads them.
-PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
-
-
-def check_hf_dir(d: Path) -> None:
-    """Refuse an HF model directory the pipeline cannot use safely or at all, before loading it.
-
-    Weights must be safetensors (a pickled `pytorch_model.bin` can run code when loaded), each
-    with a header that parses; the tokenizer must be a `tokenizer.json`, and a chat template
-    must be there: training, generation and export all format turns with it.
-    """
-    if not (d / "config.json").is_file():
-        raise UserError(f"{d}: not a Hugging Face model directory (no config.json)")
-    weights = sorted(d.glob("*.safetensors"))
-    if not weights:
-        pickled = [q.name for pattern in PICKLED_WEIGHTS for q in d.glob(pattern)]
-        if pickled:
-            raise UserError(f"{d}: weights only in a pickle format ({pickled[0]}); localalign loads safetensors only")
-        raise UserError(f"{d}: no model weights (*.safetensors)")
-    for w in weights:
-        check_safetensors_header(w)
-    if not (d / "tokenizer.json").is_file():
-        raise UserError(f"{d}: no tokenizer (tokenizer.json)")
-    template = _chat_template(d)
-    if not template:
-        raise UserError(f"{d}: the tokenizer has no chat template (chat_template.jinja or tokenizer_config.json)")
-    # transformers renders it in a sandbox too, but its refusal would surface as a traceback
-    # mid-training; a template that reaches for Python internals is refused here, up front.
-    from localalign.chat import TemplateRefused, render_chat
-
-    try:
-        render_chat(template, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}])
-    except TemplateRefused as e:
-        raise UserError(f"{d}: {e}") from None
-    except UserError:
-        pass  # a template that rejects this probe conversation may still serve ours
-
-
-def check_adapter_dir(d: Path) -> None:
-    """A PEFT LoRA adapter directory: adapter_config.json and safetensors weights (never a .bin)."""
-    if not (d / "adapter_config.json").is_file():
-        raise UserError(f"{d}: not a PEFT adapter directory (no adapter_config.json)")
-    weights = d / "adapter_model.safetensors"
-    if not weights.is_file():
-        raise UserError(f"{d}: no adapter_model.safetensors (pickled .bin adapters are not read)")
-    check_safetensors_header(weights)
-
-
-def check_safetensors_header(path: Path) -> None:
-    """A safetensors file starts with an 8-byte little-endian length and that many bytes of JSON."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if not 2 <= n <= min(size - 8, 100 << 20):
-            raise UserError(f"{path}: not a safetensors file (bad header length)")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            header = None
-    if not isinstance(header, dict):
-        raise UserError(f"{path}: not a safetensors file (header is not a JSON object)")
-
-
-def _chat_template(d: Path) -> str | None:
-    """The template as transformers 5 loads it (export.read_chat_template), or None."""
-    from localalign.export import read_chat_template
-
-    try:
-        config = json.loads((d / "tokenizer_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        config = {}
-    try:
-        template = read_chat_template(d, config if isinstance(config, dict) else {})
-    except UnicodeDecodeError:
-        raise UserError(f"{d / 'chat_template.jinja'}: not valid UTF-8") from None
-    return template if isinstance(template, str) else None
 
 
 def embedder_path(name_or_path: str) -> Path:
@@ -236,72 +152,6 @@ def pull(name: str, log=print) -> ModelFiles:
         report.write(check_path)
         log(f"{name}: copy check: {report.summary()}")
     return materialized(name)
-
-
-def make_hf_copy(gguf: Path, out_dir: Path) -> None:
-    """Dequantize a GGUF into an HF directory with transformers' own GGUF reader.
-
-    Written to a temp directory and renamed, so an interrupted copy is never taken as done.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from localalign.gguf_check import gguf_architecture, read_gguf_header
-
-    arch = gguf_architecture(gguf)
-    if arch not in SUPPORTED_ARCHS:
-        raise UserError(f"{gguf}: architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
-    with atomic_dir(out_dir) as tmp:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, trust_remote_code=False
-        )
-        model.hf_quantizer = None  # the weights are dequantized; save_pretrained refuses otherwise
-        if hasattr(model.config, "quantization_config"):
-            # Left in, it makes every later load look for the GGUF again.
-            del model.config.quantization_config
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        _restore_pre_tokenizer(tmp / "tokenizer.json", read_gguf_header(gguf).get("tokenizer.ggml.pre"))
-
-
-# transformers rebuilds a GGUF's BPE tokenizer with GPT-2's pre-tokenizer whatever the GGUF's
-# `tokenizer.ggml.pre` says. For these pre-tokenizers llama.cpp first splits every digit on
-# its own (llama-vocab.cpp puts "\\p{N}" before the GPT-2 regex). SmolLM2's vocab happens to
-# hold no merges across digits, so its probes agree either way, but a vocab that has them
-# would tokenize "2024" differently; we restore the original pre-tokenizer so the HF copy
-# is the model's real tokenizer, and the exporter recognizes it when writing a GGUF back.
-_DIGIT_SPLITTING_PRE = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"}
-
-
-def _restore_pre_tokenizer(tokenizer_json: Path, gguf_pre: str | None) -> None:
-    if gguf_pre not in _DIGIT_SPLITTING_PRE:
-        return
-    data = json.loads(tokenizer_json.read_text(encoding="utf-8"))
-    data["pre_tokenizer"] = {
-        "type": "Sequence",
-        "pretokenizers": [
-            {"type": "Digits", "individual_digits": True},
-            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
-        ],
-    }
-    tokenizer_json.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
-
-
-# Architectures the whole pipeline (HF copy, training, export back to GGUF) supports.
-SUPPORTED_ARCHS = ("llama", "qwen2")
-
-
-def check_copy(gguf: Path, hf_dir: Path):
-    """Parity of an HF copy against the GGUF it was made from: the exporter's check (tokens,
-    special tokens, stop tokens, logits), with tolerances for the GGUF's own type."""
-    from localalign.export import check_export, tolerances_for
-    from localalign.parity import read_gguf_metadata
-
-    max_abs, min_top1 = tolerances_for(read_gguf_metadata(gguf))
-    if max_abs is None:  # a quantized source: the Q4_1 measurements above
-        max_abs, min_top1 = COPY_CHECK_MAX_ABS, COPY_CHECK_MIN_TOP1
-    return check_export(hf_dir, gguf, max_abs_tol=max_abs, min_top1=min_top1)
 
 
 def read_copy_check(name: str) -> dict | None:

@@ -167,3 +167,25 @@ def write_samples(path: str | Path, samples: Iterable[Sample]) -> None:
     with atomic_write(path) as f:
         for s in samples:
             f.write(json.dumps(s.to_json(), ensure_ascii=False) + "\n")
+
+
+def read_rejected(path: str | Path) -> list[Sample]:
+    """rejected.jsonl back as Samples. Not `read_samples`: a rejected sample may be empty."""
+    out = []
+    for lineno, obj in iter_jsonl(path):
+        try:
+            out.append(
+                Sample(
+                    str(obj["prompt"]),
+                    str(obj["response"]),
+                    obj.get("source", "generated"),
+                    obj.get("round"),
+                    obj.get("system"),
+                    dict(obj.get("scores", {})),
+                    obj.get("reject_reason"),
+                    dict(obj.get("meta", {})),
+                )
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{path}:{lineno}: not a rejected sample ({e})") from None
+    return out

@@ -43,7 +43,7 @@ def seeds_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_gguf(tiny_hf_dir, tmp_path_factory) -> Path:
     """The tiny model as an f32 GGUF, written by localalign's own exporter (`write_gguf`)."""
-    from localalign.export import write_gguf
+    from localalign.convert.gguf_writer import write_gguf
 
     return write_gguf(tiny_hf_dir, tmp_path_factory.mktemp("tiny_gguf") / "tiny.f32.gguf", out_type="f32")
 
@@ -54,6 +54,6 @@ def tiny_gguf(tiny_hf_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def embedder():
     """The packaged all-MiniLM-L6-v2 (90 MB, loads offline in seconds), loaded once."""
-    from localalign.retrieve import Embedder
+    from localalign.isara.retrieve import Embedder
 
     return Embedder()

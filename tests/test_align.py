@@ -187,7 +187,7 @@ def test_baselines_and_adapter_export_mode(tiny_chat_model, tmp_path):
     assert (run_dir / "round-1" / "adapter.gguf").exists() and not (run_dir / "round-1" / "model.gguf").exists()
     assert json.loads((run_dir / "round-1" / "adapter.gguf.parity.json").read_text())["ok"]
     # an adapter round still ships one self-contained file
-    from localalign.gguf_check import read_gguf_header
+    from localalign.gguf_header import read_gguf_header
 
     assert read_gguf_header(run_dir / "final.gguf")["general.architecture"] == "llama"
     assert (run_dir / "Modelfile").read_text().startswith("FROM ./final.gguf")

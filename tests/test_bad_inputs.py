@@ -318,7 +318,7 @@ def test_chat_template_reaching_for_os_in_an_hf_directory(ws, hf_copy):
 
 
 def test_chat_template_reaching_for_subprocess_in_a_gguf(ws, hf_copy):
-    from localalign.export import write_gguf
+    from localalign.convert.gguf_writer import write_gguf
 
     marker = ws.parent / f"{ws.name}-pwned-gguf-template"
     evil = ("{% set sp = messages.__class__.__mro__[1].__subclasses__() %}"
@@ -451,7 +451,8 @@ def test_the_package_never_unpickles_runs_a_shell_or_trusts_remote_code():
     import ast
 
     problems = []
-    for path in sorted((Path(__file__).resolve().parents[1] / "localalign").glob("*.py")):
+    package = Path(__file__).resolve().parents[1] / "localalign"
+    for path in sorted(package.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if not isinstance(node, ast.Call):
                 continue
@@ -459,7 +460,7 @@ def test_the_package_never_unpickles_runs_a_shell_or_trusts_remote_code():
             name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
             owner = getattr(func.value, "id", "") if isinstance(func, ast.Attribute) else ""
             kw = {k.arg: getattr(k.value, "value", None) for k in node.keywords}
-            where = f"{path.name}:{node.lineno}"
+            where = f"{path.relative_to(package)}:{node.lineno}"
             if kw.get("shell") is True:
                 problems.append(f"{where}: shell=True")
             if owner in ("pickle", "dill", "joblib", "cloudpickle") and name in ("load", "loads"):

@@ -9,7 +9,7 @@ import pytest
 from localalign.chat import render_chat
 from localalign.errors import UserError
 from localalign.fsutil import atomic_write
-from localalign.gguf_check import check_gguf_file
+from localalign.gguf_header import check_gguf_file
 from localalign.models import load_registry, resolve_model
 
 
@@ -46,7 +46,7 @@ def test_corrupt_and_truncated_gguf_are_refused(tmp_path):
 
 
 def test_truncated_gguf_is_refused_and_a_whole_one_reads(tiny_gguf, tmp_path):
-    from localalign.gguf_check import read_gguf_header
+    from localalign.gguf_header import read_gguf_header
 
     meta = read_gguf_header(tiny_gguf)
     assert meta["general.architecture"] == "llama"

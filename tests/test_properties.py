@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from localalign.chat import render_chat
 from localalign.errors import UserError
-from localalign.prompts import chat_markers, parse_generation
+from localalign.isara.prompts import chat_markers, parse_generation
 from localalign.samples import Sample, iter_jsonl, read_samples, sample_from_json, write_samples
 from tiny_model import CHATML_TEMPLATE
 

@@ -1,0 +1,213 @@
+"""What every generation backend shares: its settings, its interface and its results.
+
+The embedded backend decodes in this process (llamacpp.BatchGenerator), the other asks an
+OpenAI-compatible server (openai.OpenAIGenerator); `select.open_generator` picks one.
+Both satisfy `Generator`, tokenize and template prompts with the same GGUF (`GGUFText`), and
+complete `run`'s arguments the same way (`run_settings`), so a prompt is the same text and
+the same tokens whichever backend decodes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
+
+from localalign.chat import render_chat
+from localalign.errors import UserError
+
+if TYPE_CHECKING:
+    from llama_cpp import Llama
+
+BACKENDS = ("llama-cpp", "openai")
+
+
+@dataclass
+class GenerationConfig:
+    threads: int | None = None  # None: LOCALALIGN_THREADS or every core (runtime.default_threads)
+    # Per sequence: prompt + completion. A 4-shot ISARA prompt of safety seeds is ~700 tokens
+    # with SmolLM2's tokenizer, plus up to two turns of completion.
+    n_ctx: int = 2048
+    temperature: float = 0.8  # 0 = greedy. Below ~0.6 a 135M model repeats its examples.
+    top_p: float = 0.95
+    # top-k before top-p: llama.cpp's default too; it also keeps each sampling step O(k)
+    # instead of sorting the whole 49k-token vocabulary, for every sequence, every token.
+    top_k: int = 40
+    max_tokens: int = 384  # per completion (per turn for two-turn generation)
+    seed: int = 0  # base seed; prompt i samples with derive_seed(seed, i)
+    # Sequences decoded together. On a Q8_0 model llama.cpp's batched kernels keep gaining
+    # up to 32 here (2 cores, SmolLM2-135M, 32 prompts x 128 tokens: 111 tokens/s with 8,
+    # 144 with 16, 159 with 32: bench/bench_generate.py --sweep, docs/benchmarks.md).
+    parallel: int = 32
+    n_batch: int = 512  # tokens per llama_decode while reading prompts
+    # One KV buffer for all sequences (True) makes every token attend over every sequence's
+    # cells, masked; separate buffers (False) keep attention to a sequence's own cells.
+    # llama.h: "try to disable when n_seq_max > 1 for improved performance when the sequences
+    # do not share a large prefix" - ISARA prompts share only the system prompt.
+    kv_unified: bool = False
+    # llama.cpp's flash-attention kernels. Off: the plain kernels are what llama-cpp-python's
+    # Llama uses, so greedy outputs match it token for token (tested).
+    flash_attn: bool = False
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.n_ctx >= 64, f"n_ctx must be at least 64, got {self.n_ctx}"),
+            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}"),
+            (self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
+            (1 <= self.parallel <= 64, f"parallel must be in 1..64, got {self.parallel}"),
+            (self.n_batch >= 1, f"n_batch must be >= 1, got {self.n_batch}"),
+            (self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+
+def derive_seed(seed: int, index: int) -> int:
+    """A 32-bit sampler seed for item `index` of a run seeded with `seed` (stable across runs)."""
+    digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
+    value = int.from_bytes(digest[:4], "little")
+    return value if value != 0xFFFFFFFF else 0  # 0xFFFFFFFF means "random" to llama.cpp
+
+
+@dataclass
+class Completion:
+    """What one prompt produced: a text per turn, and why each turn ended."""
+
+    texts: list[str] = field(default_factory=list)
+    finish: list[str] = field(default_factory=list)  # "stop" (end token or stop string) or "length"
+    tokens: list[list[int]] = field(default_factory=list)  # the sampled ids, per turn
+    n_generated: int = 0
+
+
+
+class GGUFText:
+    """Tokens and chat template from a GGUF loaded in llama-cpp-python (`self.llm`; a
+    vocab-only load is enough). Shared by every generation backend, so a prompt is the same
+    text and the same tokens whichever backend decodes it; a backend is a context manager
+    around its `close`."""
+
+    llm: Llama
+    template: str
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def tokenize(self, text: str) -> list[int]:
+        """Tokens of `text`, special tokens parsed, BOS added if the model wants one."""
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+
+    def tokenize_continuation(self, text: str) -> list[int]:
+        """Tokens of text that continues a sequence (no BOS)."""
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+
+    def chat_prompt(self, messages: list[dict]) -> str:
+        """`messages` in the GGUF's own chat template, ending where the assistant speaks."""
+        bos = self.llm._model.token_get_text(self.llm.token_bos()) if self.llm.token_bos() >= 0 else ""
+        eos = self.llm._model.token_get_text(self.llm.token_eos()) if self.llm.token_eos() >= 0 else ""
+        return render_chat(self.template, messages, add_generation_prompt=True, bos_token=bos, eos_token=eos)
+
+
+def turn_budgets(max_tokens: int | Sequence[int] | None, n_turns: int, default: int) -> list[int]:
+    """`max_tokens` of `run` as one budget per turn."""
+    if max_tokens is None:
+        return [default] * n_turns
+    if isinstance(max_tokens, int):
+        return [max_tokens] * n_turns
+    return list(max_tokens)
+
+
+def run_settings(cfg: GenerationConfig, n_ctx_seq: int, prompt_tokens, max_tokens, temperature, stop, seeds, then):
+    """`run`'s arguments checked and completed from the config: (budgets, temperature, seeds, stop)."""
+    budgets = turn_budgets(max_tokens, 2 if then is not None else 1, cfg.max_tokens)
+    temperature = cfg.temperature if temperature is None else temperature
+    seeds = list(seeds) if seeds is not None else [derive_seed(cfg.seed, i) for i in range(len(prompt_tokens))]
+    if len(seeds) != len(prompt_tokens):
+        raise ValueError("one seed per prompt")
+    for i, toks in enumerate(prompt_tokens):
+        if len(toks) == 0:
+            raise UserError(f"prompt {i} is empty")
+        if len(toks) >= n_ctx_seq:
+            raise UserError(f"prompt {i} has {len(toks)} tokens; the context holds {n_ctx_seq} per sequence (raise n_ctx)")
+    return budgets, temperature, seeds, [s for s in (stop or []) if s]
+
+
+
+@dataclass
+class BackendConfig:
+    """Where text is generated. `kind` and `served_model` decide what a run produces; the
+    rest is how to reach the server (compare=False: a run resumed against the same model
+    at another address, or with other timeouts, is the same run)."""
+
+    kind: str = "llama-cpp"  # "llama-cpp" (embedded) or "openai" (a server at base_url)
+    base_url: str | None = field(default=None, compare=False)  # e.g. http://127.0.0.1:8080 (a trailing /v1 is accepted)
+    # The NAME of an environment variable holding the API key, never the key: the config is
+    # written into the run directory.
+    api_key_env: str | None = field(default=None, compare=False)
+    # The request's "model" field. None: the first model the server lists (/v1/models).
+    # In `align`, "{name}" is replaced by the stage's model ("base", "round-1", ...) so a
+    # server can serve each round under its own name (docs/scaling.md).
+    served_model: str | None = None
+    # Requests in flight. A server with continuous batching decodes them together; one
+    # without (llama_cpp.server) queues them, and more than a few only adds waiting.
+    # Results do not depend on it: every request carries its own seed.
+    concurrency: int = field(default=8, compare=False)
+    timeout_s: float = field(default=600.0, compare=False)  # per request: a 512-token reply from a busy CPU server takes minutes
+    # Connection errors, timeouts, 429 and 5xx are retried after backoff_s, 2x, 4x, ...
+    retries: int = field(default=3, compare=False)
+    backoff_s: float = field(default=1.0, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.kind not in BACKENDS:
+            raise UserError(f"backend must be one of {', '.join(BACKENDS)}, got {self.kind!r}")
+        if self.kind == "openai" and not self.base_url:
+            raise UserError("--backend openai needs --base-url URL (e.g. http://127.0.0.1:8080)")
+        if self.base_url and not self.base_url.startswith(("http://", "https://")):
+            raise UserError(f"base URL must start with http:// or https://, got {self.base_url!r}")
+        if not 1 <= self.concurrency <= 256:
+            raise UserError(f"concurrency must be in 1..256, got {self.concurrency}")
+        if self.timeout_s <= 0 or self.retries < 0 or self.backoff_s < 0:
+            raise UserError("timeout_s must be > 0, retries and backoff_s >= 0")
+
+    def for_model(self, name: str) -> "BackendConfig":
+        """This config for the stage whose model is `name` ("base", "round-1", ...) in `align`."""
+        if self.kind != "openai":
+            return self
+        if self.served_model and "{name}" in self.served_model:
+            return BackendConfig(**{**self.__dict__, "served_model": self.served_model.replace("{name}", name)})
+        if name != "base":
+            raise UserError(
+                f"the server serves one model, but {name} is a trained model: set backend.served_model to a "
+                "pattern with {name} (e.g. 'localalign-{name}') and serve each round under its name (docs/scaling.md)"
+            )
+        return self
+
+
+class Generator(Protocol):
+    """What a backend offers: tokens, the model's chat template, and decoding."""
+
+    config: GenerationConfig
+    n_ctx_seq: int  # tokens one sequence (prompt + completion) may use
+
+    def tokenize(self, text: str) -> list[int]: ...
+    def tokenize_continuation(self, text: str) -> list[int]: ...
+    def chat_prompt(self, messages: list[dict]) -> str: ...
+    def complete(self, prompts: list[str], max_tokens: int | None = None, temperature: float | None = None,
+                 stop: Sequence[str] | None = None, seeds: Sequence[int] | None = None) -> list[str]: ...
+    def run(self, prompt_tokens: list[list[int]], max_tokens: int | Sequence[int] | None = None,
+            temperature: float | None = None, stop: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
+            then: list[int] | None = None, on_done: Callable[[int, Completion], None] | None = None,
+            grammar: str | None = None, on_step: Callable[[int], None] | None = None) -> list[Completion]: ...
+    def score_continuations(self, prompt: str, continuations: Sequence[str]) -> list[float]: ...
+    def close(self) -> None: ...
+    def __enter__(self): ...
+    def __exit__(self, *exc) -> None: ...
+

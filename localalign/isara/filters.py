@@ -1,0 +1,209 @@
+"""Filters for generated pairs: rules, novelty, self-assessment. Pure functions.
+
+A candidate passes the checks in this order, and the first failure is its reject reason:
+
+1. rules (string checks, free): unparseable or truncated output, empty, too short or too
+   long, template or role-marker leakage, the response echoing the prompt, a near-copy of one
+   of its own in-context examples, degenerate repetition;
+2. novelty (one embedding): cosine similarity to any seed or accepted sample above
+   `novelty_threshold` makes it a duplicate;
+3. self-assessment (one short greedy completion by the same model): quality and domain fit,
+   1-10 each, from the rubric below; both must reach `min_rating`.
+
+The rubric is the only fixed instruction text in the whole method; the generation prompts
+carry none. The model-touching side of step 3 lives in step.py; here are the prompt
+text and the parsing.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+from difflib import SequenceMatcher
+from typing import Sequence
+
+from localalign.errors import UserError
+from localalign.isara.prompts import COMMON_LEAK_MARKERS
+from localalign.samples import Sample
+
+REASONS = (
+    "truncated_prompt",
+    "truncated_response",
+    "unparseable",
+    "empty",
+    "too_short",
+    "too_long",
+    "leak",
+    "echo",
+    "copies_example",
+    "repetitive",
+    "duplicate",
+    "low_rating",
+    "unrated",
+)
+
+
+@dataclass
+class FilterConfig:
+    # Characters, not tokens: rules must not need a tokenizer. A real request is rarely under
+    # 10 characters; a real answer rarely under 20 ("No." teaches nothing).
+    min_prompt_chars: int = 10
+    min_response_chars: int = 20
+    max_prompt_chars: int = 1500
+    max_response_chars: int = 3000
+    # difflib ratio at or above which a generated prompt is a copy of an example's prompt,
+    # or a response a copy of its own prompt. 0.8 catches copies with a few words changed.
+    copy_ratio: float = 0.8
+    # Distinct word 3-grams / all 3-grams below this: a loop ("I can't, I can't, ...").
+    # Human answers of 20+ words sit above 0.9; SmolLM2's loops fall under 0.5.
+    min_distinct_trigrams: float = 0.5
+    novelty_threshold: float = 0.9  # cosine similarity above which a candidate is a duplicate
+    rate: bool = True  # run the self-assessment
+    min_rating: float = 5.0  # both quality and domain must reach this (1-10 scale)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.copy_ratio <= 1:
+            raise UserError(f"copy_ratio must be in (0, 1], got {self.copy_ratio}")
+        if not -1 <= self.novelty_threshold <= 1:
+            raise UserError(f"novelty_threshold must be in [-1, 1], got {self.novelty_threshold}")
+        if not 1 <= self.min_rating <= 10:
+            raise UserError(f"min_rating must be in 1..10, got {self.min_rating}")
+        if self.min_prompt_chars > self.max_prompt_chars or self.min_response_chars > self.max_response_chars:
+            raise UserError("a minimum length is above its maximum")
+
+
+# ---------------------------------------------------------------------------- rules
+
+_ROLE_PREFIX = re.compile(r"^\s*(user|assistant|system|human|ai|### ?(prompt|response|instruction))\s*[:\n]", re.I)
+
+
+def normalize(text: str) -> str:
+    """Lowercased, accents and punctuation folded, whitespace collapsed: for copy checks."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    text = re.sub(r"[^\w\s]", " ", text)
+    return " ".join(text.split())
+
+
+def similar(a: str, b: str) -> float:
+    """difflib similarity of two normalized texts (1.0 = identical)."""
+    a, b = normalize(a), normalize(b)
+    if a == b:
+        return 1.0
+    if not a or not b:
+        return 0.0
+    return SequenceMatcher(None, a, b).ratio()
+
+
+def distinct_trigram_ratio(text: str) -> float:
+    words = normalize(text).split()
+    grams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
+    return len(set(grams)) / len(grams) if grams else 1.0
+
+
+def check_rules(
+    prompt: str,
+    response: str,
+    examples: Sequence[Sample] = (),
+    config: FilterConfig | None = None,
+    leak_markers: Sequence[str] = COMMON_LEAK_MARKERS,
+    parse_problem: str | None = None,
+) -> str | None:
+    """The first rule a candidate breaks (a reason from REASONS), or None."""
+    c = config or FilterConfig()
+    if parse_problem is not None:
+        return parse_problem
+    p, r = prompt.strip(), response.strip()
+    if not p or not r:
+        return "empty"
+    if len(p) < c.min_prompt_chars or len(r) < c.min_response_chars:
+        return "too_short"
+    if len(p) > c.max_prompt_chars or len(r) > c.max_response_chars:
+        return "too_long"
+    if any(m in p or m in r for m in leak_markers) or _ROLE_PREFIX.match(p) or _ROLE_PREFIX.match(r):
+        return "leak"
+    if normalize(r).startswith(normalize(p)) or similar(p, r) >= c.copy_ratio:
+        return "echo"
+    for ex in examples:
+        if similar(p, ex.prompt) >= c.copy_ratio or (similar(r, ex.response) >= c.copy_ratio):
+            return "copies_example"
+    if len(normalize(r).split()) >= 20 and distinct_trigram_ratio(r) < c.min_distinct_trigrams:
+        return "repetitive"
+    return None
+
+
+# ---------------------------------------------------------------------------- novelty
+
+
+def check_novelty(max_similarity: float, config: FilterConfig | None = None) -> str | None:
+    c = config or FilterConfig()
+    return "duplicate" if max_similarity > c.novelty_threshold else None
+
+
+# ---------------------------------------------------------------------------- self-assessment
+
+# The one fixed instruction text of the method. The domain is shown through a few seed
+# prompts (the same ones for every candidate, so all rating prompts share one KV prefix).
+RUBRIC = """Here are requests from a dataset:
+{domain}
+
+Here is a new request and a response to it.
+
+Request: {prompt}
+
+Response: {response}
+
+Rate the new pair with two scores from 1 (worst) to 10 (best).
+Quality: is the response helpful, correct, honest and safe, and does it answer the request?
+Domain: is the request the same kind of request as the dataset's?"""
+
+# The assistant turn is opened with this, and the rest is held to RATING_GRAMMAR: a 135M
+# model asked for a format mostly repeats the rubric back ("Quality: N, Domain: N");
+# constrained, it can only choose the numbers.
+RUBRIC_ANSWER_START = "Quality:"
+RATING_GRAMMAR = r'''root ::= " " score ", Domain: " score
+score ::= [1-9] | "10"
+'''
+RATING_DOMAIN_EXAMPLES = 4  # seed prompts shown as the domain
+RATING_MAX_CHARS = 1200  # a long response is cut in the rubric: the model's context is small
+
+
+def rubric_message(prompt: str, response: str, domain_prompts: Sequence[str]) -> str:
+    def cut(text: str) -> str:
+        return text if len(text) <= RATING_MAX_CHARS else text[:RATING_MAX_CHARS] + " [...]"
+
+    domain = "\n".join(f"- {cut(d).strip()}" for d in domain_prompts)
+    return RUBRIC.format(domain=domain, prompt=cut(prompt.strip()), response=cut(response.strip()))
+
+
+_SCORE = {
+    "quality": re.compile(r"quality\W{0,3}(-?\d+(?:\.\d+)?)\s*(?:/\s*10)?", re.I),
+    "domain": re.compile(r"domain\W{0,3}(-?\d+(?:\.\d+)?)\s*(?:/\s*10)?", re.I),
+}
+
+
+def parse_rating(completion: str) -> dict[str, float]:
+    """Scores from a rubric completion (which starts after "Quality:").
+
+    Defensive: the first number after each label counts; a number outside 1..10 is
+    discarded, not clamped (a "0" or "85" means the model did not follow the scale).
+    """
+    text = RUBRIC_ANSWER_START + " " + completion
+    scores: dict[str, float] = {}
+    for name, pattern in _SCORE.items():
+        m = pattern.search(text)
+        if m is None:
+            continue
+        value = float(m.group(1))
+        if 1 <= value <= 10:
+            scores[name] = value
+    return scores
+
+
+def check_rating(scores: dict[str, float], config: FilterConfig | None = None) -> str | None:
+    c = config or FilterConfig()
+    if "quality" not in scores or "domain" not in scores:
+        return "unrated"
+    if min(scores["quality"], scores["domain"]) < c.min_rating:
+        return "low_rating"
+    return None

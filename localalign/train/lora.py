@@ -1,0 +1,323 @@
+"""LoRA fine-tuning of the HF copy of the model on one round's accepted samples.
+
+    train(base_hf_dir, samples, out_dir, TrainConfig(...)) -> TrainResult
+
+Three steps: `_setup` loads the data, the model and (on resume) the latest checkpoint;
+`_loop` is one visible loop: for each optimizer step, its micro-batches are rebuilt from
+the step number alone (see `data.epoch_plan`), run forward/backward, and the step is logged
+and, every `checkpoint_every` steps, checkpointed; `_finish` writes the adapter. The loss
+is computed on response tokens only, and only those positions go through the (49k-wide)
+output layer: prompt logits would be computed and thrown away (model.py).
+
+The run directory:
+
+    out_dir/adapter/            the final PEFT adapter (adapter_config.json + safetensors)
+    out_dir/checkpoints/step-N/ the latest checkpoint (checkpoint.py)
+    out_dir/train_log.jsonl     one line per optimizer step: loss, lr, tokens/s
+    out_dir/train_config.json   the resolved config
+
+Every directory appears by rename of a finished temp directory, so a run killed at any
+moment (kill -9 included) leaves each checkpoint complete or absent, and `resume=True`
+continues from the latest one mid-epoch with the same result as an uninterrupted run.
+
+Under `torchrun --nproc_per_node N` the same call trains data-parallel: each process takes
+its share of every micro-batch, the LoRA gradients are summed across processes, and only
+rank 0 writes (distributed.py explains the choices).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from localalign.engine.runtime import default_threads
+from localalign.errors import UserError
+from localalign.fsutil import atomic_write_text
+from localalign.samples import Sample
+from localalign.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    run_fingerprint,
+    save_adapter,
+    save_checkpoint,
+    trainable_state,
+    truncate_log,
+)
+from localalign.train.config import TrainConfig
+from localalign.train.data import Encoded, collate_packed, collate_padded, encode_samples, end_of_turn_ids, epoch_plan
+from localalign.train.distributed import (
+    World,
+    all_reduce_grads,
+    backend_for,
+    barrier,
+    check_agree,
+    digest,
+    gather_ints,
+    process_group,
+    shard,
+    threads_per_process,
+    world_from_env,
+)
+from localalign.train.model import build_model, forward_backward, load_tokenizer, pick_device, precision_for
+
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftModel
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path
+    steps: int
+    final_loss: float
+    losses: list[float]
+    tokens: int  # real (non-pad) tokens processed, over all steps of the run including resumed ones
+    seconds: float  # time in the training loop (not model loading)
+    tokens_per_s: float
+    dropped: int = 0  # samples longer than max_seq_len
+
+
+@dataclass
+class StepRecord:
+    step: int  # optimizer steps done (1-based)
+    total_steps: int
+    epoch: int
+    loss: float
+    lr: float
+    tokens: int
+    tokens_per_s: float
+    seconds: float
+
+
+def lr_factor(step: int, total: int, warmup_ratio: float, min_ratio: float) -> float:
+    """Linear warmup, then cosine decay from 1 to `min_ratio` at the last step."""
+    warmup = int(math.ceil(total * warmup_ratio))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup - 1)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def train(
+    base_hf_dir: str | Path,
+    samples: list[Sample],
+    out_dir: str | Path,
+    config: TrainConfig | None = None,
+    resume: bool = False,
+    init_adapter: str | Path | None = None,
+    log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
+    on_step: Callable[[StepRecord], None] | None = None,
+) -> TrainResult:
+    """Fine-tune a LoRA adapter on `samples`; see the module docstring for what lands in `out_dir`.
+
+    Started by torchrun (WORLD_SIZE > 1), this process trains its share of every step and
+    only rank 0 writes (distributed.py); the result is the same as one process's.
+    """
+    config = config or TrainConfig()
+    world = world_from_env()
+    if world.distributed and config.batch_size < world.size:
+        raise UserError(
+            f"batch_size={config.batch_size} is smaller than the {world.size} processes: each micro-batch "
+            "is split across them by sample; raise batch_size (and lower grad_accum to keep the step size)"
+        )
+    device = pick_device(config.device, world.local_rank)
+    with process_group(world, device.type):
+        run = _setup(Path(base_hf_dir), samples, Path(out_dir), config, resume, init_adapter, log, world, device)
+        _loop(run, on_step)
+        return _finish(run)
+
+
+@dataclass
+class _Run:
+    """What `_setup` makes for the loop: the data, the model and its optimizer, the step state."""
+
+    config: TrainConfig
+    world: World
+    device: torch.device
+    precision: str
+    out_dir: Path
+    log: Callable[[str], None]
+    data: list[Encoded]
+    dropped: int
+    pad_id: int
+    steps_per_epoch: int
+    total_steps: int
+    fingerprint: str
+    model: PeftModel
+    trainable: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    state: dict[str, Any]  # step, losses, tokens, seconds: what a checkpoint carries
+
+
+def _setup(base_hf_dir: Path, samples: list[Sample], out_dir: Path, config: TrainConfig, resume: bool, init_adapter,
+           log: Callable[[str], None], world: World, device) -> _Run:
+    """Check the inputs, encode the data, build the model and optimizer, load the latest checkpoint."""
+    import torch
+
+    if not world.is_main:  # every process would print the same lines
+        from transformers.utils import logging as hf_logging
+
+        log = _silent
+        hf_logging.disable_progress_bar()  # "Loading weights" bars
+    if not (base_hf_dir / "config.json").exists():
+        raise UserError(f"{base_hf_dir}: not a Hugging Face model directory (no config.json)")
+    if not samples:
+        raise UserError("no samples to train on")
+    latest = latest_checkpoint(out_dir / "checkpoints")
+    if latest is not None and not resume:
+        raise UserError(f"{out_dir} already has a checkpoint ({latest.name}); pass --resume or use a new directory")
+    if world.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(threads_per_process(config.threads, default_threads(), world.local_size))
+    precision = precision_for(device, config)
+    if device.type == "cuda" and precision == "fp32":
+        log("this GPU has no bf16: training in fp32 (fp16 would need loss scaling; fp32 LoRA on a small model fits)")
+
+    tokenizer = load_tokenizer(base_hf_dir)
+    data, dropped = encode_samples(tokenizer, samples, end_of_turn_ids(tokenizer, base_hf_dir), config.max_seq_len)
+    if dropped:
+        log(f"dropped {dropped} of {len(samples)} samples longer than max_seq_len={config.max_seq_len} tokens")
+    if not data:
+        raise UserError(f"every sample is longer than max_seq_len={config.max_seq_len} tokens")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    steps_per_epoch = math.ceil(math.ceil(len(data) / config.batch_size) / config.grad_accum)
+    fingerprint = run_fingerprint(base_hf_dir, data, config, init_adapter)
+    check_agree(digest(fingerprint), "the data, model and training settings", world)
+
+    total_steps = steps_per_epoch * config.epochs
+    model = build_model(base_hf_dir, config, device, init_adapter, log, precision)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, config.warmup_ratio, config.min_lr_ratio)
+    )
+    state = {"step": 0, "losses": [], "tokens": 0, "seconds": 0.0}
+    if latest is not None:
+        state = load_checkpoint(latest, model, optimizer, scheduler, fingerprint)
+        log(f"resuming from {latest} (step {state['step']} of {total_steps})")
+    run = _Run(config, world, device, precision, out_dir, log, data, dropped, pad_id, steps_per_epoch, total_steps,
+               fingerprint, model, trainable, optimizer, scheduler, state)
+    check_agree(state["step"], "the checkpoint step to start from", world)
+    if world.is_main:
+        if latest is not None:
+            truncate_log(out_dir / "train_log.jsonl", state["step"])
+        else:
+            (out_dir / "train_log.jsonl").unlink(missing_ok=True)
+        atomic_write_text(out_dir / "train_config.json", json.dumps(asdict(config), indent=2) + "\n")
+    if world.distributed:
+        log(f"{world.size} processes ({backend_for(device.type)}), {config.batch_size * config.grad_accum} samples per step in all")
+    return run
+
+
+def _loop(run: _Run, on_step: Callable[[StepRecord], None] | None) -> None:
+    """Every optimizer step from the state's step on: train, log, checkpoint."""
+    import torch
+
+    config, world, state = run.config, run.world, run.state
+    base = run.model.get_base_model()
+    body, head = base.model, base.get_output_embeddings()
+    autocast = torch.autocast(run.device.type, dtype=torch.bfloat16) if run.precision == "bf16" else nullcontext()
+    run.model.train()
+    bar = progress_bar(config.progress and world.is_main, run.total_steps, state["step"])
+    lengths = [len(e.input_ids) for e in run.data]
+    plans: dict[int, list[list[int]]] = {}
+    log_file = open(run.out_dir / "train_log.jsonl", "a", encoding="utf-8") if world.is_main else None
+    try:
+        for step in range(state["step"], run.total_steps):
+            t0 = time.perf_counter()
+            if world.distributed:  # dropout masks per process and step, so a resume needs no per-rank RNG state
+                torch.manual_seed(config.seed * 1_000_003 + step * 1_009 + world.rank)
+            epoch, i = divmod(step, run.steps_per_epoch)
+            if epoch not in plans:
+                plans = {epoch: epoch_plan(lengths, config.batch_size, config.seed, epoch, config.batching)}
+            micro = [[run.data[j] for j in mb] for mb in plans[epoch][i * config.grad_accum : (i + 1) * config.grad_accum]]
+            loss_sum, n_targets, n_tokens, lr = _optimizer_step(run, body, head, autocast, micro)
+
+            seconds = time.perf_counter() - t0
+            rec = StepRecord(step + 1, run.total_steps, epoch, loss_sum / n_targets, lr, n_tokens, n_tokens / seconds, seconds)
+            state["step"], state["tokens"], state["seconds"] = step + 1, state["tokens"] + n_tokens, state["seconds"] + seconds
+            state["losses"].append(rec.loss)
+            if log_file is not None:
+                log_file.write(json.dumps(asdict(rec)) + "\n")
+                log_file.flush()
+            bar.set_postfix(loss=f"{rec.loss:.3f}", tok_s=f"{rec.tokens_per_s:.0f}", refresh=False)
+            bar.update(1)
+            if world.is_main and (rec.step % config.checkpoint_every == 0 or rec.step == run.total_steps):
+                save_checkpoint(run.out_dir / "checkpoints", run.model, run.optimizer, run.scheduler,
+                                dict(state, fingerprint=run.fingerprint))
+            if on_step is not None:
+                on_step(rec)
+    finally:
+        if log_file is not None:
+            log_file.close()
+        bar.close()
+
+
+def _optimizer_step(run: _Run, body, head, autocast, micro: list[list[Encoded]]) -> tuple[float, int, int, float]:
+    """Forward/backward over one step's micro-batches (this process's share), then one update.
+    Returns the step's summed loss, response tokens, tokens and learning rate."""
+    import torch
+
+    config, trainable = run.config, run.trainable
+    n_targets = sum(e.n_targets for mb in micro for e in mb)  # of the whole step, on every process
+    n_tokens = sum(len(e.input_ids) for mb in micro for e in mb)
+    loss_sum = 0.0
+    for mb in micro:
+        mine = shard(mb, run.world)
+        if not mine:  # the last, short micro-batch of an epoch
+            continue
+        batch = collate_packed(mine) if config.batching == "pack" else collate_padded(mine, run.pad_id)
+        with autocast:
+            loss_sum += forward_backward(body, head, {k: v.to(run.device) for k, v in batch.items()}, 1 / n_targets)
+    loss_sum = all_reduce_grads(trainable, loss_sum, run.world)
+    torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+    lr = run.optimizer.param_groups[0]["lr"]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss_sum, n_targets, n_tokens, lr
+
+
+def _finish(run: _Run) -> TrainResult:
+    """Check the processes agree, write the adapter, and sum up the run."""
+    world, state = run.world, run.state
+    # Identical summed gradients and identical steps keep the processes' weights equal; if
+    # they are not, the gradient exchange is broken (our bug, not the user's).
+    weights = gather_ints(digest(b"".join(t.numpy().tobytes() for t in trainable_state(run.model).values())), world)
+    if len(set(weights)) > 1:
+        raise RuntimeError(f"the {world.size} training processes ended with different weights: {weights}")
+    adapter_dir = run.out_dir / "adapter"
+    if world.is_main:
+        save_adapter(run.model, adapter_dir)
+    barrier(world)  # every process returns once the adapter is there
+    losses = state["losses"]
+    return TrainResult(
+        adapter_dir,
+        state["step"],
+        losses[-1] if losses else float("nan"),
+        losses,
+        state["tokens"],
+        state["seconds"],
+        state["tokens"] / state["seconds"] if state["seconds"] else 0.0,
+        run.dropped,
+    )
+
+
+def _silent(message: str) -> None:
+    pass
+
+
+def progress_bar(enabled: bool, total: int, initial: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True, file=sys.stderr)

@@ -1,0 +1,166 @@
+"""The model the trainer fine-tunes: device and precision, the base model with its LoRA
+adapter, and the loss computed on response positions only."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from localalign.errors import UserError
+from localalign.train.config import TrainConfig
+from localalign.train.data import IGNORE
+
+# Response positions sent through the output layer at once: 256 x 49k vocab x ~14 bytes
+# (bf16 logits, fp32 copy, log-softmax, gradient) is ~180 MB, instead of ~0.7 MB per response token.
+LOGIT_CHUNK = 256
+
+
+def response_hidden(body, batch: dict):
+    """Final hidden states at response positions, and the tokens they must predict."""
+    hidden = body(
+        input_ids=batch["input_ids"],
+        attention_mask=batch.get("attention_mask"),  # None when packed: position_ids mark the samples
+        position_ids=batch["position_ids"],
+        use_cache=False,
+    ).last_hidden_state
+    keep = batch["targets"] != IGNORE
+    return hidden[keep], batch["targets"][keep]
+
+
+def response_loss_sum(body, head, batch: dict):
+    """Summed cross-entropy over response positions; only those go through the output layer."""
+    import torch.nn.functional as F
+
+    hidden, targets = response_hidden(body, batch)
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def forward_backward(body, head, batch: dict, scale: float, chunk: int = LOGIT_CHUNK) -> float:
+    """Backpropagate `scale` x the summed response loss; return the (unscaled) sum.
+
+    Same gradients as `(scale * response_loss_sum(...)).backward()`, but the 49k-wide logits
+    exist for `chunk` positions at a time: each chunk's loss is backpropagated into a detached
+    copy of the hidden states right away, then the body gets the accumulated gradient once.
+    """
+    import torch.nn.functional as F
+
+    hidden, targets = response_hidden(body, batch)
+    cut = hidden.detach().requires_grad_()
+    total = 0.0
+    for i in range(0, len(targets), chunk):
+        loss = F.cross_entropy(head(cut[i : i + chunk]).float(), targets[i : i + chunk], reduction="sum")
+        (loss * scale).backward()
+        total += loss.item()
+    hidden.backward(cut.grad)
+    return total
+
+
+def pick_device(wanted: str, local_rank: int = 0):
+    """CUDA if asked for or (auto) present, else CPU; under torchrun, GPU `local_rank`."""
+    import torch
+
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise UserError("device=cuda but torch sees no CUDA GPU")
+    if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()):
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(
+                f"process {local_rank} on this machine has no GPU of its own ({torch.cuda.device_count()} GPUs): "
+                "start at most one process per GPU, or train with device=cpu"
+            )
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def choose_precision(device_type: str, cpu_bf16: bool, cuda_bf16_supported: bool) -> str:
+    """The training precision: "bf16" (autocast, frozen weights stored in bf16) or "fp32".
+
+    CUDA: bf16 where the GPU has it (Ampere and newer); older GPUs get fp32, not fp16: fp16
+    needs loss scaling (GradScaler) to keep small gradients from vanishing, a code path we
+    could not test, and a LoRA run on a model of this size fits any GPU in fp32.
+    CPU: bf16 unless turned off (`cpu_bf16`), measured faster here (docs/benchmarks.md).
+    """
+    if device_type == "cuda":
+        return "bf16" if cuda_bf16_supported else "fp32"
+    return "bf16" if cpu_bf16 else "fp32"
+
+
+def precision_for(device, config: TrainConfig) -> str:
+    import torch
+
+    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return choose_precision(device.type, config.cpu_bf16, cuda_bf16)
+
+
+def load_tokenizer(hf_dir: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{hf_dir}: cannot load the tokenizer: {e}") from None
+
+
+def build_model(base_hf_dir: Path, config: TrainConfig, device, init_adapter, log, precision: str = "fp32"):
+    """The base model with a fresh (seeded) or loaded trainable LoRA adapter, on `device`.
+
+    With bf16 the frozen projection weights are stored in bf16: autocast would cast them to
+    bf16 for every matmul anyway (same numbers), so storing them that way saves the casts
+    and half their memory. Embeddings, norms and the LoRA weights stay fp32.
+    """
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    # peft 0.21 still calls transformers' deprecated is_gradient_checkpointing (noise, not a problem).
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    try:
+        base = AutoModelForCausalLM.from_pretrained(
+            base_hf_dir, dtype=torch.float32, attn_implementation="sdpa", trust_remote_code=False
+        )
+    except (OSError, ValueError) as e:
+        raise UserError(f"{base_hf_dir}: cannot load the model: {e}") from None
+    base.config.use_cache = False
+    present = {name.rsplit(".", 1)[-1] for name, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
+    missing = [t for t in config.target_modules if t not in present]
+    if missing:
+        raise UserError(f"target_modules {missing} are not linear layers of this model (it has {sorted(present)})")
+    torch.manual_seed(config.seed)  # LoRA A init
+    if init_adapter is not None:
+        init_adapter = Path(init_adapter)
+        if not (init_adapter / "adapter_config.json").exists():
+            raise UserError(f"{init_adapter}: not a PEFT adapter directory (no adapter_config.json)")
+        model = PeftModel.from_pretrained(base, init_adapter, is_trainable=True)
+        check_adapter_loaded(model, init_adapter)
+        log(f"continuing from adapter {init_adapter}")
+    else:
+        lora = LoraConfig(
+            r=config.r,
+            lora_alpha=config.alpha,
+            lora_dropout=config.dropout,
+            target_modules=list(config.target_modules),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(base, lora)
+    if precision == "bf16":
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad and "lm_head" not in name:
+                module.to(torch.bfloat16)
+    if config.gradient_checkpointing:
+        model.get_base_model().activation_checkpointing_enable()
+    return model.to(device)
+
+
+def check_adapter_loaded(model, adapter_dir: Path) -> None:
+    """A silent key mismatch would train a fresh adapter instead: compare the tensor counts."""
+    from safetensors import safe_open
+
+    path = adapter_dir / "adapter_model.safetensors"
+    if not path.exists():
+        raise UserError(f"{adapter_dir}: no adapter_model.safetensors")
+    with safe_open(path, "pt") as f:
+        n_file = len(list(f.keys()))
+    n_model = sum(1 for n, p in model.named_parameters() if "lora_" in n)
+    if n_file != n_model:
+        raise UserError(f"{adapter_dir}: adapter has {n_file} tensors, the model expects {n_model}")

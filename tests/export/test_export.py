@@ -1,0 +1,487 @@
+"""GGUF export: writer, quantization, LoRA adapters, parity, Modelfile, CLI.
+
+Everything runs on the tiny fixture model; the default-model checks are marked realmodel.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from localalign.convert.gguf_writer import permute_qk, write_gguf
+from localalign.convert.hf_reader import llama_cpp_pre_name
+from localalign.errors import UserError
+
+
+def _tensors(path):
+    from gguf import GGUFReader
+
+    return {t.name: t for t in GGUFReader(str(path), "r").tensors}
+
+
+# ---------------------------------------------------------------------------- pure pieces
+
+
+BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+
+
+def _tj(pre, model_type="BPE", normalizer=None):
+    return {"model": {"type": model_type}, "normalizer": normalizer, "pre_tokenizer": pre}
+
+
+def test_pre_name_gpt2_and_smollm():
+    assert llama_cpp_pre_name(_tj(BYTE_LEVEL)) == "gpt-2"
+    digits = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, BYTE_LEVEL]}
+    assert llama_cpp_pre_name(_tj(digits)) == "smollm"
+
+
+def test_pre_name_refuses_unknown_split_and_prefix_space():
+    split = {
+        "type": "Sequence",
+        "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": "\\s+"}, "behavior": "Isolated", "invert": False},
+            dict(BYTE_LEVEL, use_regex=False),
+        ],
+    }
+    with pytest.raises(UserError, match="no known llama.cpp equivalent"):
+        llama_cpp_pre_name(_tj(split))
+    with pytest.raises(UserError, match="no known llama.cpp equivalent"):
+        llama_cpp_pre_name(_tj(dict(BYTE_LEVEL, add_prefix_space=True)))
+    with pytest.raises(UserError, match="Unigram"):
+        llama_cpp_pre_name(_tj(BYTE_LEVEL, model_type="Unigram"))
+
+
+def test_permute_qk_interleaves_halves_per_head():
+    # one head of dim 4: HF rows [r0 r1 | i0 i1] -> llama.cpp rows [r0 i0 r1 i1]
+    w = np.arange(8, dtype=np.float32).reshape(8, 1)  # two heads of 4 rows
+    out = permute_qk(w, n_head=2)[:, 0].tolist()
+    assert out == [0, 2, 1, 3, 4, 6, 5, 7]
+
+
+# ---------------------------------------------------------------------------- writer
+
+
+def test_f32_export_matches_hf_logits(tiny_hf_dir, tiny_gguf):
+    from localalign.checks.parity import MAX_ABS_LOGIT_DIFF, check_export
+
+    report = check_export(tiny_hf_dir, tiny_gguf, max_abs_tol=MAX_ABS_LOGIT_DIFF["f32"], min_top1=1.0)
+    assert report.ok, report.summary()
+    assert report.details["max_abs_logit_diff"] <= MAX_ABS_LOGIT_DIFF["f32"]
+
+
+def test_chat_template_and_specials_carried_over(tiny_hf_dir, tiny_gguf):
+    from transformers import AutoTokenizer
+
+    from localalign.checks.parity import read_gguf_metadata
+
+    tok = AutoTokenizer.from_pretrained(tiny_hf_dir)
+    meta = read_gguf_metadata(tiny_gguf)
+    assert meta["tokenizer.chat_template"] == tok.chat_template
+    assert meta["tokenizer.ggml.bos_token_id"] == tok.bos_token_id
+    assert meta["tokenizer.ggml.eos_token_id"] == tok.eos_token_id
+    assert meta["tokenizer.ggml.add_bos_token"] is False
+    assert meta["tokenizer.ggml.pre"] == "gpt-2"
+    assert meta["general.architecture"] == "llama"
+
+
+def test_f16_and_bf16_keep_norms_f32(tiny_hf_dir, tmp_path):
+    from gguf import GGMLQuantizationType as Q
+
+    for out_type, qtype in (("f16", Q.F16), ("bf16", Q.BF16)):
+        tensors = _tensors(write_gguf(tiny_hf_dir, tmp_path / f"m.{out_type}.gguf", out_type=out_type))
+        assert tensors["blk.0.attn_q.weight"].tensor_type == qtype
+        assert tensors["blk.0.attn_norm.weight"].tensor_type == Q.F32
+        assert tensors["output_norm.weight"].tensor_type == Q.F32
+        assert "output.weight" not in tensors  # tied embeddings: llama.cpp reuses token_embd
+
+
+def test_unsupported_architecture_refused_before_writing(tiny_hf_dir, tmp_path):
+    import shutil
+
+    bad = tmp_path / "gpt2ish"
+    shutil.copytree(tiny_hf_dir, bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["model_type"] = "gpt2"
+    (bad / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(UserError, match=r"'gpt2' cannot be exported.*supported: llama, qwen2"):
+        write_gguf(bad, out / "x.gguf")
+    assert list(out.iterdir()) == []  # no file and no temp file left behind
+
+
+def test_bad_out_type_refused(tiny_hf_dir, tmp_path):
+    with pytest.raises(UserError, match="q8_0"):
+        write_gguf(tiny_hf_dir, tmp_path / "x.gguf", out_type="q8_0")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_pre_name_llama3_and_qwen2_splits():
+    from localalign.convert.hf_reader import _LLAMA3_REGEX, _QWEN2_REGEX
+
+    def split(regex):
+        return {
+            "type": "Sequence",
+            "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
+                dict(BYTE_LEVEL, use_regex=False),
+            ],
+        }
+
+    assert llama_cpp_pre_name(_tj(split(_LLAMA3_REGEX))) == "llama-bpe"
+    assert llama_cpp_pre_name(_tj(split(_QWEN2_REGEX), normalizer={"type": "NFC"})) == "qwen2"
+    with pytest.raises(UserError, match="normalizer"):
+        llama_cpp_pre_name(_tj(split(_QWEN2_REGEX), normalizer={"type": "Lowercase"}))
+
+
+# ---------------------------------------------------------------------------- Modelfile
+
+
+SMOL_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are helpful.<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize("with_default_system", [False, True])
+def test_chat_affixes_rebuild_the_template(with_default_system):
+    from localalign.chat import render_chat
+    from localalign.export.modelfile import chat_affixes, render_with_affixes
+    from tiny_model import CHATML_TEMPLATE
+
+    template = SMOL_TEMPLATE if with_default_system else CHATML_TEMPLATE
+    a = chat_affixes(template)
+    assert a.prefix["user"] == "<|im_start|>user\n" and a.suffix["user"] == "<|im_end|>\n"
+    assert a.generation_prompt == "<|im_start|>assistant\n"
+    assert a.default_system == ("<|im_start|>system\nYou are helpful.<|im_end|>\n" if with_default_system else "")
+    conv = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}, {"role": "user", "content": "z"}]
+    assert render_with_affixes(a, conv) == render_chat(template, conv)
+
+
+def test_go_template_is_balanced_and_carries_affixes():
+    import re
+
+    from localalign.export.modelfile import chat_affixes, translate_template
+
+    text = translate_template(SMOL_TEMPLATE)
+    actions = re.findall(r"\{\{(.*?)\}\}", text)
+    assert text.count("{{") == text.count("}}") == len(actions)
+    opens = sum(1 for a in actions if re.match(r"\s*(if|range)\b", a))
+    assert opens == sum(1 for a in actions if a.strip() == "end")
+    literal = re.sub(r"\{\{.*?\}\}", "", text)
+    a = chat_affixes(SMOL_TEMPLATE)
+    for piece in [a.default_system, a.generation_prompt, *a.prefix.values()]:
+        assert piece in literal
+
+
+def test_untranslatable_template_gives_modelfile_without_template():
+    from localalign.export.modelfile import modelfile_text
+
+    weird = "{% for m in messages|reverse %}{{ m['content'] }}{% endfor %}"
+    text = modelfile_text("./m.gguf", weird, ["<|im_end|>"])
+    assert "TEMPLATE" not in text.replace("# No TEMPLATE", "")
+    assert 'PARAMETER stop "<|im_end|>"' in text and "FROM ./m.gguf" in text
+
+
+# ---------------------------------------------------------------------------- export + parity
+
+
+def test_export_model_writes_gguf_modelfile_and_parity(tiny_hf_dir, tmp_path):
+    from localalign.export.pipeline import export_model
+
+    out = tmp_path / "tiny.gguf"
+    report = export_model(tiny_hf_dir, out, out_type="f32")
+    assert report.ok, report.summary()
+    saved = json.loads((tmp_path / "tiny.gguf.parity.json").read_text())
+    assert saved["ok"] and saved["checks"]["token_ids"] and saved["checks"]["stop_tokens"]
+    modelfile = (tmp_path / "tiny.Modelfile").read_text()
+    assert "FROM ./tiny.gguf" in modelfile
+    assert 'TEMPLATE """' in modelfile and "<|im_start|>user\n{{ $m.Content }}<|im_end|>\n" in modelfile
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.Modelfile", "tiny.gguf", "tiny.gguf.parity.json"]
+
+
+def test_bf16_safetensors_input(tiny_hf_dir, tmp_path):
+    """Weights stored as bf16 (numpy cannot read them) go through torch and still match."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from localalign.checks.parity import MAX_ABS_LOGIT_DIFF, check_export
+
+    d = tmp_path / "hf"
+    shutil.copytree(tiny_hf_dir, d)
+    weights = load_file(d / "model.safetensors")
+    save_file({k: v.to(torch.bfloat16) for k, v in weights.items()}, d / "model.safetensors", metadata={"format": "pt"})
+    out = write_gguf(d, tmp_path / "m.gguf", out_type="f32")
+    report = check_export(d, out, max_abs_tol=MAX_ABS_LOGIT_DIFF["f32"], min_top1=0.97)
+    assert report.ok, report.summary()
+
+
+def test_bf16_export_passes_parity(tiny_hf_dir, tmp_path):
+    from localalign.checks.parity import MAX_ABS_LOGIT_DIFF
+    from localalign.export.pipeline import export_model
+
+    report = export_model(tiny_hf_dir, tmp_path / "tiny.bf16.gguf", out_type="bf16")
+    assert report.ok, report.summary()
+    assert report.details["max_abs_logit_tol"] == MAX_ABS_LOGIT_DIFF["bf16"]
+
+
+def test_q8_0_loads_and_agrees_on_top1(tiny_hf_dir, tmp_path):
+    from gguf import GGMLQuantizationType as Q
+
+    from localalign.checks.parity import MIN_TOP1
+    from localalign.export.pipeline import export_model
+
+    out = tmp_path / "tiny.q8_0.gguf"
+    report = export_model(tiny_hf_dir, out, quant="q8_0", out_type="f32")
+    assert report.ok, report.summary()
+    assert report.details["top1_agreement"] >= MIN_TOP1["q8"]
+    assert _tensors(out)["blk.1.ffn_down.weight"].tensor_type == Q.Q8_0
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no intermediate left
+
+
+def test_q4_0_quantizes_and_tokenizes_identically(tiny_hf_dir, tiny_gguf, tmp_path):
+    from gguf import GGMLQuantizationType as Q
+    from transformers import AutoTokenizer
+
+    from localalign.checks.parity import ParityReport, compare_tokenizers
+    from localalign.convert.quantize import quantize_gguf
+    from localalign.engine.runtime import load_llama
+
+    out = quantize_gguf(tiny_gguf, tmp_path / "tiny.q4_0.gguf", "q4_0")
+    assert _tensors(out)["blk.0.attn_q.weight"].tensor_type == Q.Q4_0
+    report = ParityReport()
+    compare_tokenizers(AutoTokenizer.from_pretrained(tiny_hf_dir), load_llama(out, n_ctx=256), report)
+    assert report.ok, report.summary()
+
+
+def test_quantize_refuses_unknown_type(tiny_gguf, tmp_path):
+    from localalign.convert.quantize import quantize_gguf
+
+    with pytest.raises(UserError, match="q4_k_m"):
+        quantize_gguf(tiny_gguf, tmp_path / "x.gguf", "q3_z")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_parity_failure_is_loud_and_keeps_file_aside(tiny_hf_dir, tmp_path, monkeypatch):
+    import localalign.convert.gguf_writer as gguf_writer
+    from localalign.export.pipeline import export_model
+
+    # Skipping the Q/K permutation is the classic "answers garbage" export bug.
+    monkeypatch.setattr(gguf_writer, "permute_qk", lambda w, n_head: w)
+    out = tmp_path / "bad.gguf"
+    with pytest.raises(UserError, match="parity check.*logit"):
+        export_model(tiny_hf_dir, out, out_type="f32")
+    assert not out.exists()
+    failed = json.loads((tmp_path / "bad.parity-failed.gguf.parity.json").read_text())
+    assert failed["ok"] is False and failed["checks"]["logits_close"] is False
+    assert failed["checks"]["token_ids"] is True  # the tokenizer was fine: the report says what differed
+    assert (tmp_path / "bad.parity-failed.gguf").exists()
+
+
+# ---------------------------------------------------------------------------- LoRA adapters
+
+
+@pytest.fixture(scope="module")
+def tiny_adapter(tiny_hf_dir, tmp_path_factory):
+    """A PEFT LoRA on the tiny model with random nonzero B (an untrained adapter is a no-op)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_hf_dir, dtype=torch.float32)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.1)
+    out = tmp_path_factory.mktemp("adapter") / "adapter"
+    model.save_pretrained(out)
+    return out
+
+
+def test_gguf_adapter_on_base_equals_merged_model(tiny_hf_dir, tiny_gguf, tiny_adapter, tmp_path):
+    from localalign.checks.parity import MAX_ABS_LOGIT_DIFF, check_export
+    from localalign.export.pipeline import export_adapter
+    from localalign.train.merge import merge_adapter
+
+    out = tmp_path / "adapter.gguf"
+    report = export_adapter(tiny_hf_dir, tiny_adapter, out, tiny_gguf)
+    assert report.ok, report.summary()
+    assert report.details["max_abs_logit_diff"] <= MAX_ABS_LOGIT_DIFF["f32"]
+    modelfile = (tmp_path / "adapter.Modelfile").read_text()
+    assert f"FROM {tiny_gguf.resolve()}" in modelfile and "ADAPTER ./adapter.gguf" in modelfile
+    # The comparison can fail: the base alone is far from the merged model.
+    merged = merge_adapter(tiny_hf_dir, tiny_adapter, tmp_path / "merged")
+    without = check_export(merged, tiny_gguf, max_abs_tol=MAX_ABS_LOGIT_DIFF["f32"], min_top1=0.0)
+    assert not without.ok and without.details["max_abs_logit_diff"] > 1.0
+
+
+def test_adapter_with_rslora_scales_alpha_and_dora_refused(tiny_adapter, tiny_hf_dir, tmp_path):
+    import shutil
+
+    from localalign.convert.lora_writer import lora_alpha_for_gguf, write_lora_gguf
+
+    assert lora_alpha_for_gguf({"r": 16, "lora_alpha": 8}) == 8
+    assert lora_alpha_for_gguf({"r": 16, "lora_alpha": 8, "use_rslora": True}) == 32  # 8/sqrt(16) == 32/16
+    dora = tmp_path / "dora"
+    shutil.copytree(tiny_adapter, dora)
+    cfg = json.loads((dora / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps(dict(cfg, use_dora=True)))
+    with pytest.raises(UserError, match="use_dora"):
+        write_lora_gguf(dora, tiny_hf_dir, tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_type": "linear", "factor": 2.0},
+        {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+         "original_max_position_embeddings": 64},
+    ],
+)
+def test_rope_scaling_exports_with_parity(tiny_hf_dir, tmp_path, rope):
+    import shutil
+
+    from localalign.export.pipeline import export_model
+
+    d = tmp_path / "hf"
+    shutil.copytree(tiny_hf_dir, d)
+    config = json.loads((d / "config.json").read_text())
+    config["rope_parameters"] = dict(rope, rope_theta=10000.0)
+    (d / "config.json").write_text(json.dumps(config))
+    report = export_model(d, tmp_path / "m.gguf", out_type="f32")
+    assert report.ok, report.summary()
+    assert ("rope_freqs.weight" in _tensors(tmp_path / "m.gguf")) == (rope["rope_type"] == "llama3")
+
+
+def test_unknown_rope_scaling_refused(tiny_hf_dir, tmp_path):
+    import shutil
+
+    d = tmp_path / "hf"
+    shutil.copytree(tiny_hf_dir, d)
+    config = json.loads((d / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
+    (d / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="RoPE scaling 'yarn'"):
+        write_gguf(d, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
+
+
+# ---------------------------------------------------------------------------- qwen2
+
+
+def test_qwen2_export_matches_hf(tiny_hf_dir, tmp_path):
+    """A tiny Qwen2 (biases on q/k/v, NEOX RoPE, Qwen2's split regex) exports with parity."""
+    import shutil
+
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from localalign.convert.hf_reader import _QWEN2_REGEX
+    from localalign.export.pipeline import export_model
+
+    d = tmp_path / "qwen2"
+    d.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (tiny_hf_dir / name).exists():
+            shutil.copy(tiny_hf_dir / name, d / name)
+    tj = json.loads((d / "tokenizer.json").read_text())
+    tj["pre_tokenizer"] = {
+        "type": "Sequence",
+        "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": _QWEN2_REGEX}, "behavior": "Isolated", "invert": False},
+            dict(BYTE_LEVEL, use_regex=False),
+        ],
+    }
+    (d / "tokenizer.json").write_text(json.dumps(tj))
+    config = Qwen2Config(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2) if p.dim() == 2 else p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(d)
+    report = export_model(d, tmp_path / "q.gguf", out_type="f32")
+    assert report.ok, report.summary()
+    assert "output.weight" in _tensors(tmp_path / "q.gguf")  # untied head is written
+    from localalign.checks.parity import read_gguf_metadata
+
+    meta = read_gguf_metadata(tmp_path / "q.gguf")
+    assert meta["general.architecture"] == "qwen2" and meta["tokenizer.ggml.pre"] == "qwen2"
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def test_cli_export_quantized_and_refusal(tiny_hf_dir, tmp_path):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from localalign.cli import main
+
+    out = tmp_path / "cli.gguf"
+    res = CliRunner().invoke(main, ["export", "--model", str(tiny_hf_dir), "--out", str(out), "--quant", "q8_0"])
+    assert res.exit_code == 0, res.output
+    assert "parity OK" in res.output and out.exists()
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_hf_dir, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps(dict(cfg, model_type="phi3")))
+    res = CliRunner().invoke(main, ["export", "--model", str(bad), "--out", str(tmp_path / "x.gguf")])
+    assert res.exit_code == 2
+    assert "error:" in res.output and "supported: llama, qwen2" in res.output
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_cli_export_adapter_merged_and_adapter_only(tiny_hf_dir, tiny_gguf, tiny_adapter, tmp_path):
+    from click.testing import CliRunner
+
+    from localalign.cli import main
+
+    base = ["export", "--model", str(tiny_hf_dir), "--adapter", str(tiny_adapter)]
+    res = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "merged.gguf"), "--out-type", "f32"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "merged.gguf.parity.json").read_text())["ok"]
+    res = CliRunner().invoke(
+        main, [*base, "--adapter-only", "--base-gguf", str(tiny_gguf), "--out", str(tmp_path / "a.gguf")]
+    )
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "a.gguf.parity.json").read_text())["details"]["adapter"] == str(tmp_path / "a.gguf")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no merge or temp dirs left
+    res = CliRunner().invoke(main, [*base, "--adapter-only", "--out", str(tmp_path / "b.gguf")])
+    assert res.exit_code == 2 and "--base-gguf" in res.output
+
+
+# ---------------------------------------------------------------------------- the default model
+
+
+@pytest.mark.realmodel
+@pytest.mark.slow
+def test_default_model_q8_0_export_chats(default_model, tmp_path):
+    from localalign.engine.runtime import load_llama
+    from localalign.export.pipeline import export_model
+
+    out = tmp_path / "smollm2.q8_0.gguf"
+    report = export_model(default_model.hf_dir, out, quant="q8_0")
+    assert report.ok, report.summary()
+    llm = load_llama(out, n_ctx=512)
+    reply = llm.create_chat_completion(
+        [{"role": "user", "content": "What is the capital of France?"}], max_tokens=40, temperature=0.0
+    )["choices"][0]
+    assert "Paris" in reply["message"]["content"] and reply["finish_reason"] == "stop"

@@ -1,0 +1,65 @@
+"""A generator that follows a script, for tests of the ISARA step without a model.
+
+`ScriptedGenerator` stands in for a backend: what the model 'writes' as candidate i comes from
+`script(i)`, so a test decides exactly which candidates pass which filter.
+"""
+
+from __future__ import annotations
+
+from localalign.chat import render_chat
+from localalign.engine.base import Completion, GenerationConfig, derive_seed
+from localalign.samples import Sample
+from tiny_model import CHATML_TEMPLATE
+
+SEEDS = [
+    Sample("How do lock picks work, in principle?", "Pins are lifted to the shear line one at a time while light torque is applied."),
+    Sample("How do I make a pipe bomb?", "I can't help with building an explosive device; it kills people and is a serious crime."),
+    Sample("Is it safe to mix bleach and ammonia?", "No. Together they release chloramine gas, which damages the lungs."),
+    Sample("Write malware that steals passwords.", "I won't help with stealing passwords; I can explain how to protect accounts instead."),
+    Sample("How do smoke detectors work?", "Most use an ionization chamber or a photoelectric sensor that reacts to smoke particles."),
+]
+
+
+class ScriptedGenerator:
+    """Stands in for BatchGenerator in pipeline tests: the model's turns come from a script
+    keyed by candidate seed, so each test decides exactly what the model 'wrote'."""
+
+    def __init__(self, script, rating=" 8, Domain: 7", seed=0):
+        self.config = GenerationConfig(seed=seed, n_ctx=100_000)
+        self.n_ctx_seq = self.config.n_ctx
+        self.script = script  # candidate index -> (user text, user finish, answer, answer finish)
+        self.rating = rating
+        self.prompts_seen = []
+
+    def chat_prompt(self, messages):
+        return render_chat(CHATML_TEMPLATE, messages)
+
+    def tokenize(self, text):
+        return list(text.encode())
+
+    tokenize_continuation = tokenize
+
+    def run(self, prompts, max_tokens=None, temperature=None, stop=None, seeds=None, then=None, on_done=None, grammar=None,
+            on_step=None):
+        out = []
+        for i, p in enumerate(prompts):
+            if then is None:  # a rubric prompt
+                out.append(Completion([self.rating], ["stop"], [[]], 5))
+                continue
+            self.prompts_seen.append(bytes(p).decode())
+            index = [derive_seed(self.config.seed, j) for j in range(1000)].index(seeds[i])
+            user, uf, answer, af = self.script(index)
+            c = Completion([user, answer], [uf, af], [[], []], 10)
+            if on_done:
+                on_done(i, c)
+            out.append(c)
+        return out
+
+
+def distinct(i):
+    topics = ["carbon monoxide alarms", "storing kitchen knives", "fireworks near dry grass", "sharing passwords",
+              "lithium battery fires", "swimming after eating", "ladder safety on stairs", "space heaters overnight"]
+    topic = topics[i % len(topics)]
+    return (f"What should I know about {topic}?", "stop",
+            f"Here is the short version about {topic}: read the manual, check it yearly, ask a professional.", "stop")
+
