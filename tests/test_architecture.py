@@ -21,6 +21,7 @@ LAYERS: list[dict[str, list[str]]] = [
     {"checks": ["localalign.checks"]},
     {"convert": ["localalign.convert"]},
     {"engine": ["localalign.engine"]},
+    {"judges": ["localalign.judges"]},
     {"utilities": ["localalign", "localalign.chat", "localalign.config", "localalign.errors", "localalign.fsutil",
                    "localalign.gguf_header", "localalign.paths", "localalign.rundir", "localalign.samples"]},
 ]

@@ -34,7 +34,7 @@ from typing import Callable
 from localalign.engine.base import BackendConfig, GenerationConfig
 from localalign.engine.select import open_generator
 from localalign.errors import UserError
-from localalign.evaluation.refusal import REFUSAL_MAX_TOKENS
+from localalign.judges.refusal import REFUSAL_MAX_TOKENS
 from localalign.evaluation.session import EvalSession, IclExamples, SuiteResult
 from localalign.evaluation.suites import harmbench, ifeval, instruction_following, safety, truthfulness
 from localalign.fsutil import atomic_write_text

@@ -8,6 +8,7 @@ from pathlib import Path
 from localalign.engine.base import Generator
 from localalign.evaluation.stats import proportion
 from localalign.isara.retrieve import Embedder, SampleIndex
+from localalign.judges.refusal import is_refusal
 
 
 @dataclass
@@ -73,3 +74,12 @@ class SuiteResult:
 def first_n(items: list, limit: int | None) -> list:
     """The first `limit` items (all of them without a limit): --limit's quick mode."""
     return items if limit is None else items[:limit]
+
+
+
+def refusal_items(rows: list[tuple[str, str, str]], replies: list[str]) -> list[dict]:
+    """The refusal suites' items: one per (id, prompt, kind) row and its reply, with whether it refused."""
+    return [
+        {"id": item_id, "kind": kind, "prompt": prompt, "reply": reply, "refused": is_refusal(reply)}
+        for (item_id, prompt, kind), reply in zip(rows, replies)
+    ]

@@ -8,7 +8,7 @@ import random
 from pathlib import Path
 
 from localalign.errors import UserError
-from localalign.evaluation.refusal import refusal_items
+from localalign.evaluation.session import refusal_items
 from localalign.evaluation.session import EvalSession, SuiteResult, first_n
 from localalign.evaluation.suites.ifeval import IFEvalItem, load_ifeval
 

@@ -4,7 +4,7 @@ helpfulness (non-refusal) rate on the benign ones, by the refusal detector (refu
 from __future__ import annotations
 
 from localalign.errors import UserError
-from localalign.evaluation.refusal import refusal_items
+from localalign.evaluation.session import refusal_items
 from localalign.evaluation.session import EvalSession, SuiteResult, first_n
 from localalign.samples import iter_jsonl
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from localalign import llama_build
-from localalign.llama_build import BuildSpec, GpuPlan, cuda_architectures, instruction_families, plan_gpu
+from localalign.engine import build as llama_build
+from localalign.engine.build import BuildSpec, GpuPlan, cuda_architectures, instruction_families, plan_gpu
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -192,7 +192,7 @@ def test_cpu_library_uses_only_instructions_this_cpu_lists():
 
 CHILD_DECODE = """
 import sys
-from localalign.runtime import load_llama
+from localalign.engine.runtime import load_llama
 llm = load_llama(sys.argv[1], n_ctx=256, threads=2)
 prompt = "<|im_start|>user\\nWrite three words about the sea, please.<|im_end|>\\n<|im_start|>assistant\\n" * 3
 out = llm.create_completion(prompt, max_tokens=16, temperature=0.0)
@@ -202,7 +202,7 @@ print(len(out["choices"][0]["text"]))
 
 @pytest.fixture(scope="module")
 def quantized_tiny(tiny_gguf, tmp_path_factory) -> dict[str, Path]:
-    from localalign.export import quantize_gguf
+    from localalign.convert.quantize import quantize_gguf
 
     out = tmp_path_factory.mktemp("quantized")
     return {q: quantize_gguf(tiny_gguf, out / f"tiny.{q}.gguf", q) for q in ("q8_0", "q4_0")}
@@ -222,7 +222,7 @@ def test_decoding_does_not_die_of_a_signal(quantized_tiny, quant):
 
 CHILD_GPU = """
 import json, sys
-from localalign.runtime import load_llama
+from localalign.engine.runtime import load_llama
 out = {}
 for layers in (-1, 0):
     llm = load_llama(sys.argv[1], n_ctx=256, threads=2, n_gpu_layers=layers)

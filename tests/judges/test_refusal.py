@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from localalign.evaluation.refusal import OPENING_CHARS, agreement, is_refusal, opening
+from localalign.judges.refusal import OPENING_CHARS, agreement, is_refusal, opening
 
 LABELS = Path(__file__).parents[1] / "data" / "refusal_labels.jsonl"
 # Agreement when the labels were last extended: 67 of 71 (94%). The misses are documented

@@ -126,10 +126,3 @@ def agreement(labelled: list[dict]) -> dict:
         "tp": tp, "fp": fp, "fn": fn, "tn": tn,
     }
 
-
-def refusal_items(rows: list[tuple[str, str, str]], replies: list[str]) -> list[dict]:
-    """The refusal suites' items: one per (id, prompt, kind) row and its reply, with whether it refused."""
-    return [
-        {"id": item_id, "kind": kind, "prompt": prompt, "reply": reply, "refused": is_refusal(reply)}
-        for (item_id, prompt, kind), reply in zip(rows, replies)
-    ]

@@ -20,7 +20,7 @@ Where `nvidia-smi` lists a GPU and a CUDA compiler is there (nvcc on PATH or und
 CUDA_HOME), the build adds CUDA (`-DGGML_CUDA=on`); `LLAMA_GPU=0` opts out.
 
 This module uses the standard library only: `make setup` runs it with the system Python
-before the venv has anything in it (`python3 -m localalign.llama_build install ...`).
+before the venv has anything in it (`python3 -m localalign.engine.build install ...`).
 `describe` reports the build in use (.ci/run prints it, so a CI log names the machine).
 """
 
@@ -368,8 +368,9 @@ def describe(python_record: dict | None = None) -> str:
     if lib is not None:
         lines.append("llama.cpp CPU libraries: " + ", ".join(p.name for p in cpu_libraries(lib)))
         try:
-            sys.path_importer_cache.clear()
-            from localalign import runtime
+            # Here, not at the top: `make setup` runs this module with the system Python,
+            # before the venv (and whatever runtime imports) exists.
+            from localalign.engine import runtime
 
             info = runtime.llama_cpp().llama_print_system_info()
             lines.append("llama.cpp system info: " + (info.decode() if isinstance(info, bytes) else str(info)).strip())
@@ -379,7 +380,7 @@ def describe(python_record: dict | None = None) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m localalign.llama_build", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m localalign.engine.build", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_install = sub.add_parser("install", help="build (once per CPU type) and install llama-cpp-python into a venv")
     p_install.add_argument("--python", required=True, help="the venv's python")

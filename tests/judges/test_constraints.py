@@ -1,4 +1,4 @@
-"""The held-out constraint checker agrees with the reference in tests/test_seeds.py."""
+"""The constraint checker agrees with the reference in tests/test_seeds.py; requests state constraints it can read."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from localalign.errors import UserError
-from localalign.evaluation.suites.instruction_following import CONSTRAINT_FIELDS, check_constraint, validate_constraint
+from localalign.judges.constraints import CONSTRAINT_FIELDS, check_constraint, constraints_in_prompt, validate_constraint
 from test_seeds import CONSTRAINT_FIELDS as REFERENCE_FIELDS
 from test_seeds import check_constraint as reference_check
 
@@ -78,3 +78,33 @@ def test_known_good_and_bad():
 def test_validate_rejects_bad_constraints(bad):
     with pytest.raises(UserError):
         validate_constraint(bad, "x.jsonl:1")
+
+
+def _key(constraints: list[dict]) -> list[str]:
+    return sorted(json.dumps(c, sort_keys=True) for c in constraints)
+
+
+@pytest.mark.parametrize("name", ["instruction-following.jsonl", "instruction-following.heldout.jsonl"])
+def test_constraints_in_prompt_read_what_every_shipped_prompt_states(seeds_dir, name):
+    """Every shipped prompt states its constraints in words; the reader finds exactly those."""
+    wrong = []
+    for line in (seeds_dir / name).read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        if _key(constraints_in_prompt(row["prompt"])) != _key(row["constraints"]):
+            wrong.append(row["prompt"])
+    assert not wrong, wrong
+
+
+@pytest.mark.parametrize(
+    "prompt, expected",
+    [
+        ("Tell me about cats in no more than 30 words.", [{"type": "max_words", "n": 30}]),  # not min_words 31
+        ("Write more than 40 words about dogs.", [{"type": "min_words", "n": 41}]),
+        ("List 3 fruits as bullet points that start with \"- \".", [{"type": "bullet_count", "n": 3}]),
+        ("Use the word \"tea\" twice in a short poem.", []),  # a phrasing the reader does not know: nothing, not a guess
+        ("Use the word \"tea\" at least twice in a short poem.", [{"type": "contains", "text": "tea", "n": 2}]),
+        ("What is the capital of France?", []),
+    ],
+)
+def test_constraints_in_prompt_cases(prompt, expected):
+    assert _key(constraints_in_prompt(prompt)) == _key(expected)
