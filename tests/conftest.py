@@ -10,7 +10,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from tiny_model import build_tiny_llama  # noqa: E402
+from tiny_model import build_tiny_llama, fit_tiny_to_chats  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,3 +57,20 @@ def embedder():
     from localalign.isara.retrieve import Embedder
 
     return Embedder()
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tiny_hf_dir, tmp_path_factory, seeds_dir) -> Path:
+    """The tiny model fitted to the safety seeds' chats: it writes turns that end (HF dir)."""
+    import json
+
+    pairs = [(json.loads(line)["prompt"], json.loads(line)["response"]) for line in open(seeds_dir / "safety.jsonl")]
+    return fit_tiny_to_chats(tiny_hf_dir, tmp_path_factory.mktemp("chat") / "hf", pairs, steps=200)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_gguf(tiny_chat_model, tmp_path_factory) -> Path:
+    """`tiny_chat_model` as an f32 GGUF."""
+    from localalign.convert.gguf_writer import write_gguf
+
+    return write_gguf(tiny_chat_model, tmp_path_factory.mktemp("chat_gguf") / "chat.f32.gguf", out_type="f32")

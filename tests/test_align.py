@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from localalign.rundir import hash_path
-from tiny_model import fit_tiny_to_chats
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,12 +54,6 @@ grad_accum = 1
 checkpoint_every = 1
 progress = false
 """
-
-
-@pytest.fixture(scope="module")
-def tiny_chat_model(tiny_hf_dir, tmp_path_factory, seeds_dir) -> Path:
-    pairs = [(json.loads(line)["prompt"], json.loads(line)["response"]) for line in open(seeds_dir / "safety.jsonl")]
-    return fit_tiny_to_chats(tiny_hf_dir, tmp_path_factory.mktemp("chat") / "hf", pairs, steps=200)
 
 
 def align_cmd(model: Path, run_dir: Path, config: Path) -> list[str]:

@@ -3,7 +3,7 @@
 The embedded backend decodes in this process (llamacpp.BatchGenerator), the other asks an
 OpenAI-compatible server (openai.OpenAIGenerator); `select.open_generator` picks one.
 Both satisfy `Generator`, tokenize and template prompts with the same GGUF (`GGUFText`), and
-complete `run`'s arguments the same way (`run_settings`), so a prompt is the same text and
+complete `run`'s arguments the same way (`decoding`), so a prompt is the same text and
 the same tokens whichever backend decodes it.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Protocol, Sequence
 
 from localalign.chat import render_chat
 from localalign.errors import UserError
@@ -65,11 +65,46 @@ class GenerationConfig:
                 raise UserError(message)
 
 
-def derive_seed(seed: int, index: int) -> int:
+def derive_seed(seed: int, index: int | str) -> int:
     """A 32-bit sampler seed for item `index` of a run seeded with `seed` (stable across runs)."""
     digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
     value = int.from_bytes(digest[:4], "little")
     return value if value != 0xFFFFFFFF else 0  # 0xFFFFFFFF means "random" to llama.cpp
+
+
+def answer_seed(branch_seed: int, answer: int) -> int:
+    """The sampler seed of answer `answer` >= 1 of a branch (answer 0 keeps the branch's own sampler)."""
+    return derive_seed(branch_seed, f"answer-{answer}")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One prompt, read once and continued by several samplers.
+
+    Each seed starts a branch: every branch continues the prompt's KV cache (copied, not
+    decoded again), so a prompt shared by B candidates costs its tokens once. With a second
+    turn (`run_jobs(then=...)`), each branch's first turn is answered `answers` times from the
+    branch's own cache: answer 0 with the branch's sampler, answer m with `answer_seed`.
+    A job of one seed and one answer is one plain completion.
+    """
+
+    prompt: list[int]
+    seeds: tuple[int, ...]
+    answers: int = 1
+
+    @property
+    def sequences(self) -> int:
+        """Decoding slots the job holds at its widest."""
+        return len(self.seeds) * self.answers
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """Where a completion of `run_jobs` comes from: the job's place in the stream, its branch, its answer."""
+
+    job: int
+    branch: int
+    answer: int
 
 
 @dataclass
@@ -91,9 +126,46 @@ class GGUFText:
 
     llm: Llama
     template: str
+    config: GenerationConfig
 
     def close(self) -> None:
         raise NotImplementedError
+
+    def run_jobs(self, jobs: Iterable[Job], max_tokens: int | Sequence[int] | None = None,
+                 temperature: float | None = None, stop: Sequence[str] | None = None, then: list[int] | None = None,
+                 grammar: str | None = None, on_done: Callable[[Leaf, Completion], None] | None = None,
+                 on_step: Callable[[int], None] | None = None, should_stop: Callable[[], bool] | None = None,
+                 prefix: Sequence[int] = ()) -> None:
+        raise NotImplementedError
+
+    def run(
+        self,
+        prompt_tokens: list[list[int]],
+        max_tokens: int | Sequence[int] | None = None,
+        temperature: float | None = None,
+        stop: Sequence[str] | None = None,
+        seeds: Sequence[int] | None = None,
+        then: list[int] | None = None,
+        on_done: Callable[[int, Completion], None] | None = None,
+        grammar: str | None = None,
+        on_step: Callable[[int], None] | None = None,
+    ) -> list[Completion]:
+        """Complete every prompt once (prompt i samples with seeds[i], by default
+        derive_seed(config.seed, i)); completions in input order. `run_jobs` in its simplest use."""
+        seeds = list(seeds) if seeds is not None else [derive_seed(self.config.seed, i) for i in range(len(prompt_tokens))]
+        if len(seeds) != len(prompt_tokens):
+            raise ValueError("one seed per prompt")
+        results: list[Completion] = [Completion() for _ in prompt_tokens]
+
+        def done(leaf: Leaf, completion: Completion) -> None:
+            results[leaf.job] = completion
+            if on_done is not None:
+                on_done(leaf.job, completion)
+
+        jobs = [Job(list(p), (s,)) for p, s in zip(prompt_tokens, seeds)]
+        self.run_jobs(jobs, max_tokens, temperature, stop, then, grammar, on_done=done, on_step=on_step,
+                      prefix=shared_prefix(prompt_tokens))
+        return results
 
     def __enter__(self):
         return self
@@ -125,20 +197,41 @@ def turn_budgets(max_tokens: int | Sequence[int] | None, n_turns: int, default: 
     return list(max_tokens)
 
 
-def run_settings(cfg: GenerationConfig, n_ctx_seq: int, prompt_tokens, max_tokens, temperature, stop, seeds, then):
-    """`run`'s arguments checked and completed from the config: (budgets, temperature, seeds, stop)."""
+@dataclass(frozen=True)
+class Decoding:
+    """`run_jobs`'s settings, checked and completed from the config."""
+
+    budgets: list[int]  # tokens per turn
+    temperature: float
+    stop: list[str]
+    then: list[int] | None  # tokens that open the second turn
+    grammar: str | None
+
+
+def decoding(cfg: GenerationConfig, max_tokens, temperature, stop, then, grammar) -> Decoding:
     budgets = turn_budgets(max_tokens, 2 if then is not None else 1, cfg.max_tokens)
     temperature = cfg.temperature if temperature is None else temperature
-    seeds = list(seeds) if seeds is not None else [derive_seed(cfg.seed, i) for i in range(len(prompt_tokens))]
-    if len(seeds) != len(prompt_tokens):
-        raise ValueError("one seed per prompt")
-    for i, toks in enumerate(prompt_tokens):
-        if len(toks) == 0:
-            raise UserError(f"prompt {i} is empty")
-        if len(toks) >= n_ctx_seq:
-            raise UserError(f"prompt {i} has {len(toks)} tokens; the context holds {n_ctx_seq} per sequence (raise n_ctx)")
-    return budgets, temperature, seeds, [s for s in (stop or []) if s]
+    return Decoding(budgets, temperature, [s for s in (stop or []) if s], then, grammar)
 
+
+def check_prompt(job: int, tokens: Sequence[int], n_ctx_seq: int) -> None:
+    if len(tokens) == 0:
+        raise UserError(f"prompt {job} is empty")
+    if len(tokens) >= n_ctx_seq:
+        raise UserError(f"prompt {job} has {len(tokens)} tokens; the context holds {n_ctx_seq} per sequence (raise n_ctx)")
+
+
+def shared_prefix(prompts: Sequence[Sequence[int]]) -> list[int]:
+    """The longest common token prefix, leaving each prompt at least one token of its own
+    (a sequence samples from the logits of its own last token)."""
+    if len(prompts) < 2:
+        return []
+    shortest = min(len(p) for p in prompts)
+    n = 0
+    first = prompts[0]
+    while n < shortest - 1 and all(p[n] == first[n] for p in prompts):
+        n += 1
+    return list(first[:n])
 
 
 @dataclass
@@ -202,6 +295,11 @@ class Generator(Protocol):
     def chat_prompt(self, messages: list[dict]) -> str: ...
     def complete(self, prompts: list[str], max_tokens: int | None = None, temperature: float | None = None,
                  stop: Sequence[str] | None = None, seeds: Sequence[int] | None = None) -> list[str]: ...
+    def run_jobs(self, jobs: Iterable[Job], max_tokens: int | Sequence[int] | None = None,
+                 temperature: float | None = None, stop: Sequence[str] | None = None, then: list[int] | None = None,
+                 grammar: str | None = None, on_done: Callable[[Leaf, Completion], None] | None = None,
+                 on_step: Callable[[int], None] | None = None, should_stop: Callable[[], bool] | None = None,
+                 prefix: Sequence[int] = ()) -> None: ...
     def run(self, prompt_tokens: list[list[int]], max_tokens: int | Sequence[int] | None = None,
             temperature: float | None = None, stop: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
             then: list[int] | None = None, on_done: Callable[[int, Completion], None] | None = None,

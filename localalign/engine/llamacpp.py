@@ -21,32 +21,45 @@ handle of the model that keeps the logits of every position.
 from __future__ import annotations
 
 import ctypes
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from localalign.engine.base import Completion, GenerationConfig, GGUFText, run_settings
+from localalign.engine.base import (
+    Completion,
+    Decoding,
+    GenerationConfig,
+    GGUFText,
+    Job,
+    Leaf,
+    answer_seed,
+    check_prompt,
+    decoding,
+)
 from localalign.engine.runtime import default_threads, llama_cpp, load_llama
 from localalign.errors import UserError
 
 
 @dataclass
 class _Live:
-    """A sequence being decoded in one KV slot."""
+    """A sequence being decoded in one KV slot: one branch of a job, or one answer of a branch."""
 
-    job: int
+    leaf: Leaf
     slot: int
+    seed: int
     sampler: int
     pending: list[int]  # tokens to feed at the next decode
     n_past: int
     budget: int  # tokens it may still sample in this turn
+    result: Completion = field(default_factory=Completion)
     turn: int = 0
     pieces: bytearray = field(default_factory=bytearray)
     ids: list[int] = field(default_factory=list)
-
+    # Held for the job until its prompt is read: the other branches, started from its cache.
+    followers: list["_Live"] = field(default_factory=list)
+    answer_slots: list[int] = field(default_factory=list)  # reserved for this branch's answers 1..A-1
 
 
 # Multiple-choice scoring keeps logits for every position: n_ctx x vocabulary floats
@@ -167,75 +180,121 @@ class BatchGenerator(GGUFText):
         results = self.run([self.tokenize(p) for p in prompts], max_tokens, temperature, stop, seeds)
         return [r.texts[0] for r in results]
 
-    def run(
-        self,
-        prompt_tokens: list[list[int]],
-        max_tokens: int | Sequence[int] | None = None,
-        temperature: float | None = None,
-        stop: Sequence[str] | None = None,
-        seeds: Sequence[int] | None = None,
-        then: list[int] | None = None,
-        on_done: Callable[[int, Completion], None] | None = None,
-        grammar: str | None = None,
-        on_step: Callable[[int], None] | None = None,
-    ) -> list[Completion]:
-        """Decode every prompt; the core that `complete` and the ISARA step share.
+    def run_jobs(self, jobs: Iterable[Job], max_tokens: int | Sequence[int] | None = None,
+                 temperature: float | None = None, stop: Sequence[str] | None = None, then: list[int] | None = None,
+                 grammar: str | None = None, on_done: Callable[[Leaf, Completion], None] | None = None,
+                 on_step: Callable[[int], None] | None = None, should_stop: Callable[[], bool] | None = None,
+                 prefix: Sequence[int] = ()) -> None:
+        """Decode a stream of jobs (see `Job`); the core that `run`, `complete` and the ISARA step share.
 
-        `then`: tokens fed after a turn that ended on an end-of-generation token, after which
-        the sequence writes a second turn (ISARA: the model writes a user turn, `then` opens
-        the assistant turn, the model answers it, all in one pass over the KV cache).
+        Jobs are taken from `jobs` as slots free up, so the iterator may be endless: decoding
+        stops when it runs dry or `should_stop()` says so (checked before every decode; what is
+        still being decoded then is dropped). A job starts when it has a slot for each sequence
+        it can grow to (`Job.sequences`).
+        `then`: tokens fed after a first turn that ended on an end-of-generation token, after
+        which the sequence writes a second turn (ISARA: the model writes a user turn, `then`
+        opens the assistant turn, the model answers it, all in one pass over the KV cache).
         `grammar`: a GBNF grammar every completion must follow (llama.cpp's grammar sampler).
-        `max_tokens` may be one number per turn. `on_done(i, completion)` is called as each
-        prompt finishes, `on_step(n)` after every decode that sampled n tokens (progress).
+        `max_tokens` may be one number per turn. `prefix`: tokens every prompt starts with,
+        decoded once and copied into each job's cache. `on_done(leaf, completion)` is called
+        as each sequence finishes, `on_step(n)` after every decode that sampled n tokens.
         """
-        cfg = self.config
-        budgets, temperature, seeds, stop = run_settings(
-            cfg, self.n_ctx_seq, prompt_tokens, max_tokens, temperature, stop, seeds, then
-        )
-        results = [Completion() for _ in prompt_tokens]
-        if not prompt_tokens:
-            return results
-
-        lib, ctx, mem = self.lib, self._ctx, self.mem
-        lib.llama_memory_clear(mem, True)
-        prefix = _shared_prefix(prompt_tokens) if len(prompt_tokens) > 1 else []
-        prefix_seq = cfg.parallel
-        if prefix:
-            self._decode_plain(prefix, prefix_seq)
-
-        queue = deque(range(len(prompt_tokens)))
-        free = list(range(cfg.parallel))[::-1]
+        d = decoding(self.config, max_tokens, temperature, stop, then, grammar)
+        self._start(list(prefix))
+        stream = enumerate(iter(jobs))
+        waiting = next(stream, None)
+        free = list(range(self.config.parallel))[::-1]
         live: list[_Live] = []
-        while queue or live:
-            while queue and free:
-                job = queue.popleft()
-                slot = free.pop()
-                lib.llama_memory_seq_rm(mem, slot, -1, -1)
-                if prefix:
-                    lib.llama_memory_seq_cp(mem, prefix_seq, slot, -1, -1)
-                live.append(
-                    _Live(
-                        job=job,
-                        slot=slot,
-                        sampler=self._sampler(temperature, seeds[job], grammar),
-                        pending=list(prompt_tokens[job][len(prefix):]),
-                        n_past=len(prefix),
-                        budget=budgets[0],
-                    )
-                )
+        while True:
+            if should_stop is not None and should_stop():
+                break
+            while waiting is not None and len(free) >= self._check_job(*waiting).sequences:
+                live.append(self._admit(*waiting, free, d, len(prefix)))
+                waiting = next(stream, None)
+            if not live:
+                break
             ready = self._fill_and_decode(live)
             if on_step is not None and ready:
                 on_step(len(ready))
             for seq, index in ready:
-                token = lib.llama_sampler_sample(seq.sampler, ctx, index)
-                if not self._advance(seq, token, stop, then, budgets, results[seq.job]):
-                    continue
-                lib.llama_sampler_free(seq.sampler)
-                live.remove(seq)
-                free.append(seq.slot)
-                if on_done is not None:
-                    on_done(seq.job, results[seq.job])
-        return results
+                for follower in seq.followers:  # the prompt is read: the job's other branches start
+                    self._copy_cache(seq.slot, follower.slot)
+                    follower.n_past = seq.n_past
+                    live.append(follower)
+                    self._sample(follower, index, d, live, free, on_done)
+                seq.followers = []
+                self._sample(seq, index, d, live, free, on_done)
+        self._release(live)
+
+    # ------------------------------------------------------------------ internals
+
+    def _start(self, prefix: list[int]) -> None:
+        """An empty cache, with `prefix` decoded into the extra sequence that jobs copy it from."""
+        self.lib.llama_memory_clear(self.mem, True)
+        if prefix:
+            self._decode_plain(prefix, self.config.parallel)
+
+    def _check_job(self, number: int, job: Job) -> Job:
+        check_prompt(number, job.prompt, self.n_ctx_seq)
+        if job.sequences > self.config.parallel:
+            raise UserError(f"a job of {len(job.seeds)} branches x {job.answers} answers needs {job.sequences} "
+                            f"sequences; parallel is {self.config.parallel}")
+        return job
+
+    def _admit(self, number: int, job: Job, free: list[int], d: Decoding, n_prefix: int) -> _Live:
+        """The job's first branch, holding the slots of every sequence the job can grow to."""
+        branches = []
+        for b, seed in enumerate(job.seeds):
+            slot = free.pop()
+            self.lib.llama_memory_seq_rm(self.mem, slot, -1, -1)
+            seq = _Live(Leaf(number, b, 0), slot, seed, self._sampler(d.temperature, seed, d.grammar),
+                        pending=[], n_past=n_prefix, budget=d.budgets[0])
+            seq.answer_slots = [free.pop() for _ in range(job.answers - 1)] if d.then is not None else []
+            branches.append(seq)
+        leader = branches[0]
+        if n_prefix:
+            self._copy_cache(self.config.parallel, leader.slot)
+        leader.pending = list(job.prompt[n_prefix:])
+        leader.followers = branches[1:]
+        return leader
+
+    def _copy_cache(self, src: int, dst: int) -> None:
+        self.lib.llama_memory_seq_rm(self.mem, dst, -1, -1)
+        self.lib.llama_memory_seq_cp(self.mem, src, dst, -1, -1)
+
+    def _sample(self, seq: _Live, index: int, d: Decoding, live: list[_Live], free: list[int], on_done) -> None:
+        """Sample `seq`'s next token from batch row `index`; finish, fork or continue it."""
+        token = self.lib.llama_sampler_sample(seq.sampler, self._ctx, index)
+        outcome = self._advance(seq, token, d)
+        if outcome == "continue":
+            return
+        if outcome == "second turn":
+            for m, slot in enumerate(seq.answer_slots, 1):  # the other answers start from this cache
+                self._copy_cache(seq.slot, slot)
+                answer_seed_m = answer_seed(seq.seed, m)
+                live.append(_Live(Leaf(seq.leaf.job, seq.leaf.branch, m), slot, answer_seed_m,
+                                  self._sampler(d.temperature, answer_seed_m, d.grammar), pending=list(seq.pending),
+                                  n_past=seq.n_past, budget=seq.budget, turn=1,
+                                  result=_first_turn_of(seq.result)))
+            seq.answer_slots = []
+            return
+        self.lib.llama_sampler_free(seq.sampler)
+        live.remove(seq)
+        free.append(seq.slot)
+        unanswered = [Leaf(seq.leaf.job, seq.leaf.branch, m) for m in range(1, len(seq.answer_slots) + 1)]
+        free.extend(seq.answer_slots)  # a first turn that never ended: its answers are never written
+        seq.answer_slots = []
+        if on_done is not None:
+            on_done(seq.leaf, seq.result)
+            for leaf in unanswered:
+                on_done(leaf, _first_turn_of(seq.result, complete=True))
+
+    def _release(self, live: list[_Live]) -> None:
+        """Free the samplers of sequences left unfinished (should_stop)."""
+        for seq in live:
+            for follower in seq.followers:
+                self.lib.llama_sampler_free(follower.sampler)
+            self.lib.llama_sampler_free(seq.sampler)
 
     # ------------------------------------------------------------------ internals
 
@@ -310,8 +369,9 @@ class BatchGenerator(GGUFText):
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc} (1: no room in the KV cache)")
 
-    def _advance(self, seq: _Live, token: int, stop, then, budgets, result: Completion) -> bool:
-        """Take one sampled token; True when the sequence is finished."""
+    def _advance(self, seq: _Live, token: int, d: Decoding) -> str:
+        """Take one sampled token: "continue", "second turn" (`then` queued) or "finished"."""
+        result = seq.result
         result.n_generated += 1
         ended_on_token = self.is_end(token)
         finish = None
@@ -321,39 +381,50 @@ class BatchGenerator(GGUFText):
             seq.ids.append(token)
             seq.pieces += self.piece(token)
             seq.budget -= 1
-            if stop and _find_stop(seq.pieces, stop) is not None:
+            if d.stop and _find_stop(seq.pieces, d.stop) is not None:
                 finish = "stop"
             elif seq.budget <= 0 or seq.n_past + 1 >= self.n_ctx_seq:
                 finish = "length"
         if finish is None:
             seq.pending = [token]
-            return False
+            return "continue"
         text = seq.pieces.decode("utf-8", errors="ignore")
-        if stop:
-            cut = _find_stop(seq.pieces, stop)
+        if d.stop:
+            cut = _find_stop(seq.pieces, d.stop)
             if cut is not None:
                 text = text[:cut]
         result.texts.append(text)
         result.finish.append(finish)
         result.tokens.append(seq.ids)
-        last_turn = seq.turn + 1 >= len(budgets)
-        if last_turn or not ended_on_token or then is None:
-            while len(result.texts) < len(budgets):  # turns never reached
-                result.texts.append("")
-                result.finish.append("none")
-                result.tokens.append([])
-            return True
-        if seq.n_past + len(then) + 1 >= self.n_ctx_seq:
-            result.texts.append("")
-            result.finish.append("length")
-            result.tokens.append([])
-            return True
+        last_turn = seq.turn + 1 >= len(d.budgets)
+        if last_turn or not ended_on_token or d.then is None:
+            _close_turns(result, len(d.budgets), "none")
+            return "finished"
+        if seq.n_past + len(d.then) + 1 >= self.n_ctx_seq:
+            _close_turns(result, len(d.budgets), "length")
+            return "finished"
         seq.turn += 1
-        seq.pending = list(then)
+        seq.pending = list(d.then)
         seq.pieces = bytearray()
         seq.ids = []
-        seq.budget = budgets[seq.turn]
-        return False
+        seq.budget = d.budgets[seq.turn]
+        return "second turn"
+
+
+def _close_turns(result: Completion, n_turns: int, why: str) -> None:
+    """Turns never reached: empty, finished `why` ("none", or "length" when the context is full)."""
+    while len(result.texts) < n_turns:
+        result.texts.append("")
+        result.finish.append(why)
+        result.tokens.append([])
+
+
+def _first_turn_of(result: Completion, complete: bool = False) -> Completion:
+    """A new completion that shares `result`'s first turn (another answer to the same request)."""
+    copy = Completion(texts=result.texts[:1], finish=result.finish[:1], tokens=result.tokens[:1])
+    if complete:
+        _close_turns(copy, len(result.texts), result.finish[-1] if result.finish[-1] == "length" else "none")
+    return copy
 
 
 def _find_stop(pieces: bytearray, stop: Sequence[str]) -> int | None:
@@ -361,17 +432,6 @@ def _find_stop(pieces: bytearray, stop: Sequence[str]) -> int | None:
     text = pieces.decode("utf-8", errors="ignore")
     hits = [i for i in (text.find(s) for s in stop) if i >= 0]
     return min(hits) if hits else None
-
-
-def _shared_prefix(prompts: list[list[int]]) -> list[int]:
-    """The longest common token prefix, leaving each prompt at least one token of its own
-    (a sequence samples from the logits of its own last token)."""
-    shortest = min(len(p) for p in prompts)
-    n = 0
-    first = prompts[0]
-    while n < shortest - 1 and all(p[n] == first[n] for p in prompts):
-        n += 1
-    return first[:n]
 
 
 # ============================================================================ multiple choice

@@ -36,11 +36,22 @@ import time
 import urllib.error
 import urllib.request
 from collections import OrderedDict
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Sequence
 
-from localalign.engine.base import BackendConfig, Completion, GenerationConfig, GGUFText, run_settings
+from localalign.engine.base import (
+    BackendConfig,
+    Completion,
+    Decoding,
+    GenerationConfig,
+    GGUFText,
+    Job,
+    Leaf,
+    answer_seed,
+    check_prompt,
+    decoding,
+)
 from localalign.engine.runtime import load_llama
 from localalign.errors import UserError
 
@@ -239,72 +250,68 @@ class OpenAIGenerator(GGUFText):
         results = self.run([self.tokenize(p) for p in prompts], max_tokens, temperature, stop, seeds)
         return [r.texts[0] for r in results]
 
-    def run(self, prompt_tokens, max_tokens=None, temperature=None, stop=None, seeds=None, then=None, on_done=None,
-            grammar=None, on_step=None) -> list[Completion]:
-        """As BatchGenerator.run; each prompt is one request (two with `then`), `concurrency` at a time."""
-        cfg = self.config
-        budgets, temperature, seeds, stop = run_settings(
-            cfg, self.n_ctx_seq, prompt_tokens, max_tokens, temperature, stop, seeds, then
-        )
-        if then is not None and stop:
+    def run_jobs(self, jobs, max_tokens=None, temperature=None, stop=None, then=None, grammar=None, on_done=None,
+                 on_step=None, should_stop=None, prefix=()) -> None:
+        """As BatchGenerator.run_jobs; each branch is one request for its first turn and one per answer
+        (the server's own prompt cache, if it has one, is what saves re-reading), `concurrency`
+        branches at a time. `prefix` is for the embedded backend's cache and is not needed here."""
+        d = decoding(self.config, max_tokens, temperature, stop, then, grammar)
+        if d.then is not None and d.stop:
             raise ValueError("a second turn follows an end token; with stop strings the server cannot tell which ended a turn")
-        then_text = self.text_of(then) if then is not None else None
-        sampling = {"temperature": temperature, "top_k": cfg.top_k, "top_p": cfg.top_p}
-        if grammar is not None:
-            sampling["grammar"] = grammar
-        if stop:
-            sampling["stop"] = list(stop)
-
-        def one(i: int) -> Completion:
-            return self._complete_one(prompt_tokens[i], budgets, seeds[i], then, then_text, sampling)
-
-        futures = {self._pool.submit(one, i): i for i in range(len(prompt_tokens))}
-        results: list[Completion | None] = [None] * len(prompt_tokens)
-        pending = set(futures)
+        then_text = self.text_of(d.then) if d.then is not None else None
+        sampling = {"temperature": d.temperature, "top_k": self.config.top_k, "top_p": self.config.top_p}
+        if d.grammar is not None:
+            sampling["grammar"] = d.grammar
+        if d.stop:
+            sampling["stop"] = list(d.stop)
+        branches = ((number, job, b) for number, job in enumerate(jobs) for b in range(len(job.seeds)))
+        in_flight: dict = {}
         try:
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            while True:
+                stopping = should_stop is not None and should_stop()
+                while not stopping and len(in_flight) < self.backend.concurrency:
+                    item = next(branches, None)
+                    if item is None:
+                        break
+                    number, job, b = item
+                    check_prompt(number, job.prompt, self.n_ctx_seq)
+                    fut = self._pool.submit(self._branch, job, b, d, then_text, sampling)
+                    in_flight[fut] = (number, b)
+                if stopping or not in_flight:
+                    return
+                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
                 for fut in done:
-                    completion = fut.result()  # a failed request raises its UserError here
-                    i = futures[fut]
-                    results[i] = completion
-                    if on_step is not None:
-                        on_step(completion.n_generated)
-                    if on_done is not None:
-                        on_done(i, completion)
+                    number, b = in_flight.pop(fut)
+                    for m, completion in enumerate(fut.result()):  # a failed request raises its UserError here
+                        if on_step is not None:
+                            on_step(completion.n_generated)
+                        if on_done is not None:
+                            on_done(Leaf(number, b, m), completion)
         finally:
-            for fut in pending:
+            for fut in in_flight:
                 fut.cancel()
-        return results
 
-    def _complete_one(self, ids, budgets, seed, then, then_text, sampling) -> Completion:
-        """One prompt: its first turn, and after an end token, the `then` text and a second turn."""
-        result = Completion()
-        prompt = self.text_of(ids)
-        used = len(ids)
-        for turn, budget in enumerate(budgets):
-            body = self._body(prompt, budget, seed=seed, **sampling)
-            choice, n = self._completion(body, n_prompt=len(ids) if turn == 0 else None)
-            text, finish = choice["text"], choice["finish_reason"]
-            result.texts.append(text)
-            result.finish.append(finish)
-            result.tokens.append(self._reply_ids(text))  # re-tokenized: servers return text
-            result.n_generated += n
-            used += n
-            if turn + 1 == len(budgets):
-                break
-            if finish != "stop":  # cut at max_tokens: the second turn is never reached
-                result.texts.append("")
-                result.finish.append("none")
-                result.tokens.append([])
-                break
-            if used + len(then) + 1 >= self.n_ctx_seq:
-                result.texts.append("")
-                result.finish.append("length")
-                result.tokens.append([])
-                break
-            prompt, used = prompt + text + then_text, used + len(then)
-        return result
+    def _branch(self, job: Job, b: int, d: Decoding, then_text: str | None, sampling: dict) -> list[Completion]:
+        """One branch of a job: its first turn, then (after an end token) each of its answers."""
+        seed = job.seeds[b]
+        first = self._complete_turn(self.text_of(job.prompt), d.budgets[0], seed, sampling, n_prompt=len(job.prompt))
+        answers = job.answers if d.then is not None else 1
+        if len(d.budgets) == 1:
+            return [first]
+        if first.finish[0] != "stop" or len(job.prompt) + first.n_generated + len(d.then) + 1 >= self.n_ctx_seq:
+            why = "none" if first.finish[0] != "stop" else "length"
+            return [_with_turn(first, "", why, [], 0) for _ in range(answers)]
+        prompt = self.text_of(job.prompt) + first.texts[0] + then_text
+        out = []
+        for m in range(answers):
+            second = self._complete_turn(prompt, d.budgets[1], seed if m == 0 else answer_seed(seed, m), sampling)
+            out.append(_with_turn(first, second.texts[0], second.finish[0], second.tokens[0], second.n_generated))
+        return out
+
+    def _complete_turn(self, prompt: str, budget: int, seed: int, sampling: dict, n_prompt: int | None = None) -> Completion:
+        choice, n = self._completion(self._body(prompt, budget, seed=seed, **sampling), n_prompt=n_prompt)
+        text = choice["text"]
+        return Completion([text], [choice["finish_reason"]], [self._reply_ids(text)], n)  # re-tokenized: servers return text
 
     def _body(self, prompt: str, max_tokens: int, seed: int = 0, temperature: float = 0.0, top_k: int = 1,
               **extra) -> dict:
@@ -422,3 +429,7 @@ class OpenAIGenerator(GGUFText):
                 "most likely at its own position); multiple-choice scoring would be wrong: use --backend llama-cpp or vLLM"
             )
 
+
+def _with_turn(first: Completion, text: str, finish: str, tokens: list[int], n: int) -> Completion:
+    """`first`'s first turn followed by a second one."""
+    return Completion(first.texts + [text], first.finish + [finish], first.tokens + [tokens], first.n_generated + n)

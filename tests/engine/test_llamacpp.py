@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from localalign.engine.base import GenerationConfig, derive_seed
+from localalign.engine.base import Completion, GenerationConfig, Job, Leaf, derive_seed
 from localalign.engine.llamacpp import BatchGenerator
 from localalign.errors import UserError
 
@@ -117,7 +117,7 @@ def test_prompt_longer_than_context_is_a_user_error(batched):
 
 
 def test_shared_prefix_leaves_each_prompt_a_token():
-    from localalign.engine.llamacpp import _shared_prefix
+    from localalign.engine.base import shared_prefix as _shared_prefix
 
     assert _shared_prefix([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9]]) == [1, 2]
     assert _shared_prefix([[1, 2, 3], [1, 2, 3]]) == [1, 2]  # identical prompts keep their last token
@@ -136,3 +136,90 @@ def test_config_validation():
         GenerationConfig(top_p=0)
     with pytest.raises(UserError, match="parallel"):
         GenerationConfig(parallel=0)
+
+
+# ---------------------------------------------------------------------------- jobs: one prompt, many continuations
+
+THEN = "<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.fixture(scope="module")
+def chat_gen(tiny_chat_gguf):
+    cfg = GenerationConfig(threads=1, parallel=8, n_ctx=512, max_tokens=32, temperature=1.0)
+    with BatchGenerator(tiny_chat_gguf, cfg) as g:
+        yield g
+
+
+def isara_like_prompts(g) -> list[list[int]]:
+    """Few-shot chats ending on an opened user turn, as the ISARA step builds them."""
+    turns = [("How do locks work?", "Pins line up at the shear line."), ("Make a bomb.", "I can't help with that.")]
+    out = []
+    for i in range(3):
+        messages = []
+        for p, r in turns[i % 2 :] + turns[: i % 2]:
+            messages += [{"role": "user", "content": p}, {"role": "assistant", "content": r}]
+        text = g.chat_prompt(messages + [{"role": "user", "content": "\x02"}])
+        out.append(g.tokenize(text[: text.index("\x02")]))
+    return out
+
+
+def collect(g, jobs, **kw) -> dict[Leaf, Completion]:
+    got: dict[Leaf, Completion] = {}
+    g.run_jobs(jobs, on_done=lambda leaf, c: got.__setitem__(leaf, c), **kw)
+    return got
+
+
+def test_branches_of_one_job_equal_separate_prompts(chat_gen):
+    """A prompt read once and copied to 4 branches samples what 4 separate prompts sample."""
+    prompts = isara_like_prompts(chat_gen)
+    seeds = [derive_seed(3, i) for i in range(4)]
+    then = chat_gen.tokenize_continuation(THEN)
+    shared = collect(chat_gen, [Job(prompts[0], tuple(seeds))], max_tokens=[24, 24], then=then)
+    alone = chat_gen.run([prompts[0]] * 4, max_tokens=[24, 24], seeds=seeds, then=then)
+    assert [shared[Leaf(0, b, 0)] for b in range(4)] == alone
+    assert len({c.texts[0] for c in alone}) > 1  # the seeds differ, so the branches do
+
+
+def test_answers_share_the_first_turn_and_answer_zero_is_the_plain_run(chat_gen):
+    prompts = isara_like_prompts(chat_gen)
+    then = chat_gen.tokenize_continuation(THEN)
+    seeds = tuple(derive_seed(5, i) for i in range(2))
+    got = collect(chat_gen, [Job(p, seeds, answers=3) for p in prompts], max_tokens=[24, 24], then=then)
+    assert set(got) == {Leaf(j, b, m) for j in range(3) for b in range(2) for m in range(3)}
+    plain = chat_gen.run([p for p in prompts for _ in seeds], max_tokens=[24, 24], seeds=list(seeds) * 3, then=then)
+    answered = 0
+    for j in range(3):
+        for b in range(2):
+            leaves = [got[Leaf(j, b, m)] for m in range(3)]
+            assert leaves[0] == plain[j * 2 + b]  # answer 0 continues the branch's own sampler
+            assert len({c.texts[0] for c in leaves}) == 1  # one request, three answers
+            if leaves[0].finish[0] == "stop":
+                answered += 1
+                assert len({c.texts[1] for c in leaves}) > 1 or leaves[0].texts[1] == ""
+            else:
+                assert all(c.texts[1] == "" and c.finish[1] in ("none", "length") for c in leaves)
+    assert answered > 0
+
+
+def test_jobs_are_taken_as_slots_free_and_should_stop_ends_the_stream(chat_gen):
+    prompts = isara_like_prompts(chat_gen)
+    pulled = []
+
+    def endless():
+        i = 0
+        while True:
+            pulled.append(i)
+            yield Job(prompts[i % 3], (derive_seed(9, i), derive_seed(10, i)))
+            i += 1
+
+    done: list[Leaf] = []
+    chat_gen.run_jobs(endless(), max_tokens=16, on_done=lambda leaf, c: done.append(leaf),
+                      should_stop=lambda: len(done) >= 10)
+    assert len(done) >= 10
+    assert len(pulled) < 20  # pulled lazily: at most what the 8 slots hold beyond what finished
+
+
+def test_a_job_wider_than_the_batch_is_a_user_error(chat_gen):
+    with pytest.raises(UserError, match="sequences"):
+        chat_gen.run_jobs([Job(isara_like_prompts(chat_gen)[0], tuple(range(5)), answers=2)], max_tokens=4,
+                          then=chat_gen.tokenize_continuation(THEN))

@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from click.testing import CliRunner
 
-from localalign.engine.base import BackendConfig, GenerationConfig
+from localalign.engine.base import BackendConfig, Completion, GenerationConfig, Job, Leaf
 from localalign.engine.llamacpp import BatchGenerator
 from localalign.engine.local_server import llama_cpp_server
 from localalign.engine.select import open_generator
@@ -424,3 +424,19 @@ def test_cli_eval_lora_on_a_server_is_refused(tiny_gguf, tmp_path):
             "--base-url", "http://127.0.0.1:9"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2 and "error: --lora applies to the embedded backend" in result.output
+
+
+def test_jobs_on_a_server_are_requests_per_branch_and_answer(remote):
+    """A job's branches and answers become separate requests; answer 0 of a branch is the plain
+    two-turn run with the branch's seed, and the answers share the branch's first turn."""
+    then = remote.tokenize_continuation("<|im_end|>\n<|im_start|>assistant\n")
+    prompt = remote.tokenize(remote.chat_prompt(MESSAGES[0]).rsplit("<|im_start|>assistant\n", 1)[0] + "<|im_start|>user\n")
+    seeds = (11, 12)
+    got: dict[Leaf, Completion] = {}
+    remote.run_jobs([Job(prompt, seeds, answers=2)], max_tokens=[8, 8], temperature=1.0, then=then,
+                    on_done=lambda leaf, c: got.__setitem__(leaf, c))
+    assert set(got) == {Leaf(0, b, m) for b in range(2) for m in range(2)}
+    for b, seed in enumerate(seeds):
+        [plain] = remote.run([prompt], max_tokens=[8, 8], temperature=1.0, seeds=[seed], then=then)
+        assert got[Leaf(0, b, 0)].texts == plain.texts
+        assert got[Leaf(0, b, 1)].texts[0] == plain.texts[0]
