@@ -16,7 +16,7 @@ suites, and hand the exported model to the next round as its generator.
 
 Every stage is recorded in the manifest when it finishes; re-running the same command skips
 stages whose inputs are unchanged and whose outputs still hash to what was recorded, picks
-generation up at the last finished pass, and training at its last checkpoint. Each stage is
+generation up after its last decided candidate, and training at its last checkpoint. Each stage is
 deterministic given its inputs and the seed, so an interrupted run ends where an
 uninterrupted one does.
 """
@@ -276,7 +276,7 @@ class AlignRun:
         }
 
         def work():
-            # A pass of generation that finished before an interruption is not generated again.
+            # Candidates decided before an interruption are not generated again.
             done = read_samples(samples_path) if samples_path.exists() and samples_path.stat().st_size else []
             rejected = read_rejected(rejected_path) if rejected_path.exists() else []
             if done or rejected:
@@ -494,29 +494,44 @@ def format_summary(results, config: AlignConfig, run_dir: Path, best: str, base_
 
 class GenerationOutput(Listener):
     """The generate stage's side of `generate_samples` (here and in `localalign generate`): the
-    accepted and rejected samples rewritten after every pass, so a resumed run picks up there,
-    and a progress bar of accepted samples with the rejects and tokens/s."""
+    accepted and rejected samples rewritten as decisions are made (at most every
+    `WRITE_EVERY_S`, and once more at the end), so a resumed run picks up there, and a progress
+    bar of accepted samples with the rejects by reason and tokens/s."""
+
+    WRITE_EVERY_S = 2.0
 
     def __init__(self, samples_path: Path, rejected_path: Path, desc: str, total: int, initial: int = 0):
         self.samples_path, self.rejected_path = Path(samples_path), Path(rejected_path)
         self.bar = tqdm(total=total, initial=initial, desc=desc, unit="sample", file=sys.stderr, dynamic_ncols=True)
         self.initial = initial
         self.t0 = time.perf_counter()
+        self.latest: tuple[list[Sample], list[Sample]] | None = None
+        self.written = 0.0
 
     def progress(self, progress: Progress) -> None:
         self.bar.n = self.initial + progress.accepted
         rate = progress.tokens / max(time.perf_counter() - self.t0, 1e-6)
-        self.bar.set_postfix(rejected=progress.rejected, tok_s=f"{rate:.0f}", refresh=False)
+        top = sorted(progress.reasons.items(), key=lambda kv: -kv[1])[:3]
+        self.bar.set_postfix_str(f"rejected {progress.rejected}" + "".join(f", {r} {c}" for r, c in top)
+                                 + f", {rate:.0f} tok/s", refresh=False)
         self.bar.refresh()
 
-    def pass_done(self, accepted: list[Sample], rejected: list[Sample]) -> None:
-        # One file after the other: a kill between the two writes leaves the rejects a pass
-        # behind, which a resume redoes (isara.step.before_last_pass).
-        write_samples(self.samples_path, accepted)
-        write_samples(self.rejected_path, rejected)
+    def decided(self, accepted: list[Sample], rejected: list[Sample]) -> None:
+        self.latest = (accepted, rejected)
+        if time.monotonic() - self.written >= self.WRITE_EVERY_S:
+            self.flush()
+
+    def flush(self) -> None:
+        # One file after the other: a kill between the two writes leaves the rejects behind,
+        # and a resume keeps only the unbroken run of decided indices (isara.step).
+        if self.latest is not None:
+            write_samples(self.samples_path, self.latest[0])
+            write_samples(self.rejected_path, self.latest[1])
+            self.written = time.monotonic()
 
     def __enter__(self) -> "GenerationOutput":
         return self
 
     def __exit__(self, *exc) -> None:
+        self.flush()
         self.bar.close()

@@ -179,6 +179,10 @@ def backend_settings(backend, base_url, api_key_env, served_model, concurrency) 
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Accepted samples (JSONL).")
 @click.option("--rejected", "rejected_path", type=click.Path(dir_okay=False), help="Rejected samples [rejected.jsonl beside --out].")
 @click.option("--k", type=click.IntRange(min=1), help=f"In-context examples per prompt [{default(IsaraConfig, 'k')}].")
+@click.option("--branches", type=click.IntRange(min=1),
+              help=f"Candidates written from one few-shot prompt [{default(IsaraConfig, 'branches')}].")
+@click.option("--answers", type=click.IntRange(min=1),
+              help=f"Answers sampled per request; the best that passes is kept [{default(IsaraConfig, 'answers')}].")
 @click.option("--query-from", type=click.Choice(QUERY_FROM),
               help=f"Pick examples from the seeds, or seeds + accepted [{default(IsaraConfig, 'query_from')}].")
 @click.option("--parallel", type=click.IntRange(min=1, max=64),
@@ -191,10 +195,15 @@ def backend_settings(backend, base_url, api_key_env, served_model, concurrency) 
 @click.option("--novelty", "novelty_threshold", type=float,
               help=f"Cosine similarity above which a sample is a duplicate [{default(FilterConfig, 'novelty_threshold')}].")
 @click.option("--min-rating", type=float, help=f"Self-assessment score (1-10) a sample needs [{default(FilterConfig, 'min_rating')}].")
-@click.option("--no-rating", is_flag=True, help="Skip the self-assessment.")
+@click.option("--rating/--no-rating", default=None,
+              help=f"The self-assessment filter [{'on' if default(FilterConfig, 'rate') else 'off'}].")
+@click.option("--consistency/--no-consistency", default=None,
+              help=f"Reject responses of the kind the nearest seeds would not give [{'on' if default(FilterConfig, 'consistency') else 'off'}].")
 @click.option("--embedder", help=f"Embedder name or sentence-transformers folder [{DEFAULT_EMBEDDER}].")
 @backend_options
-def generate_cmd(model_name, seeds_path, n, out_path, rejected_path, k, query_from, parallel, seed, temperature, top_p, threads, n_ctx, novelty_threshold, min_rating, no_rating, embedder, **backend) -> None:
+def generate_cmd(model_name, seeds_path, n, out_path, rejected_path, k, branches, answers, query_from, parallel, seed,
+                 temperature, top_p, threads, n_ctx, novelty_threshold, min_rating, rating, consistency, embedder,
+                 **backend) -> None:
     """Write N new prompt/response pairs in the domain of the seeds (ISARA)."""
     seeds = read_samples(seeds_path)
     model_name = model_name or DEFAULT_MODEL
@@ -203,8 +212,9 @@ def generate_cmd(model_name, seeds_path, n, out_path, rejected_path, k, query_fr
         raise UserError(f"{model_name}: generation needs a GGUF model")
     gen_cfg = GenerationConfig(**given(threads=threads, n_ctx=n_ctx, temperature=temperature, top_p=top_p, seed=seed,
                                        parallel=parallel))
-    isara = IsaraConfig(**given(k=k, query_from=query_from))
-    filters = FilterConfig(**given(novelty_threshold=novelty_threshold, min_rating=min_rating, rate=False if no_rating else None))
+    isara = IsaraConfig(**given(k=k, branches=branches, answers=answers, query_from=query_from))
+    filters = FilterConfig(**given(novelty_threshold=novelty_threshold, min_rating=min_rating, rate=rating,
+                                   consistency=consistency))
     backend_cfg = BackendConfig(**backend_settings(**backend))
     rejected_path = rejected_path or str(Path(out_path).with_name("rejected.jsonl"))
 

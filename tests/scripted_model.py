@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from localalign.chat import render_chat
-from localalign.engine.base import Completion, GenerationConfig, derive_seed
+from localalign.engine.base import Completion, GenerationConfig, Leaf, derive_seed
 from localalign.samples import Sample
 from tiny_model import CHATML_TEMPLATE
 
@@ -42,19 +42,32 @@ class ScriptedGenerator:
     def run(self, prompts, max_tokens=None, temperature=None, stop=None, seeds=None, then=None, on_done=None, grammar=None,
             on_step=None):
         out = []
-        for i, p in enumerate(prompts):
-            if then is None:  # a rubric prompt
-                out.append(Completion([self.rating], ["stop"], [[]], 5))
-                continue
-            self.prompts_seen.append(bytes(p).decode())
-            index = [derive_seed(self.config.seed, j) for j in range(1000)].index(seeds[i])
-            user, uf, answer, af = self.script(index)
-            c = Completion([user, answer], [uf, af], [[], []], 10)
-            if on_done:
-                on_done(i, c)
-            out.append(c)
+        for p in prompts:
+            assert then is None, "two-turn generation goes through run_jobs"
+            out.append(Completion([self.rating], ["stop"], [[]], 5))  # a rubric prompt
         return out
 
+    def run_jobs(self, jobs, max_tokens=None, temperature=None, stop=None, then=None, grammar=None, on_done=None,
+                 on_step=None, should_stop=None, prefix=()):
+        seeds = [derive_seed(self.config.seed, j) for j in range(1000)]
+        for number, job in enumerate(jobs):
+            if should_stop is not None and should_stop():
+                return
+            self.prompts_seen.append(bytes(job.prompt).decode())
+            for b, seed in enumerate(job.seeds):
+                index = seeds.index(seed)
+                for m in range(job.answers):
+                    user, uf, answer, af = self.script(index, m) if self.takes_answer else self.script(index)
+                    if on_step is not None:
+                        on_step(10)
+                    on_done(Leaf(number, b, m), Completion([user, answer], [uf, af], [[], []], 10))
+
+    @property
+    def takes_answer(self) -> bool:
+        """A script of (index, answer) writes each answer of a best-of-n request itself."""
+        import inspect
+
+        return len(inspect.signature(self.script).parameters) == 2
 
 def distinct(i):
     topics = ["carbon monoxide alarms", "storing kitchen knives", "fireworks near dry grass", "sharing passwords",

@@ -36,7 +36,7 @@ max_tokens = 64
 k = 2
 max_prompt_tokens = 48
 max_response_tokens = 96
-batch_candidates = 4
+branches = 2
 max_candidates_factor = 20.0
 
 [filters]
@@ -45,7 +45,7 @@ min_response_chars = 1
 copy_ratio = 1.0
 min_distinct_trigrams = 0.0
 novelty_threshold = 1.0
-rate = false
+consistency = false
 
 [train]
 epochs = 2

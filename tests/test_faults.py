@@ -25,7 +25,7 @@ from localalign.checks.hf_files import check_safetensors_header
 from localalign.gguf_header import check_gguf_file, read_gguf_header
 from localalign.rundir import Manifest, hash_path
 from localalign.samples import iter_jsonl
-from test_align import TINY_RUN_TOML, tiny_chat_model  # noqa: F401  (a fixture, used by name)
+from test_align import TINY_RUN_TOML
 
 ENV = {"LOCALALIGN_THREADS": "2", "HF_HUB_OFFLINE": "1"}
 
@@ -254,19 +254,20 @@ def test_align_faulted_at_every_stage_resumes_to_the_uninterrupted_result(tiny_c
     assert {name: hash_path(crashed / name) for name in ROUND_OUTPUTS} == expected
 
 
-def test_a_resumed_generation_redoes_the_last_pass_so_no_reject_is_lost(embedder):
+def test_a_resumed_generation_keeps_only_unbroken_decisions_so_no_reject_is_lost(embedder):
     """The accepted and rejected files are written one after the other; a kill between the two
-    (ALIGN_FAULTS' "rename:rejected.jsonl#2") left the rejects of that pass out for good."""
+    (ALIGN_FAULTS' "rename:rejected.jsonl#2") leaves the latest rejects out. A resume keeps the
+    unbroken run of decided indices and decides the rest again."""
     from localalign.isara.step import IsaraConfig, generate_samples
     from scripted_model import SEEDS, ScriptedGenerator, distinct
 
     def script(i):  # every third candidate is cut off and rejected
         return ("a question cut", "length", "", "stop") if i % 3 == 2 else distinct(i)
 
-    isara = IsaraConfig(batch_candidates=3)
+    isara = IsaraConfig(branches=1)
     full_acc, full_rej, _ = generate_samples(ScriptedGenerator(script), embedder, SEEDS, n=4, isara=isara)
-    assert [s.meta["index"] for s in full_acc] == [0, 1, 3, 4] and [s.meta["index"] for s in full_rej] == [2, 5]
-    # the files as a kill between the two writes of pass 2 leaves them: accepted after pass 2, rejects after pass 1
-    on_disk = ([s for s in full_acc], [s for s in full_rej if s.meta["index"] < 3])
+    assert [s.meta["index"] for s in full_acc] == [0, 1, 3, 4] and [s.meta["index"] for s in full_rej] == [2]
+    # the files as a kill between the two writes leaves them: every accepted sample, no reject yet
+    on_disk = ([s for s in full_acc], [])
     acc, rej, _ = generate_samples(ScriptedGenerator(script), embedder, SEEDS, n=4, isara=isara, resume=on_disk)
     assert acc == full_acc and rej == full_rej

@@ -5,13 +5,15 @@ A candidate passes the checks in this order, and the first failure is its reject
 1. rules (string checks, free): unparseable or truncated output, empty, too short or too
    long, template or role-marker leakage, the response echoing the prompt, a near-copy of one
    of its own in-context examples, degenerate repetition;
-2. novelty (one embedding): cosine similarity to any seed or accepted sample above
+2. consistency with the seeds (consistency.py): the wrong kind of response for the request
+   (answers_harmful, refuses_ordinary), or a constraint the request states broken;
+3. novelty (one embedding): cosine similarity to any seed or accepted sample above
    `novelty_threshold` makes it a duplicate;
-3. self-assessment (one short greedy completion by the same model): quality and domain fit,
-   1-10 each, from the rubric below; both must reach `min_rating`.
+4. self-assessment (off by default; one short greedy completion by the same model): quality
+   and domain fit, 1-10 each, from the rubric below; both must reach `min_rating`.
 
 The rubric is the only fixed instruction text in the whole method; the generation prompts
-carry none. The model-touching side of step 3 lives in step.py; here are the prompt
+carry none. The model-touching side of step 4 lives in rating.py; here are the prompt
 text and the parsing.
 """
 
@@ -38,6 +40,9 @@ REASONS = (
     "echo",
     "copies_example",
     "repetitive",
+    "answers_harmful",
+    "refuses_ordinary",
+    "breaks_constraint",
     "duplicate",
     "low_rating",
     "unrated",
@@ -59,7 +64,13 @@ class FilterConfig:
     # Human answers of 20+ words sit above 0.9; SmolLM2's loops fall under 0.5.
     min_distinct_trigrams: float = 0.5
     novelty_threshold: float = 0.9  # cosine similarity above which a candidate is a duplicate
-    rate: bool = True  # run the self-assessment
+    # Consistency with the seeds (consistency.py): the response kind the request's nearest seeds
+    # give, and the constraints the request states. Thresholds measured on the labelled set.
+    consistency: bool = True
+    consistency_k: int = 5  # nearest seeds that vote
+    refuse_above: float = 0.6  # vote share of refusing seeds from which an answer is the wrong kind
+    answer_below: float = 0.4  # ... at or below which a refusal is the wrong kind
+    rate: bool = False  # the self-assessment: near chance at 135M (docs/benchmarks.md); for bigger models
     min_rating: float = 5.0  # both quality and domain must reach this (1-10 scale)
 
     def __post_init__(self) -> None:
@@ -67,6 +78,8 @@ class FilterConfig:
             raise UserError(f"copy_ratio must be in (0, 1], got {self.copy_ratio}")
         if not -1 <= self.novelty_threshold <= 1:
             raise UserError(f"novelty_threshold must be in [-1, 1], got {self.novelty_threshold}")
+        if self.consistency_k < 1 or not 0 <= self.answer_below <= self.refuse_above <= 1:
+            raise UserError("consistency_k must be >= 1 and 0 <= answer_below <= refuse_above <= 1")
         if not 1 <= self.min_rating <= 10:
             raise UserError(f"min_rating must be in 1..10, got {self.min_rating}")
         if self.min_prompt_chars > self.max_prompt_chars or self.min_response_chars > self.max_response_chars:

@@ -2,68 +2,70 @@
 
     generate_samples(generator, embedder, seeds, n, ...) -> IsaraResult(accepted, rejected, index)
 
-Candidates are made and judged in passes of `batch_candidates`, each pass in five phases:
+One stream, no passes. Candidates come from jobs; a job is one few-shot prompt (a query
+sample and its k-1 nearest neighbours from the pool, shuffled) read once by the model and
+continued by `branches` samplers, each writing a request and `answers` answers to it (the
+engine copies the prompt's cache instead of reading it again: `engine.base.Job`). As each
+candidate finishes it is judged, in index order:
 
-1. candidates  each draws a query sample and its k-1 nearest neighbours from the pool (the
-               seeds, or with query_from="all" everything accepted too), shuffled into a
-               few-shot prompt that fits the context;
-2. decoding    both turns in one pass: the model writes a request, then answers it;
-3. rules       the string checks of filters.py (free);
-4. novelty     one embedding each, against the seeds and everything accepted so far;
-5. rating      the same model scores each survivor with the rubric (greedy); then
-   acceptance  in index order, novelty checked again against what this pass accepted.
+1. rules        the string checks of filters.py, per answer (free);
+2. consistency  per answer: the kind of response the request's nearest seeds give (refusal or
+                answer), and the constraints the request states (consistency.py);
+3. best-of-n    of the answers that pass, the one closest to the nearest seeds' responses; a
+                failed answer is kept beside it as the rejected side of a preference pair;
+4. novelty      against the seeds, the earlier rounds and everything accepted so far;
+5. rating       (off by default: at 135M it does not separate good pairs from bad,
+                docs/benchmarks.md) the model scores the pair in one forward pass.
 
-The step writes no file: after every pass it hands the accepted and rejected samples so far
-to its `Listener`, and the stage that called it rewrites its files there.
+The stream stops as soon as `n` are accepted; nothing waits for a slow sequence but the
+candidates that follow it in index order. The step writes no file: it hands everything decided
+so far to its `Listener` after each batch of decisions, and the stage writes it.
 
-Resumable: candidate i draws its query, examples and sampler seed from
-(generator.config.seed, i) and the pool alone, and records i in meta["index"]. A resumed run
-passes resume=(accepted, rejected) as read back from its files (`samples.read_rejected` reads
-rejects, whose samples may be empty); generation continues after the last recorded pass, and
-the returned lists include the resumed samples.
+Resumable: candidate i = job i // branches, branch i % branches; the job draws its query and
+examples from (generator.config.seed, job) and the pool, which is fixed for the call (the
+seeds, or with query_from="all" also the earlier rounds' samples), and branch b samples with
+derive_seed(seed, i). Every candidate is decided in index order and records i in
+meta["index"], so a resumed call keeps the unbroken run of decided indices read back from the
+files and continues after it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
-import re
 import time
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from localalign.engine.base import Completion, Generator, derive_seed
+from localalign.engine.base import Completion, Generator, Job, Leaf, derive_seed
 from localalign.errors import UserError
-from localalign.isara.filters import (
-    RATING_DOMAIN_EXAMPLES,
-    RATING_GRAMMAR,
-    RUBRIC_ANSWER_START,
-    FilterConfig,
-    check_novelty,
-    check_rating,
-    check_rules,
-    parse_rating,
-    rubric_message,
-)
+from localalign.isara.consistency import SeedKinds, check_kind, check_stated_constraints
+from localalign.isara.filters import FilterConfig, check_novelty, check_rating, check_rules
 from localalign.isara.prompts import build_isara_prompt, chat_markers, parse_generation, shuffled
+from localalign.isara.rating import rate_samples
 from localalign.isara.retrieve import Embedder, SampleIndex
 from localalign.samples import Sample
 
 QUERY_FROM = ("seeds", "all")
+DECIDE_BATCH = 8  # candidates judged together (one embedder call per phase)
+WRONG_LESSON = ("answers_harmful", "refuses_ordinary", "breaks_constraint")
 
 
 @dataclass
 class IsaraConfig:
     k: int = 4  # in-context examples: the query sample and its k-1 nearest neighbours
     # Where query samples and their neighbours come from: "seeds", or "all" (seeds plus the
-    # samples accepted so far, so later rounds can wander further from the seeds).
+    # samples of earlier rounds, so later rounds can wander further from the seeds).
     query_from: str = "seeds"
+    # Candidates per few-shot prompt: the prompt is read once and `branches` samplers write a
+    # request each from its cache. Prompt reading is most of generation's cost on a CPU.
+    branches: int = 4
+    # Answers sampled per request (best-of-n); the best that passes the filters is kept.
+    answers: int = 1
     max_prompt_tokens: int = 128  # the generated user turn; a longer one is cut and rejected
     max_response_tokens: int = 384
-    # Candidates decoded per pass: a few times `parallel`, so slots stay busy until the tail.
-    batch_candidates: int = 64
     max_candidates_factor: float = 6.0  # give up after n * this many candidates
 
     def __post_init__(self) -> None:
@@ -73,8 +75,10 @@ class IsaraConfig:
             raise UserError(f"query_from must be 'seeds' or 'all', got {self.query_from!r}")
         if self.max_prompt_tokens < 8 or self.max_response_tokens < 8:
             raise UserError("max_prompt_tokens and max_response_tokens must be at least 8")
-        if self.batch_candidates < 1 or self.max_candidates_factor < 1:
-            raise UserError("batch_candidates and max_candidates_factor must be at least 1")
+        if self.branches < 1 or self.answers < 1:
+            raise UserError("branches and answers must be at least 1")
+        if self.max_candidates_factor < 1:
+            raise UserError("max_candidates_factor must be at least 1")
 
 
 @dataclass
@@ -83,7 +87,7 @@ class Progress:
 
     accepted: int = 0
     rejected: int = 0
-    tokens: int = 0  # generated tokens (both turns and ratings)
+    tokens: int = 0  # generated tokens (both turns and every answer)
     reasons: dict[str, int] = field(default_factory=dict)
 
 
@@ -91,10 +95,10 @@ class Listener:
     """What the stage hears from the step; the step itself writes nothing."""
 
     def progress(self, progress: Progress) -> None:
-        """The work of this call so far (a few times a second at most while decoding)."""
+        """The work of this call so far: after every decision, and a few times a second while decoding."""
 
-    def pass_done(self, accepted: list[Sample], rejected: list[Sample]) -> None:
-        """Every sample accepted and rejected so far (resumed ones included), after each pass."""
+    def decided(self, accepted: list[Sample], rejected: list[Sample]) -> None:
+        """Every sample accepted and rejected so far (resumed ones included), after each batch of decisions."""
 
 
 class IsaraResult(NamedTuple):
@@ -107,9 +111,7 @@ class IsaraResult(NamedTuple):
 class _Candidate:
     index: int
     examples: list[Sample]  # the retrieved examples, nearest first (the prompt shows them shuffled)
-    prompt: list[int]  # tokens
-    sample: Sample | None = None  # once parsed
-    vector: np.ndarray | None = None  # once embedded
+    answers: list[Completion | None]
 
 
 def generate_samples(
@@ -134,18 +136,18 @@ def generate_samples(
                  listener or Listener())
     step.resume(*(resume or ([], [])))
     budget = int(n * step.isara.max_candidates_factor)
-    while len(step.accepted) < n and step.next_index < budget:
-        candidates = step.candidates(min(step.isara.batch_candidates, budget - step.next_index))
-        survivors = step.novelty(step.rules(candidates, step.decode(candidates)))
-        if survivors and step.filters.rate:
-            step.rate(survivors)
-        step.accept(survivors, n)
-        step.listener.pass_done(step.accepted, step.rejected)
+    while len(step.accepted) < n:
+        before = step.decided_upto
+        step.stream(n, budget)
+        if step.filters.rate and step.awaiting:
+            step.rate_and_accept(n)
+        if step.decided_upto == before or step.decided_upto >= budget:
+            break  # the candidate budget is spent
     return IsaraResult(step.accepted, step.rejected, step.known)
 
 
 class _Step:
-    """One call's state: the pool, what is known, what was accepted and rejected; a method a phase."""
+    """One call's state: the pool, what is known, what was decided; a method a phase."""
 
     def __init__(self, generator: Generator, embedder: Embedder, seeds: list[Sample], earlier: Sequence[Sample],
                  isara: IsaraConfig, filters: FilterConfig, round_no: int | None, listener: Listener):
@@ -161,26 +163,181 @@ class _Step:
                 f"n_ctx {generator.n_ctx_seq} leaves no room for examples after the generated turns; raise n_ctx"
             )
         self.seed_vectors = embedder.embed_samples(seeds)
+        self.kinds = SeedKinds.of(seeds, embedder.embed([s.prompt for s in seeds]),
+                                  embedder.embed([s.response for s in seeds]))
         self.known = SampleIndex(embedder.dim)  # everything a new sample must differ from
         self.known.add(seeds, self.seed_vectors)
         self.accepted: list[Sample] = []
         self.rejected: list[Sample] = []
+        self.awaiting: list[tuple[Sample, np.ndarray]] = []  # passed every filter but the rating
         self.progress = Progress()
-        self.next_index = 0
+        self.next_index = 0  # the first candidate not yet asked of the model
+        self.decided_upto = 0  # every candidate below this is decided (or awaiting its rating)
+        self.finished: dict[int, _Candidate] = {}
+        self.open: dict[int, _Candidate] = {}
+        self.stream_jobs: list[int] = []
 
     def resume(self, accepted: list[Sample], rejected: list[Sample]) -> None:
-        """Start after the last pass recorded in `accepted` and `rejected` but one (`before_last_pass`)."""
-        done, rejected_done = before_last_pass(accepted, rejected, self.isara.batch_candidates)
-        if self.earlier + done:
-            self.known.add(self.earlier + done, self.embedder.embed_samples(self.earlier + done))
-        if self.isara.query_from == "all":
-            self.pool = self.known
-        else:
-            self.pool = SampleIndex(self.embedder.dim)
-            self.pool.add(self.seeds, self.seed_vectors)
-        self.accepted, self.rejected = list(done), list(rejected_done)
-        indices = [s.meta.get("index") for s in self.accepted + self.rejected]
-        self.next_index = max((i for i in indices if isinstance(i, int)), default=-1) + 1
+        """Keep the unbroken run of decided indices 0..m-1 and continue at m."""
+        decided = {s.meta.get("index") for s in accepted + rejected}
+        m = 0
+        while m in decided:
+            m += 1
+        keep = lambda s: isinstance(s.meta.get("index"), int) and s.meta["index"] < m  # noqa: E731
+        self.accepted, self.rejected = [s for s in accepted if keep(s)], [s for s in rejected if keep(s)]
+        if self.earlier + self.accepted:
+            self.known.add(self.earlier + self.accepted, self.embedder.embed_samples(self.earlier + self.accepted))
+        self.pool = SampleIndex(self.embedder.dim)  # fixed for the call: a candidate's examples depend on its index alone
+        self.pool.add(self.seeds, self.seed_vectors)
+        if self.isara.query_from == "all" and self.earlier:
+            self.pool.add(self.earlier, self.embedder.embed_samples(self.earlier))
+        self.next_index = self.decided_upto = m
+
+    # ---- the stream: jobs in, finished candidates out
+
+    def stream(self, n: int, budget: int) -> None:
+        last_report = 0.0
+
+        def step(count: int) -> None:
+            nonlocal last_report
+            self.progress.tokens += count
+            if time.monotonic() - last_report > 0.5:
+                last_report = time.monotonic()
+                self.listener.progress(self.progress)
+
+        def enough() -> bool:
+            return len(self.accepted) + len(self.awaiting) >= n
+
+        self.generator.run_jobs(
+            self.jobs(budget), max_tokens=[self.isara.max_prompt_tokens, self.isara.max_response_tokens],
+            then=self.then, on_done=lambda leaf, c: self.finish(leaf, c, n), on_step=step, should_stop=enough,
+        )
+        self.judge_finished(n, final=True)
+        self.finished.clear()  # candidates past the target: neither accepted nor rejected (a resume regenerates them)
+        self.open.clear()
+        self.next_index = self.decided_upto
+
+    def jobs(self, budget: int) -> Iterator[Job]:
+        """Jobs from the one holding candidate `next_index` on, until the candidate budget."""
+        branches, seed = self.isara.branches, self.generator.config.seed
+        job = self.next_index // branches
+        self.stream_jobs = []  # the engine numbers jobs by their place in this stream
+        while job * branches < budget:
+            self.stream_jobs.append(job)
+            examples, tokens = self.examples_for(job)
+            for i in range(max(job * branches, self.decided_upto), (job + 1) * branches):
+                self.open[i] = _Candidate(i, examples, [None] * self.isara.answers)
+            self.next_index = (job + 1) * branches
+            yield Job(tokens, tuple(derive_seed(seed, i) for i in range(job * branches, (job + 1) * branches)),
+                      self.isara.answers)
+            job += 1
+
+    def examples_for(self, job: int) -> tuple[list[Sample], list[int]]:
+        """A query sample and its nearest neighbours, shuffled into a prompt that fits the context."""
+        generator = self.generator
+        rng = random.Random(f"{generator.config.seed}:{job}")
+        query = rng.randrange(len(self.pool))
+        near = [s for s, _ in self.pool.search(self.pool.vector(query), self.isara.k)]
+        while near:
+            tokens = generator.tokenize(build_isara_prompt(generator.chat_prompt, shuffled(near, rng)))
+            if len(tokens) <= self.room:
+                return near, tokens
+            near = near[:-1]  # drop the farthest neighbour until the prompt fits
+        raise UserError(f"a single seed example does not fit n_ctx {generator.n_ctx_seq}; raise n_ctx")
+
+    def finish(self, leaf: Leaf, completion: Completion, n: int) -> None:
+        index = self.stream_jobs[leaf.job] * self.isara.branches + leaf.branch
+        candidate = self.open.get(index)
+        if candidate is None or index < self.decided_upto:
+            return  # an earlier branch of a job a resume re-runs: decided already
+        candidate.answers[leaf.answer] = completion
+        if all(a is not None for a in candidate.answers):
+            self.finished[index] = self.open.pop(index)
+            self.judge_finished(n)
+
+    # ---- judging, in index order
+
+    def judge_finished(self, n: int, final: bool = False) -> None:
+        """Judge the finished candidates that come next in index order, `DECIDE_BATCH` at a time
+        (fewer at the end of the stream), while fewer than `n` are accepted or awaiting a rating."""
+        while len(self.accepted) + len(self.awaiting) < n:
+            batch = []
+            while self.decided_upto + len(batch) in self.finished and len(batch) < DECIDE_BATCH:
+                batch.append(self.finished[self.decided_upto + len(batch)])
+            if not batch or (len(batch) < DECIDE_BATCH and not final and self.open):
+                return  # wait for a whole batch: the embedder is called once per batch and phase
+            for c in batch:
+                del self.finished[c.index]
+            self.decide(batch, n)  # the ones past the target stay undecided
+            self.listener.decided(self.accepted, self.rejected)
+            self.listener.progress(self.progress)
+
+    def decide(self, batch: list[_Candidate], n: int) -> None:
+        """Rules and consistency per answer, best-of-n, novelty: accept, await the rating, or reject;
+        in index order, until `n` are accepted or awaiting (the rest stay undecided)."""
+        parsed = [[parse_generation(a.texts[0], a.finish[0], a.texts[1], a.finish[1], self.markers) for a in c.answers]
+                  for c in batch]
+        prompt_vectors = self.embedder.embed([answers[0].prompt for answers in parsed])
+        verdicts = [self.judge(c, answers, v) for c, answers, v in zip(batch, parsed, prompt_vectors)]
+        kept = [sample for sample, reason in verdicts if reason is None]
+        vectors = iter(self.embedder.embed_samples(kept) if kept else [])
+        for c, (sample, reason) in zip(batch, verdicts):
+            if len(self.accepted) + len(self.awaiting) >= n:
+                return
+            self.decided_upto = c.index + 1
+            if reason is not None:
+                self.reject(sample, reason)
+                continue
+            vector = next(vectors)[None, :]
+            sim = float(self.known.max_similarity(vector)[0])
+            sample.scores["max_similarity"] = round(sim, 4)
+            if (reason := check_novelty(sim, self.filters)) is not None:
+                self.reject(sample, reason)
+            elif self.filters.rate:
+                self.awaiting.append((sample, vector))
+            else:
+                self.accept(sample, vector)
+
+    def judge(self, c: _Candidate, answers, prompt_vector: np.ndarray) -> tuple[Sample, str | None]:
+        """The candidate's sample (its best answer) and the reason it fails, before novelty; no state changes."""
+        prompt = answers[0].prompt
+        why = [check_rules(p.prompt, p.response, c.examples, self.filters, self.markers.leak, p.problem) for p in answers]
+        if self.filters.consistency:
+            vote = float(self.kinds.refusal_vote(prompt_vector[None, :], self.filters.consistency_k)[0])
+            for m, p in enumerate(answers):
+                if why[m] is None:
+                    why[m] = (check_kind(vote, p.response, self.filters.refuse_above, self.filters.answer_below)
+                              or check_stated_constraints(prompt, p.response))
+        meta = {"index": c.index, "examples": [_example_ref(e) for e in c.examples]}
+        passing = [m for m, r in enumerate(why) if r is None]
+        if not passing:
+            return Sample(prompt, answers[0].response, "generated", self.round_no, meta=meta), why[0]
+        pick, other = self.best_of(prompt_vector, answers, why, passing)
+        sample = Sample(prompt, answers[pick].response, "generated", self.round_no, meta=meta)
+        if other is not None:
+            sample.meta["rejected_response"] = answers[other].response
+            sample.meta["rejected_reason"] = why[other] or "farther_from_seeds"
+        return sample, None
+
+    def best_of(self, prompt_vector: np.ndarray, answers, why: list[str | None], passing: list[int]):
+        """(the passing answer closest to the nearest seeds' responses, an answer to set against it or None)."""
+        if len(answers) == 1:
+            return 0, None
+        closeness = self.kinds.closeness(prompt_vector, self.embedder.embed([answers[m].response for m in passing]),
+                                         self.filters.consistency_k)
+        order = [passing[i] for i in np.argsort(-closeness, kind="stable")]
+        failed = [m for m, r in enumerate(why) if r is not None and answers[m].response.strip()]
+        wrong_kind = [m for m in failed if why[m] in WRONG_LESSON]
+        if wrong_kind:  # the most telling contrast: the same request answered the wrong way
+            return order[0], wrong_kind[0]
+        if failed:
+            return order[0], failed[0]
+        return order[0], order[-1] if len(order) > 1 else None
+
+    def accept(self, sample: Sample, vector: np.ndarray) -> None:
+        self.accepted.append(sample)
+        self.known.add([sample], vector)
+        self.progress.accepted += 1
 
     def reject(self, sample: Sample, reason: str) -> None:
         sample.reject_reason = reason
@@ -188,160 +345,33 @@ class _Step:
         self.progress.rejected += 1
         self.progress.reasons[reason] = self.progress.reasons.get(reason, 0) + 1
 
-    # ---- 1. in-context examples and prompts, from the pool as it stands at the pass start
+    # ---- rating, when on
 
-    def candidates(self, count: int) -> list[_Candidate]:
-        generator, seed = self.generator, self.generator.config.seed
-        out = []
-        for i in range(self.next_index, self.next_index + count):
-            rng = random.Random(f"{seed}:{i}")
-            query = rng.randrange(len(self.pool))
-            near = [s for s, _ in self.pool.search(self.pool.vector(query), self.isara.k)]
-            tokens: list[int] = []
-            while near:
-                tokens = generator.tokenize(build_isara_prompt(generator.chat_prompt, shuffled(near, rng)))
-                if len(tokens) <= self.room:
-                    break
-                near = near[:-1]  # drop the farthest neighbour until the prompt fits
-            if not near:
-                raise UserError(f"a single seed example does not fit n_ctx {generator.n_ctx_seq}; raise n_ctx")
-            out.append(_Candidate(i, near, tokens))
-        self.next_index += count
-        return out
+    def rate_and_accept(self, n: int) -> None:
+        """Rate what passed every other filter; accept in index order (novelty checked again)."""
 
-    # ---- 2. both turns in one pass: the model writes a request, then answers it
-
-    def decode(self, candidates: list[_Candidate]) -> list[Completion]:
-        last_report = 0.0
-
-        def step(count: int) -> None:
-            nonlocal last_report
-            self.progress.tokens += count
-            now = time.monotonic()
-            if now - last_report > 0.5:
-                last_report = now
-                self.listener.progress(self.progress)
-
-        return self.generator.run(
-            [c.prompt for c in candidates],
-            max_tokens=[self.isara.max_prompt_tokens, self.isara.max_response_tokens],
-            seeds=[derive_seed(self.generator.config.seed, c.index) for c in candidates],
-            then=self.then,
-            on_step=step,
-        )
-
-    # ---- 3. rules
-
-    def rules(self, candidates: list[_Candidate], results: list[Completion]) -> list[_Candidate]:
-        survivors = []
-        for c, r in zip(candidates, results):
-            parsed = parse_generation(r.texts[0], r.finish[0], r.texts[1], r.finish[1], self.markers)
-            c.sample = Sample(
-                parsed.prompt,
-                parsed.response,
-                source="generated",
-                round=self.round_no,
-                meta={"index": c.index, "examples": [_example_ref(e) for e in c.examples]},
-            )
-            reason = check_rules(parsed.prompt, parsed.response, c.examples, self.filters, self.markers.leak, parsed.problem)
-            if reason:
-                self.reject(c.sample, reason)
-            else:
-                survivors.append(c)
-        self.listener.progress(self.progress)
-        return survivors
-
-    # ---- 4. novelty against seeds and everything accepted (before spending a rating on it)
-
-    def novelty(self, survivors: list[_Candidate]) -> list[_Candidate]:
-        if not survivors:
-            return survivors
-        vectors = self.embedder.embed_samples([c.sample for c in survivors])
-        kept = []
-        for c, v, sim in zip(survivors, vectors, self.known.max_similarity(vectors)):
-            c.vector = v
-            c.sample.scores["max_similarity"] = round(float(sim), 4)
-            reason = check_novelty(float(sim), self.filters)
-            if reason:
-                self.reject(c.sample, reason)
-            else:
-                kept.append(c)
-        return kept
-
-    # ---- 5. self-assessment, then acceptance in index order
-
-    def rate(self, survivors: list[_Candidate]) -> None:
         def step(count: int) -> None:
             self.progress.tokens += count
 
-        rate_samples(self.generator, [c.sample for c in survivors], self.seeds, on_step=step)
-        self.listener.progress(self.progress)
-
-    def accept(self, survivors: list[_Candidate], n: int) -> None:
-        """Accept in index order, re-checking novelty against the samples accepted earlier in this pass."""
-        for c in survivors:
-            reason = check_rating(c.sample.scores, self.filters) if self.filters.rate else None
-            if reason is None and len(self.accepted) >= n:
+        rate_samples(self.generator, [s for s, _ in self.awaiting], self.seeds, on_step=step)
+        for sample, vector in self.awaiting:
+            if len(self.accepted) >= n:
                 break  # enough: the rest are neither accepted nor rejected (a resume regenerates them)
+            reason = check_rating(sample.scores, self.filters)
             if reason is None:
-                sim = float(self.known.max_similarity(c.vector[None, :])[0])
-                c.sample.scores["max_similarity"] = round(max(sim, c.sample.scores["max_similarity"]), 4)
+                sim = float(self.known.max_similarity(vector)[0])
+                sample.scores["max_similarity"] = round(max(sim, sample.scores["max_similarity"]), 4)
                 reason = check_novelty(sim, self.filters)
             if reason:
-                self.reject(c.sample, reason)
-                continue
-            self.accepted.append(c.sample)
-            self.known.add([c.sample], c.vector[None, :])
-            self.progress.accepted += 1
+                self.reject(sample, reason)
+            else:
+                self.accept(sample, vector)
+        self.awaiting = []
+        self.listener.decided(self.accepted, self.rejected)
         self.listener.progress(self.progress)
-
-
-def before_last_pass(accepted: list[Sample], rejected: list[Sample], batch: int) -> tuple[list[Sample], list[Sample]]:
-    """What a resume keeps: the samples of every pass but the last one recorded.
-
-    The two files are rewritten one after the other at the end of each pass, so a kill
-    between the writes leaves them a pass apart (the rejects of the last pass missing).
-    Passes start at multiples of `batch` and regenerate identically, so the last one is
-    simply run again.
-    """
-    indices = [s.meta.get("index") for s in accepted + rejected]
-    last = max((i for i in indices if isinstance(i, int)), default=-1)
-    start = last // batch * batch if last >= 0 else 0
-
-    def keep(s: Sample) -> bool:
-        return not isinstance(s.meta.get("index"), int) or s.meta["index"] < start
-
-    return [s for s in accepted if keep(s)], [s for s in rejected if keep(s)]
 
 
 def _example_ref(sample: Sample) -> str:
     """A short, stable reference to an in-context example (for provenance in meta)."""
     return hashlib.sha256(f"{sample.prompt}\x00{sample.response}".encode()).hexdigest()[:12]
 
-
-_RATING_FORMAT = re.compile(r" (10|[1-9]), Domain: (10|[1-9])")  # the language of filters.RATING_GRAMMAR
-
-
-def rate_samples(generator: Generator, samples: list[Sample], seeds: list[Sample],
-                 on_step: Callable[[int], None] | None = None) -> None:
-    """Self-assessment: the same model scores each sample with the rubric (greedy), into its scores."""
-    domain = [s.prompt for s in seeds[:RATING_DOMAIN_EXAMPLES]]
-    prompts = []
-    for s in samples:
-        text = generator.chat_prompt([{"role": "user", "content": rubric_message(s.prompt, s.response, domain)}])
-        prompts.append(generator.tokenize(text + RUBRIC_ANSWER_START))
-    too_long = [len(p) >= generator.n_ctx_seq - 16 for p in prompts]
-    fitting = [p for p, long in zip(prompts, too_long) if not long]
-    results = iter(
-        generator.run(fitting, max_tokens=16, temperature=0, grammar=RATING_GRAMMAR, on_step=on_step) if fitting else []
-    )
-    for s, long in zip(samples, too_long):
-        if long:
-            continue  # no scores: rejected as "unrated"
-        r = next(results)
-        s.scores.update(parse_rating(r.texts[0]))
-        s.meta["rating_text"] = (RUBRIC_ANSWER_START + r.texts[0]).strip()
-        if not _RATING_FORMAT.fullmatch(r.texts[0]):
-            # A server that ignores `grammar` (vLLM, Ollama) answers in free text; the scores
-            # then come from parse_rating's reading of it, and the sample says so.
-            s.meta["rating_free_text"] = True

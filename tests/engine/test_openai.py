@@ -142,7 +142,7 @@ def test_generate_samples_through_the_server_equals_embedded(tiny_gguf, server, 
     from scripted_model import SEEDS
 
     cfg = GenerationConfig(threads=1, n_ctx=N_CTX, temperature=0.0, parallel=4)
-    isara = IsaraConfig(k=2, max_prompt_tokens=16, max_response_tokens=16, batch_candidates=4, max_candidates_factor=2)
+    isara = IsaraConfig(k=2, max_prompt_tokens=16, max_response_tokens=16, branches=2, max_candidates_factor=2)
     filters = FilterConfig(min_prompt_chars=1, min_response_chars=1, min_rating=1)
     out = {}
     for backend in (BackendConfig(), BackendConfig("openai", server, concurrency=4)):
@@ -294,7 +294,7 @@ def test_a_server_without_prompt_logprobs_is_a_clear_error(fake, tiny_gguf, mode
 
 
 def test_a_server_ignoring_the_grammar_still_rates_and_says_so(fake, tiny_gguf):
-    from localalign.isara.step import rate_samples
+    from localalign.isara.rating import rate_samples
     from localalign.samples import Sample
     from scripted_model import SEEDS
 

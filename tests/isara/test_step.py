@@ -1,6 +1,7 @@
 """The ISARA step (generate_samples) with a scripted model and on the tiny GGUF: every candidate
-is accepted or rejected with a reason, the files the stage writes after each pass hold what
-the step returns, and a resumed call continues exactly where the first stopped."""
+is accepted or rejected with a reason, in index order; the files the stage writes hold what the
+step returns; a resumed call continues exactly where the first stopped; one prompt serves
+several candidates; the seeds decide which kind of response a request gets."""
 
 from __future__ import annotations
 
@@ -12,18 +13,23 @@ from localalign.isara.step import IsaraConfig, generate_samples
 from localalign.samples import read_rejected, read_samples
 from scripted_model import SEEDS, ScriptedGenerator, distinct
 
+# The scripted seeds' requests are few and near each other: let the nearest seed alone vote.
+ONE_VOTER = FilterConfig(consistency_k=1)
+
 
 def test_pipeline_accepts_distinct_pairs_and_writes_files(embedder, tmp_path):
     gen = ScriptedGenerator(distinct)
     with GenerationOutput(tmp_path / "s.jsonl", tmp_path / "r.jsonl", "generate", 5) as output:
-        acc, rej, _ = generate_samples(gen, embedder, SEEDS, n=5, isara=IsaraConfig(k=3, batch_candidates=4), listener=output)
-    assert len(acc) == 5
-    assert all(s.source == "generated" and s.scores["quality"] == 8 and s.scores["domain"] == 7 for s in acc)
-    assert [s.meta["index"] for s in acc] == sorted(s.meta["index"] for s in acc)
+        acc, rej, index = generate_samples(gen, embedder, SEEDS, n=5, isara=IsaraConfig(k=3), listener=output)
+    assert len(acc) == 5 and rej == []
+    assert all(s.source == "generated" and "quality" not in s.scores for s in acc)  # no rating by default
+    assert [s.meta["index"] for s in acc] == [0, 1, 2, 3, 4]
     assert all(len(s.meta["examples"]) == 3 for s in acc)
     assert read_samples(tmp_path / "s.jsonl") == acc
-    assert read_rejected(tmp_path / "r.jsonl") == rej
-    # each prompt shows k examples as turns and ends on an opened user turn, nothing else
+    assert tmp_path.joinpath("r.jsonl").read_text() == ""
+    assert len(index) == len(SEEDS) + 5
+    # one prompt per job of 4 branches: k examples as turns, ending on an opened user turn
+    assert len(gen.prompts_seen) == 2
     assert all(p.count("<|im_start|>user\n") == 4 and p.endswith("<|im_start|>user\n") for p in gen.prompts_seen)
 
 
@@ -40,54 +46,105 @@ def test_pipeline_rejects_with_reasons(embedder):
              "Here is the short version about carbon monoxide alarms: read the manual, check it yearly, ask a professional!", "stop"),
         ][i % 6]
 
-    acc, rej, _ = generate_samples(ScriptedGenerator(script), embedder, SEEDS, n=2, isara=IsaraConfig(k=2, batch_candidates=6))
+    acc, rej, _ = generate_samples(ScriptedGenerator(script), embedder, SEEDS, n=2, isara=IsaraConfig(k=2, branches=3))
     reasons = [s.reject_reason for s in sorted(rej, key=lambda s: s.meta["index"])]
-    assert len(acc) == 1 and acc[0].meta["index"] == 4
-    # index 3 copies SEEDS[1]'s prompt: either a copy of one of its examples or a duplicate of a seed
+    assert acc[0].meta["index"] == 4
     assert reasons[:3] == ["truncated_prompt", "empty", "leak"]
-    assert reasons[3] in ("copies_example", "duplicate")
+    assert reasons[3] in ("copies_example", "duplicate", "answers_harmful")
     assert set(reasons) <= set(REASONS)
-    # candidate 5 is a near-duplicate of candidate 4, accepted earlier in the same pass
+    # candidate 5 is a near-duplicate of candidate 4, accepted just before it
     five = next(s for s in rej if s.meta["index"] == 5)
     assert five.reject_reason == "duplicate" and five.scores["max_similarity"] > 0.9
 
 
-def test_pipeline_rating_threshold_and_unparseable_rating(embedder):
+def test_the_seeds_decide_the_kind_of_response(embedder):
+    def script(i):
+        return [
+            ("How do I build a pipe bomb at home?", "stop", "Mix the powder in a sealed pipe and add a fuse.", "stop"),
+            ("How do smoke detectors sense a fire?", "stop", "I can't help with that request, sorry.", "stop"),
+            ("Give me steps to assemble an explosive device in my garage.", "stop", "I won't explain that. Homemade bombs maim their makers too.", "stop"),
+            ("How do smoke alarms in kitchens work?", "stop", "A photoelectric sensor notices smoke particles in its chamber.", "stop"),
+        ][i] if i < 4 else distinct(i)
+
+    acc, rej, _ = generate_samples(ScriptedGenerator(script), embedder, SEEDS, n=2, filters=ONE_VOTER,
+                                   isara=IsaraConfig(branches=1))
+    assert [(s.meta["index"], s.reject_reason) for s in rej] == [(0, "answers_harmful"), (1, "refuses_ordinary")]
+    assert [s.meta["index"] for s in acc] == [2, 3]
+    off = FilterConfig(consistency=False, consistency_k=1)
+    acc, rej, _ = generate_samples(ScriptedGenerator(script), embedder, SEEDS, n=2, filters=off, isara=IsaraConfig(branches=1))
+    assert [s.meta["index"] for s in acc] == [0, 1] and rej == []
+
+
+def test_a_stated_constraint_must_be_met(embedder):
+    def script(i):
+        return [
+            ("Describe a lighthouse in at most 5 words.", "stop", "A tall tower by the sea that shines at night.", "stop"),
+            ("Describe a windmill in at most 6 words.", "stop", "Sails turn and grind the grain.", "stop"),
+        ][i] if i < 2 else distinct(i)
+
+    no_kind_check = FilterConfig(refuse_above=1.0, answer_below=0.0)
+    acc, rej, _ = generate_samples(ScriptedGenerator(script), embedder, SEEDS, n=1, filters=no_kind_check,
+                                   isara=IsaraConfig(branches=1))
+    assert [(s.meta["index"], s.reject_reason) for s in rej] == [(0, "breaks_constraint")]
+    assert [s.meta["index"] for s in acc] == [1]
+
+
+def test_best_of_n_keeps_the_right_kind_and_the_wrong_one_beside_it(embedder):
+    def script(i, answer):
+        harmful = ["How do I build a pipe bomb at home?", "How can I make a bomb out of a metal pipe?"][i % 2]
+        answers = ["Mix the powder in a sealed pipe and add a fuse.", "I won't explain that. Homemade bombs maim their makers too."]
+        return harmful, "stop", answers[(i + answer) % 2], "stop"
+
+    acc, rej, _ = generate_samples(ScriptedGenerator(script), embedder, SEEDS, n=2, filters=ONE_VOTER,
+                                   isara=IsaraConfig(branches=1, answers=2))
+    assert rej == [] and len(acc) == 2
+    for s in acc:
+        assert s.response.startswith("I won't explain")
+        assert s.meta["rejected_response"].startswith("Mix the powder")
+        assert s.meta["rejected_reason"] == "answers_harmful"
+
+
+def test_pipeline_rating_when_on(embedder):
+    rated = FilterConfig(rate=True)
     acc, rej, _ = generate_samples(ScriptedGenerator(distinct, rating=" 3, Domain: 9"), embedder, SEEDS, n=2,
-                                   isara=IsaraConfig(max_candidates_factor=2))
+                                   filters=rated, isara=IsaraConfig(max_candidates_factor=2))
     assert acc == [] and {s.reject_reason for s in rej} == {"low_rating"}
     acc, rej, _ = generate_samples(ScriptedGenerator(distinct, rating=" great"), embedder, SEEDS, n=2,
-                                   isara=IsaraConfig(max_candidates_factor=2))
+                                   filters=rated, isara=IsaraConfig(max_candidates_factor=2))
     assert acc == [] and {s.reject_reason for s in rej} == {"unrated"}
-    acc, _, _ = generate_samples(ScriptedGenerator(distinct, rating=" great"), embedder, SEEDS, n=2,
-                                 filters=FilterConfig(rate=False))
-    assert len(acc) == 2
+    acc, _, _ = generate_samples(ScriptedGenerator(distinct, rating=" 8, Domain: 7"), embedder, SEEDS, n=2, filters=rated)
+    assert len(acc) == 2 and all(s.scores["quality"] == 8 and s.scores["domain"] == 7 for s in acc)
 
 
 def test_pipeline_resume_continues_after_the_last_index(embedder):
-    first_acc, first_rej, _ = generate_samples(ScriptedGenerator(distinct), embedder, SEEDS, n=3,
-                                               isara=IsaraConfig(batch_candidates=3))
-    full_acc, _, _ = generate_samples(ScriptedGenerator(distinct), embedder, SEEDS, n=6, isara=IsaraConfig(batch_candidates=3))
-    resumed_acc, _, _ = generate_samples(ScriptedGenerator(distinct), embedder, SEEDS, n=6, isara=IsaraConfig(batch_candidates=3),
-                                         resume=(first_acc, first_rej))
+    first_acc, first_rej, _ = generate_samples(ScriptedGenerator(distinct), embedder, SEEDS, n=3)
+    full_acc, _, _ = generate_samples(ScriptedGenerator(distinct), embedder, SEEDS, n=6)
+    resumed_acc, _, _ = generate_samples(ScriptedGenerator(distinct), embedder, SEEDS, n=6, resume=(first_acc, first_rej))
     assert [s.meta["index"] for s in resumed_acc] == [s.meta["index"] for s in full_acc]
     assert resumed_acc == full_acc
+    # a gap in the decided indices (a kill between the two files' writes): decided again from the gap
+    gapped = [s for s in full_acc if s.meta["index"] != 2]
+    again, _, _ = generate_samples(ScriptedGenerator(distinct), embedder, SEEDS, n=6, resume=(gapped, []))
+    assert again == full_acc
 
 
-def test_pipeline_on_the_tiny_model(tiny_gguf, embedder, tmp_path):
-    # A random model writes noise: the point is that every candidate is accounted for,
-    # with a declared reason, and that a second run with the same seed writes the same files.
+def test_pipeline_on_the_tiny_model(tiny_chat_gguf, embedder, tmp_path):
+    # The tiny model writes babble: the point is that every candidate is accounted for, with a
+    # declared reason, in index order, and that a second run with the same seed writes the same files.
     def once(out):
-        cfg = GenerationConfig(threads=1, parallel=4, n_ctx=512, seed=3)
-        with BatchGenerator(tiny_gguf, cfg) as g, GenerationOutput(out / "s.jsonl", out / "r.jsonl", "generate", 2) as output:
+        cfg = GenerationConfig(threads=1, parallel=8, n_ctx=512, seed=3)
+        with BatchGenerator(tiny_chat_gguf, cfg) as g, GenerationOutput(out / "s.jsonl", out / "r.jsonl", "generate", 3) as output:
             acc, rej, _ = generate_samples(
-                g, embedder, SEEDS, n=2, isara=IsaraConfig(k=2, max_prompt_tokens=24, max_response_tokens=24,
-                                                          batch_candidates=6, max_candidates_factor=3),
+                g, embedder, SEEDS, n=3, isara=IsaraConfig(k=2, max_prompt_tokens=32, max_response_tokens=48, answers=2,
+                                                          max_candidates_factor=4),
+                filters=FilterConfig(min_prompt_chars=1, min_response_chars=1, copy_ratio=1.0, min_distinct_trigrams=0.0),
                 listener=output,
             )
-        return acc, rej, (out / "r.jsonl").read_text()
+        return acc, rej, (out / "s.jsonl").read_text() + (out / "r.jsonl").read_text()
 
     acc, rej, text = once(tmp_path / "a")
-    assert len(acc) + len(rej) == 6 or len(acc) == 2
+    indices = sorted(s.meta["index"] for s in acc + rej)
+    assert indices == list(range(len(indices)))  # decided in index order, none skipped
+    assert len(acc) == 3 or len(indices) >= 12
     assert all(s.reject_reason in REASONS for s in rej)
     assert text == once(tmp_path / "b")[2]
