@@ -4,7 +4,7 @@
       config.toml        the resolved config (a re-run with another config is refused)
       manifest.json      per stage: status, input and output hashes, seconds
       base/              the base model in the form the rounds ship in, and its evaluation
-      baselines/         --baselines: SFT on the seeds alone, ICL-kNN (retrieved seeds in context)
+      baselines/         --baselines: SFT on the seeds alone, ICL-kNN, URIAL-style fixed examples
       round-N/           samples.jsonl, rejected.jsonl, index/, train/ (adapter, checkpoints),
                          model.gguf or adapter.gguf (+ .parity.json, Modelfile), eval.json
       report.md, *.png   the evaluation table and one plot per metric
@@ -23,6 +23,7 @@ uninterrupted one does.
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import time
@@ -43,7 +44,9 @@ from localalign.evaluation.report import write_report
 from localalign.evaluation.run import EvalConfig, evaluate, read_eval, write_eval
 from localalign.export.pipeline import export_adapter, export_merged, export_model, modelfile_path
 from localalign.fsutil import atomic_write_text, commit_temp, temp_path_for
+from localalign.isara.data_report import data_report, format_share
 from localalign.isara.filters import FilterConfig
+from localalign.isara.rehearsal import rehearsal_samples
 from localalign.isara.retrieve import Embedder
 from localalign.isara.step import IsaraConfig, Listener, Progress, generate_samples
 from localalign.models import DEFAULT_EMBEDDER, DEFAULT_MODEL, resolve_model
@@ -81,6 +84,11 @@ class AlignConfig:
     export: str = "merged"
     quant: str = "q8_0"  # type of the merged GGUFs (q8_0 keeps a 135M model within ~1% top-1)
     train_on_seeds: bool = True  # train each round on the seeds plus its accepted samples
+    # Ordinary requests the base model writes and answers itself (isara/rehearsal.py), trained
+    # with every round so the model keeps answering ordinary requests. 0 turns it off.
+    rehearsal: int = 32
+    # Rounds in a row without a better held-out score after which the run stops early.
+    patience: int = 2
     baselines: bool = False  # also train/evaluate the paper's baselines
     eval_suites: list[str] = field(default_factory=list)  # empty: the domain's held-out suite
     eval_limit: int | None = None  # evaluate only the first N items per suite (quick runs)
@@ -96,6 +104,8 @@ class AlignConfig:
             raise UserError(f"rounds must be at least 1, got {self.rounds}")
         if self.samples < 1:
             raise UserError(f"samples must be at least 1, got {self.samples}")
+        if self.rehearsal < 0 or self.patience < 1:
+            raise UserError("rehearsal must be >= 0 and patience >= 1")
         if self.export not in EXPORT_MODES:
             raise UserError(f"export must be 'merged' or 'adapter', got {self.export!r}")
         if self.quant not in QUANT_TYPES:
@@ -266,34 +276,67 @@ class AlignRun:
 
     def generate(self, round_no: int, generator: ModelForm, seeds: list[Sample], earlier: list[Sample]) -> list[Sample]:
         cfg = self.config
-        rd = self.dir / f"round-{round_no}"
-        samples_path, rejected_path, index_dir = rd / "samples.jsonl", rd / "rejected.jsonl", rd / "index"
-        inputs = {
-            **generator.hashes(self.hash),
-            "seeds": hash_value([s.to_json() for s in seeds]),
-            "earlier": hash_value([s.to_json() for s in earlier]),
-            "config": hash_value([to_dict(cfg.generation), to_dict(cfg.isara), to_dict(cfg.filters), cfg.samples, cfg.embedder]),
-        }
+
+        def produce(gen, embedder, resume, output):
+            return generate_samples(gen, embedder, seeds, cfg.samples, earlier=earlier, isara=cfg.isara,
+                                    filters=cfg.filters, round_no=round_no, resume=resume, listener=output)
+
+        inputs = {"seeds": hash_value([s.to_json() for s in seeds]), "earlier": hash_value([s.to_json() for s in earlier]),
+                  "config": hash_value([to_dict(cfg.generation), to_dict(cfg.isara), to_dict(cfg.filters), cfg.samples,
+                                        cfg.embedder])}
+        return self.samples_stage(f"round-{round_no}/generate", self.dir / f"round-{round_no}", generator, inputs,
+                                  cfg.samples, produce, seeds)
+
+    def rehearse(self, generator: ModelForm, seeds: list[Sample]) -> list[Sample]:
+        """The base model's own ordinary requests and answers (isara/rehearsal.py), once per run."""
+        cfg = self.config
+        if cfg.rehearsal == 0:
+            return []
+
+        def produce(gen, embedder, resume, output):
+            return rehearsal_samples(gen, embedder, seeds, cfg.rehearsal, cfg.isara, cfg.filters, resume, output)
+
+        inputs = {"seeds": hash_value([s.to_json() for s in seeds]),
+                  "config": hash_value([to_dict(cfg.generation), to_dict(cfg.isara), to_dict(cfg.filters), cfg.rehearsal,
+                                        cfg.embedder])}
+        return self.samples_stage("base/rehearsal", self.dir / "base" / "rehearsal", generator, inputs, cfg.rehearsal,
+                                  produce, seeds)
+
+    def samples_stage(self, name: str, out_dir: Path, generator: ModelForm, inputs: dict[str, str], n: int,
+                      produce: Callable, seeds: list[Sample]) -> list[Sample]:
+        """A stage that writes samples.jsonl, rejected.jsonl, index/ and data-report.json into `out_dir`,
+        picking up after the last decided candidate when it was interrupted."""
+        cfg = self.config
+        samples_path, rejected_path, index_dir = out_dir / "samples.jsonl", out_dir / "rejected.jsonl", out_dir / "index"
+        report_path = out_dir / "data-report.json"
 
         def work():
             # Candidates decided before an interruption are not generated again.
             done = read_samples(samples_path) if samples_path.exists() and samples_path.stat().st_size else []
             rejected = read_rejected(rejected_path) if rejected_path.exists() else []
             if done or rejected:
-                self.log(f"  resuming generation: {len(done)} accepted, {len(rejected)} rejected already")
+                self.log(f"  resuming: {len(done)} accepted, {len(rejected)} rejected already")
             embedder = Embedder(cfg.embedder)
-            output = GenerationOutput(samples_path, rejected_path, f"round {round_no} generate", cfg.samples, initial=len(done))
+            output = GenerationOutput(samples_path, rejected_path, name, n, initial=len(done))
             backend = cfg.backend.for_model(self.model_name(generator))
             with output, open_generator(generator.gguf, cfg.generation, backend, lora_path=generator.lora) as gen:
-                result = generate_samples(
-                    gen, embedder, seeds, cfg.samples, earlier=earlier, isara=cfg.isara, filters=cfg.filters,
-                    round_no=round_no, resume=(done, rejected), listener=output,
-                )
+                result = produce(gen, embedder, (done, rejected), output)
             result.index.save(index_dir)
-            return {"accepted": len(result.accepted), "rejected": len(result.rejected), "reasons": _count_reasons(result.rejected)}
+            report = {**data_report(result.accepted, seeds, embedder, cfg.filters.consistency_k),
+                      "rejected": len(result.rejected), "reasons": _count_reasons(result.rejected)}
+            atomic_write_text(report_path, json.dumps(report, indent=1) + "\n")
+            return {"accepted": len(result.accepted), "rejected": len(result.rejected), "reasons": report["reasons"]}
 
-        self.stage(f"round-{round_no}/generate", inputs, [samples_path, rejected_path, index_dir], work)
+        self.stage(name, {**generator.hashes(self.hash), **inputs}, [samples_path, rejected_path, index_dir, report_path],
+                   work)
         return read_samples(samples_path) if samples_path.stat().st_size else []
+
+    def data_reports(self) -> dict[str, dict]:
+        """Each round's data report, as written by its generate stage."""
+        out = {}
+        for path in sorted(self.dir.glob("round-*/data-report.json"), key=lambda p: int(p.parent.name.split("-")[1])):
+            out[path.parent.name] = json.loads(path.read_text())
+        return out
 
     def train(self, name: str, base_hf: Path, data: list[Sample], out_dir: Path, init_adapter: Path | None) -> Path:
         cfg = self.config
@@ -335,14 +378,14 @@ class AlignRun:
         self.stage(name, inputs, [out], work)
         return ModelForm(out)
 
-    def evaluate(self, name: str, form: ModelForm, out: Path, icl_seeds: Path | None = None) -> dict:
+    def evaluate(self, name: str, form: ModelForm, out: Path, icl_seeds: Path | None = None, icl_mode: str = "knn") -> dict:
         cfg = self.config
         inputs = {**form.hashes(self.hash), "suites": ",".join(cfg.suites()), "limit": str(cfg.eval_limit),
-                  "icl": self.hash(icl_seeds) if icl_seeds else ""}
+                  "icl": (self.hash(icl_seeds) + ("" if icl_mode == "knn" else f":{icl_mode}")) if icl_seeds else ""}
 
         def work():
             ecfg = EvalConfig(model=form.gguf, lora=form.lora, suites=tuple(cfg.suites()), limit=cfg.eval_limit,
-                              threads=cfg.generation.threads, icl_seeds=icl_seeds, icl_k=cfg.isara.k,
+                              threads=cfg.generation.threads, icl_seeds=icl_seeds, icl_k=cfg.isara.k, icl_mode=icl_mode,
                               embedder=cfg.embedder, backend=cfg.backend.for_model(self.model_name(form)))
             write_eval(evaluate(ecfg, log=self.log), out)
 
@@ -365,32 +408,52 @@ class AlignRun:
             if cfg.baselines:
                 results.update(self.baselines(base_hf, base_form, seeds))
 
-            generator, earlier, previous_adapter = base_form, [], None
-            scores: dict[str, float | None] = {}
-            forms: dict[str, ModelForm] = {}
-            for r in range(1, cfg.rounds + 1):
-                t0 = time.perf_counter()
-                rd = self.dir / f"round-{r}"
-                accepted = self.generate(r, generator, seeds, earlier)
-                if not accepted:
-                    raise UserError(f"round {r}: no generated sample passed the filters; see {rd / 'rejected.jsonl'}")
-                data = (seeds if cfg.train_on_seeds else []) + accepted
-                init = init_adapter_for_round(cfg.train, previous_adapter)
-                adapter = self.train(f"round-{r}/train", base_hf, data, rd / "train", init)
-                form = self.export(f"round-{r}/export", base_hf, base_form, adapter, rd)
-                results[f"round-{r}"] = self.evaluate(f"round-{r}/eval", form, rd / "eval.json")
-                scores[f"round-{r}"] = primary_score(cfg, results[f"round-{r}"])
-                forms[f"round-{r}"] = form
-                self.log(self.round_summary(r, accepted, results, base_score, scores, time.perf_counter() - t0))
-                generator, earlier, previous_adapter = form, earlier + accepted, adapter
-
+            rehearsal = self.rehearse(base_form, seeds)
+            scores, forms = self.rounds(seeds, rehearsal, base_hf, base_form, base_score, results)
             self.write_report(results)
-            best = self.ship_final(scores, forms, base_hf, base_score)
-            self.log(format_summary(results, cfg, self.dir, best, base_score, scores))
+            shipped = self.ship_final(scores, forms, base_hf, base_score)
+            self.log(format_summary(results, cfg, self.dir, shipped, base_score, scores, self.data_reports()))
             return self.dir / "final.gguf"
 
+    def rounds(self, seeds: list[Sample], rehearsal: list[Sample], base_hf: Path, base_form: ModelForm,
+               base_score: float | None, results: dict[str, dict]):
+        """Round after round, each generating with the best model so far (a round that scores lower
+        is kept on disk but generates nothing); stop after `patience` rounds in a row without a
+        better score. Returns the scores and the models by round."""
+        cfg = self.config
+        best, best_score, generator, best_adapter = "base", base_score, base_form, None
+        earlier: list[Sample] = []
+        scores: dict[str, float | None] = {}
+        forms: dict[str, ModelForm] = {}
+        stale = 0
+        for r in range(1, cfg.rounds + 1):
+            t0 = time.perf_counter()
+            rd, name = self.dir / f"round-{r}", f"round-{r}"
+            accepted = self.generate(r, generator, seeds, earlier)
+            if not accepted:
+                raise UserError(f"round {r}: no generated sample passed the filters; see {rd / 'rejected.jsonl'}")
+            data = (seeds if cfg.train_on_seeds else []) + accepted + rehearsal
+            adapter = self.train(f"{name}/train", base_hf, data, rd / "train", init_adapter_for_round(cfg.train, best_adapter))
+            forms[name] = self.export(f"{name}/export", base_hf, base_form, adapter, rd)
+            results[name] = self.evaluate(f"{name}/eval", forms[name], rd / "eval.json")
+            scores[name] = primary_score(cfg, results[name])
+            self.log(self.round_summary(r, accepted, results, base_score, scores, time.perf_counter() - t0))
+            earlier = earlier + accepted
+            if scores[name] is not None and (best_score is None or scores[name] > best_score):
+                best, best_score, generator, best_adapter, stale = name, scores[name], forms[name], adapter, 0
+                continue
+            stale += 1
+            self.log(f"round {r} scored {_fmt(scores[name])}, not above {best} ({_fmt(best_score)}): kept on disk; "
+                     f"the next round generates with {best}")
+            if stale >= cfg.patience and r < cfg.rounds:
+                self.log(f"{stale} rounds in a row without a better score: stopping early")
+                break
+        return scores, forms
+
     def baselines(self, base_hf: Path, base_form: ModelForm, seeds: list[Sample]) -> dict[str, dict]:
-        """ISARA's baselines: SFT on the seeds alone, and ICL-kNN (retrieved seeds in context)."""
+        """The baselines: SFT on the seeds alone, ICL-kNN (retrieved seeds in context, ISARA's), and
+        URIAL-style in-context alignment (the same few seeds before every question); no training
+        for the last two."""
         d = self.dir / "baselines"
         adapter = self.train("baselines/sft-seeds/train", base_hf, seeds, d / "sft-seeds" / "train", None)
         form = self.export("baselines/sft-seeds/export", base_hf, base_form, adapter, d / "sft-seeds")
@@ -399,6 +462,8 @@ class AlignRun:
         if not seeds_copy.exists():
             write_samples(seeds_copy, seeds)
         out["icl-knn"] = self.evaluate("baselines/icl-knn/eval", base_form, d / "icl-knn" / "eval.json", icl_seeds=seeds_copy)
+        out["urial"] = self.evaluate("baselines/urial/eval", base_form, d / "urial" / "eval.json", icl_seeds=seeds_copy,
+                                     icl_mode="fixed")
         return out
 
     def round_summary(self, r, accepted, results, base_score, scores, seconds) -> str:
@@ -412,7 +477,7 @@ class AlignRun:
         )
 
     def write_report(self, results: dict[str, dict]) -> None:
-        write_report(results, self.dir)
+        write_report(results, self.dir, data_reports=self.data_reports())
 
     def ship_final(self, scores: dict[str, float | None], forms: dict[str, ModelForm], base_hf: Path, base_score) -> str:
         """Copy the best round's model to final.gguf (merging an adapter round first)."""
@@ -473,10 +538,16 @@ def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
-def format_summary(results, config: AlignConfig, run_dir: Path, best: str, base_score, scores) -> str:
-    """The before/after table printed at the end of a run."""
+DATA_COLUMNS = (("kind_agreement", "data: right kind"), ("constraints_met", "data: constraints met"))
+
+
+def format_summary(results, config: AlignConfig, run_dir: Path, best: str, base_score, scores,
+                   data: dict[str, dict] | None = None) -> str:
+    """The before/after table printed at the end of a run, with each round's data report beside it."""
     keys = DOMAINS[config.domain][1] if config.domain in DOMAINS else []
-    header = ["model"] + [f"{s}/{m}" for s, m in keys] + ["score"]
+    data = data or {}
+    shown = [(k, title) for k, title in DATA_COLUMNS if any((d.get(k) or {}).get("n") for d in data.values())]
+    header = ["model"] + [f"{s}/{m}" for s, m in keys] + ["score", "data: accepted"] + [t for _, t in shown]
     rows = []
     for label, result in results.items():
         row = [label + (" *" if label == best else "")]
@@ -484,9 +555,12 @@ def format_summary(results, config: AlignConfig, run_dir: Path, best: str, base_
             rec = result["suites"].get(suite, {}).get("metrics", {}).get(metric)
             row.append("n/a" if not rec or not rec.get("n") else f"{rec['value']:.3f} [{rec['ci_low']:.2f}, {rec['ci_high']:.2f}] n={rec['n']}")
         row.append(_fmt(primary_score(config, result)))
+        report = data.get(label, {})
+        row.append(str(report.get("accepted", "")))
+        row += [format_share(report.get(k)) if report else "" for k, _ in shown]
         rows.append(row)
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-    fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))  # noqa: E731
+    fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
     lines = ["", fmt(header), fmt(["-" * w for w in widths]), *map(fmt, rows), ""]
     lines.append(f"* = shipped as {run_dir / 'final.gguf'}  (report: {run_dir / 'report.md'})")
     return "\n".join(lines)

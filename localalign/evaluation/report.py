@@ -109,8 +109,26 @@ def plot_metric(results: dict[str, dict], suite: str, metric: str, path: Path) -
     return path
 
 
-def write_report(results: dict[str, dict], out_dir: str | Path) -> Path:
-    """report.md + one PNG per metric under `out_dir`; labels keep the order of `results`."""
+def format_data_reports(data: dict[str, dict]) -> str:
+    """One row per round: what its accepted data teaches, measured against the seeds."""
+    names = [("accepted", "accepted"), ("rejected", "rejected"), ("refusals", "refusals"),
+             ("kind_agreement", "right kind"), ("constraints_met", "constraints met"), ("seed_agreement", "agrees with seed")]
+    lines = ["| round | " + " | ".join(title for _, title in names) + " |", "|---" * (len(names) + 1) + "|"]
+    for label, report in data.items():
+        cells = []
+        for key, _ in names:
+            value = report.get(key)
+            if isinstance(value, dict):
+                cells.append("n/a" if value.get("value") is None else f"{value['value']:.2f} (n={value['n']})")
+            else:
+                cells.append("" if value is None else str(value))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(results: dict[str, dict], out_dir: str | Path, data_reports: dict[str, dict] | None = None) -> Path:
+    """report.md + one PNG per metric under `out_dir`; labels keep the order of `results`.
+    `data_reports`: each round's data report (isara/data_report.py), shown as its own table."""
     if not results:
         raise ValueError("no results to report")
     out_dir = Path(out_dir)
@@ -133,6 +151,11 @@ def write_report(results: dict[str, dict], out_dir: str | Path) -> Path:
         "",
         format_table(results),
         "",
+        *(["## Data", "",
+           "What each round's accepted pairs teach, against the seeds (isara/data_report.py): the share "
+           "whose response is the kind their nearest seeds give, that meet the constraints their prompt "
+           "states, that say what the seed with a near-identical prompt says.", "",
+           format_data_reports(data_reports), ""] if data_reports else []),
         "## Suites",
         "",
         *[f"- **{s}**: {d}" for s, d in descriptions.items()],

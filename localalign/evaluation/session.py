@@ -28,11 +28,36 @@ class IclExamples:
         return messages
 
 
+@dataclass
+class FixedExamples:
+    """URIAL-style in-context alignment (Lin et al. 2023), our seed-only version: the same few
+    seed pairs before every question, chosen without looking at it: the first of each response
+    kind in turn (a refusal, an answer, ...) in seed-file order, so both lessons are shown."""
+
+    examples: list
+
+    @classmethod
+    def of(cls, seeds: list, k: int) -> "FixedExamples":
+        by_kind = [[s for s in seeds if is_refusal(s.response)], [s for s in seeds if not is_refusal(s.response)]]
+        chosen = []
+        while len(chosen) < min(k, len(seeds)):
+            for group in by_kind:
+                if group and len(chosen) < k:
+                    chosen.append(group.pop(0))
+        return cls(chosen)
+
+    def turns(self, prompt: str) -> list[dict[str, str]]:
+        messages = []
+        for sample in self.examples:
+            messages += [{"role": "user", "content": sample.prompt}, {"role": "assistant", "content": sample.response}]
+        return messages
+
+
 class EvalSession:
     """A greedy generator (embedded or a server) and the settings the suites read."""
 
     def __init__(self, gen: Generator, seeds_dir: Path, max_tokens: int, refusal_max_tokens: int,
-                 icl: IclExamples | None = None):
+                 icl: IclExamples | FixedExamples | None = None):
         self.gen = gen
         self.seeds_dir = seeds_dir  # where the held-out suites' files are
         self.max_tokens = max_tokens  # reply budget for suites that check the whole reply

@@ -106,9 +106,11 @@ def isara_messages(examples: Sequence[Sample]) -> list[dict]:
 
 
 def build_isara_prompt(render: Render, examples: Sequence[Sample]) -> str:
-    """The few-shot conversation, ending on an opened user turn for the model to write."""
-    if not examples:
-        raise ValueError("an ISARA prompt needs at least one example")
+    """The few-shot conversation, ending on an opened user turn for the model to write.
+
+    Without examples it is the template's opening alone (its default system prompt, if it has
+    one) and an opened user turn: an instruction-tuned model then writes a typical request of
+    its own (Magpie, Xu et al. 2024), which is how the rehearsal data is made."""
     open_turn = _SENTINELS[0]
     text = render(isara_messages(examples) + [{"role": "user", "content": open_turn}])
     return text[: text.index(open_turn)]

@@ -55,7 +55,9 @@ WRONG_LESSON = ("answers_harmful", "refuses_ordinary", "breaks_constraint")
 
 @dataclass
 class IsaraConfig:
-    k: int = 4  # in-context examples: the query sample and its k-1 nearest neighbours
+    # In-context examples: the query sample and its k-1 nearest neighbours. 0: none, the model
+    # writes requests of its own (the rehearsal data, align.py).
+    k: int = 4
     # Where query samples and their neighbours come from: "seeds", or "all" (seeds plus the
     # samples of earlier rounds, so later rounds can wander further from the seeds).
     query_from: str = "seeds"
@@ -69,8 +71,8 @@ class IsaraConfig:
     max_candidates_factor: float = 6.0  # give up after n * this many candidates
 
     def __post_init__(self) -> None:
-        if self.k < 1:
-            raise UserError(f"k must be at least 1, got {self.k}")
+        if self.k < 0:
+            raise UserError(f"k must be at least 0, got {self.k}")
         if self.query_from not in QUERY_FROM:
             raise UserError(f"query_from must be 'seeds' or 'all', got {self.query_from!r}")
         if self.max_prompt_tokens < 8 or self.max_response_tokens < 8:
@@ -235,6 +237,8 @@ class _Step:
     def examples_for(self, job: int) -> tuple[list[Sample], list[int]]:
         """A query sample and its nearest neighbours, shuffled into a prompt that fits the context."""
         generator = self.generator
+        if self.isara.k == 0:
+            return [], generator.tokenize(build_isara_prompt(generator.chat_prompt, []))
         rng = random.Random(f"{generator.config.seed}:{job}")
         query = rng.randrange(len(self.pool))
         near = [s for s, _ in self.pool.search(self.pool.vector(query), self.isara.k)]

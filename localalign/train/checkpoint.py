@@ -33,6 +33,8 @@ def run_fingerprint(base_hf_dir: Path, data: list[Encoded], config: TrainConfig,
     h.update((base_hf_dir / "config.json").read_bytes())
     for e in data:
         h.update(json.dumps([e.input_ids, e.labels]).encode())
+        if e.rejected is not None:
+            h.update(json.dumps([e.rejected.input_ids, e.rejected.labels]).encode())
     cfg = asdict(config)
     for k in ("threads", "progress", "checkpoint_every", "device", "gradient_checkpointing"):
         cfg.pop(k)  # these change speed, not what is learned

@@ -12,6 +12,7 @@ from localalign.train.data import BATCHING
 # with SmolLM2's tied embeddings an adapter on them cannot be exported to a GGUF LoRA.
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ROUND_POLICIES = ("from_base", "continue")
+OBJECTIVES = ("sft", "sft+pref")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -40,6 +41,13 @@ class TrainConfig:
     grad_accum: int = 2  # micro-batches per optimizer step; effective batch = batch_size * grad_accum
     max_seq_len: int = 1024  # longer samples are dropped (reported), never truncated mid-answer
     seed: int = 0  # LoRA init, data order and dropout all derive from it
+    # --- objective
+    # "sft": next-token loss on the chosen responses. "sft+pref": plus DPO (Rafailov et al. 2023) on
+    # the samples that carry a rejected answer (best-of-n's losers, refusals of rehearsal requests):
+    # the model also learns what not to say, held to its starting point by the reference term.
+    objective: str = "sft"
+    pref_beta: float = 0.1  # DPO's beta: how far the policy may move from the reference
+    pref_weight: float = 1.0  # the DPO loss's weight beside the SFT loss (each a mean per step)
     # --- data layout
     batching: str = "bucket"  # "bucket": length-sorted padded rows (measured faster on CPU, docs/benchmarks.md);
     #   "pack": one unpadded row per micro-batch, but CPU SDPA then attends over the whole row's
@@ -78,6 +86,9 @@ class TrainConfig:
         need(self.device in DEVICES, f"device must be auto, cpu or cuda, got {self.device!r}")
         need(self.threads is None or self.threads >= 1, "threads must be >= 1")
         need(self.round_policy in ROUND_POLICIES, f"round_policy must be one of {ROUND_POLICIES}")
+        need(self.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        need(self.pref_beta > 0 and self.pref_weight >= 0, "pref_beta must be > 0 and pref_weight >= 0")
+        need(self.objective == "sft" or self.batching == "bucket", "objective sft+pref needs batching = \"bucket\"")
 
 
 def init_adapter_for_round(config: TrainConfig, previous_adapter: str | Path | None) -> Path | None:

@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 class Encoded:
     input_ids: list[int]
     labels: list[int]  # HF convention, unshifted: labels[t] == input_ids[t] on response tokens, else -100
+    # The same prompt with the answer not to give (a preference pair's rejected side), if any.
+    rejected: "Encoded | None" = None
 
     @property
     def n_targets(self) -> int:
@@ -101,9 +103,20 @@ def encode_sample(tokenizer, sample: Sample, eot_ids: set[int]) -> Encoded:
     return Encoded(ids, labels)
 
 
-def encode_samples(tokenizer, samples: list[Sample], eot_ids: set[int], max_len: int) -> tuple[list[Encoded], int]:
-    """Encode all samples; those longer than `max_len` tokens are dropped. Returns (kept, n_dropped)."""
-    encoded = [encode_sample(tokenizer, s, eot_ids) for s in samples]
+def encode_samples(tokenizer, samples: list[Sample], eot_ids: set[int], max_len: int,
+                   pairs: bool = False) -> tuple[list[Encoded], int]:
+    """Encode all samples; those longer than `max_len` tokens are dropped. Returns (kept, n_dropped).
+
+    `pairs`: a sample whose meta holds a "rejected_response" also gets it encoded as its
+    `rejected` side (dropped, not the sample, if that side is too long)."""
+    encoded = []
+    for s in samples:
+        e = encode_sample(tokenizer, s, eot_ids)
+        other = s.meta.get("rejected_response") if pairs else None
+        if isinstance(other, str) and other.strip() and other.strip() != s.response.strip():
+            r = encode_sample(tokenizer, Sample(s.prompt, other, system=s.system), eot_ids)
+            e = Encoded(e.input_ids, e.labels, r if len(r.input_ids) <= max_len else None)
+        encoded.append(e)
     kept = [e for e in encoded if len(e.input_ids) <= max_len]
     return kept, len(encoded) - len(kept)
 

@@ -64,7 +64,15 @@ from localalign.train.distributed import (
     threads_per_process,
     world_from_env,
 )
-from localalign.train.model import build_model, forward_backward, load_tokenizer, pick_device, precision_for
+from localalign.train.model import (
+    build_model,
+    forward_backward,
+    load_tokenizer,
+    pick_device,
+    precision_for,
+    preference_loss,
+    row_logps,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -93,6 +101,7 @@ class StepRecord:
     tokens: int
     tokens_per_s: float
     seconds: float
+    pref_loss: float | None = None  # mean DPO loss of the step's pairs (objective "sft+pref"; starts at log 2)
 
 
 def lr_factor(step: int, total: int, warmup_ratio: float, min_ratio: float) -> float:
@@ -157,6 +166,7 @@ class _Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     state: dict[str, Any]  # step, losses, tokens, seconds: what a checkpoint carries
+    reference: list[tuple[float, float] | None]  # per sample: the starting model's log-probs of a pair's sides
 
 
 def _setup(base_hf_dir: Path, samples: list[Sample], out_dir: Path, config: TrainConfig, resume: bool, init_adapter,
@@ -184,7 +194,8 @@ def _setup(base_hf_dir: Path, samples: list[Sample], out_dir: Path, config: Trai
         log("this GPU has no bf16: training in fp32 (fp16 would need loss scaling; fp32 LoRA on a small model fits)")
 
     tokenizer = load_tokenizer(base_hf_dir)
-    data, dropped = encode_samples(tokenizer, samples, end_of_turn_ids(tokenizer, base_hf_dir), config.max_seq_len)
+    data, dropped = encode_samples(tokenizer, samples, end_of_turn_ids(tokenizer, base_hf_dir), config.max_seq_len,
+                                   pairs=config.objective == "sft+pref")
     if dropped:
         log(f"dropped {dropped} of {len(samples)} samples longer than max_seq_len={config.max_seq_len} tokens")
     if not data:
@@ -206,7 +217,10 @@ def _setup(base_hf_dir: Path, samples: list[Sample], out_dir: Path, config: Trai
         state = load_checkpoint(latest, model, optimizer, scheduler, fingerprint)
         log(f"resuming from {latest} (step {state['step']} of {total_steps})")
     run = _Run(config, world, device, precision, out_dir, log, data, dropped, pad_id, steps_per_epoch, total_steps,
-               fingerprint, model, trainable, optimizer, scheduler, state)
+               fingerprint, model, trainable, optimizer, scheduler, state, [None] * len(data))
+    if any(e.rejected is not None for e in data):
+        run.reference = _reference_logps(run)
+        log(f"preference pairs: {sum(r is not None for r in run.reference)} of {len(data)} samples")
     check_agree(state["step"], "the checkpoint step to start from", world)
     if world.is_main:
         if latest is not None:
@@ -240,11 +254,12 @@ def _loop(run: _Run, on_step: Callable[[StepRecord], None] | None) -> None:
             epoch, i = divmod(step, run.steps_per_epoch)
             if epoch not in plans:
                 plans = {epoch: epoch_plan(lengths, config.batch_size, config.seed, epoch, config.batching)}
-            micro = [[run.data[j] for j in mb] for mb in plans[epoch][i * config.grad_accum : (i + 1) * config.grad_accum]]
-            loss_sum, n_targets, n_tokens, lr = _optimizer_step(run, body, head, autocast, micro)
+            micro = plans[epoch][i * config.grad_accum : (i + 1) * config.grad_accum]
+            loss_sum, n_targets, n_tokens, lr, pref = _optimizer_step(run, body, head, autocast, micro)
 
             seconds = time.perf_counter() - t0
-            rec = StepRecord(step + 1, run.total_steps, epoch, loss_sum / n_targets, lr, n_tokens, n_tokens / seconds, seconds)
+            rec = StepRecord(step + 1, run.total_steps, epoch, loss_sum / n_targets, lr, n_tokens, n_tokens / seconds,
+                             seconds, pref)
             state["step"], state["tokens"], state["seconds"] = step + 1, state["tokens"] + n_tokens, state["seconds"] + seconds
             state["losses"].append(rec.loss)
             if log_file is not None:
@@ -263,20 +278,27 @@ def _loop(run: _Run, on_step: Callable[[StepRecord], None] | None) -> None:
         bar.close()
 
 
-def _optimizer_step(run: _Run, body, head, autocast, micro: list[list[Encoded]]) -> tuple[float, int, int, float]:
-    """Forward/backward over one step's micro-batches (this process's share), then one update.
-    Returns the step's summed loss, response tokens, tokens and learning rate."""
+def _optimizer_step(run: _Run, body, head, autocast, micro: list[list[int]]):
+    """Forward/backward over one step's micro-batches (lists of sample indices; this process's
+    share of each), then one update. Returns the step's summed SFT loss, response tokens, tokens,
+    learning rate, and mean preference loss (None without pairs)."""
     import torch
 
-    config, trainable = run.config, run.trainable
-    n_targets = sum(e.n_targets for mb in micro for e in mb)  # of the whole step, on every process
-    n_tokens = sum(len(e.input_ids) for mb in micro for e in mb)
-    loss_sum = 0.0
+    config, trainable, data = run.config, run.trainable, run.data
+    n_targets = sum(data[j].n_targets for mb in micro for j in mb)  # of the whole step, on every process
+    n_tokens = sum(len(data[j].input_ids) for mb in micro for j in mb)
+    n_pairs = sum(run.reference[j] is not None for mb in micro for j in mb)
+    loss_sum, pref_sum = 0.0, 0.0
     for mb in micro:
         mine = shard(mb, run.world)
         if not mine:  # the last, short micro-batch of an epoch
             continue
-        batch = collate_packed(mine) if config.batching == "pack" else collate_padded(mine, run.pad_id)
+        if n_pairs:
+            sft, pref = _pair_backward(run, body, head, autocast, mine, n_targets, n_pairs)
+            loss_sum, pref_sum = loss_sum + sft, pref_sum + pref
+            continue
+        rows = [data[j] for j in mine]
+        batch = collate_packed(rows) if config.batching == "pack" else collate_padded(rows, run.pad_id)
         with autocast:
             loss_sum += forward_backward(body, head, {k: v.to(run.device) for k, v in batch.items()}, 1 / n_targets)
     loss_sum = all_reduce_grads(trainable, loss_sum, run.world)
@@ -285,7 +307,55 @@ def _optimizer_step(run: _Run, body, head, autocast, micro: list[list[Encoded]])
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return loss_sum, n_targets, n_tokens, lr
+    # Under torchrun the preference loss logged is this process's share (the SFT sum is reduced).
+    return loss_sum, n_targets, n_tokens, lr, (pref_sum / n_pairs if n_pairs else None)
+
+
+def _pair_backward(run: _Run, body, head, autocast, mine: list[int], n_targets: int, n_pairs: int) -> tuple[float, float]:
+    """SFT on every sample of the micro-batch plus DPO on its pairs, in one backward pass.
+    Returns the summed SFT loss and the summed DPO loss."""
+    import torch
+
+    data, config = run.data, run.config
+    pairs = [j for j in mine if run.reference[j] is not None]
+    rows = [data[j] for j in mine] + [data[j].rejected for j in pairs]
+    batch = collate_padded(rows, run.pad_id)
+    with autocast:
+        logps = row_logps(body, head, {k: v.to(run.device) for k, v in batch.items()})
+    sft = -logps[: len(mine)].sum()
+    loss = sft / n_targets
+    pref = torch.zeros(())
+    if pairs:
+        chosen = logps[[mine.index(j) for j in pairs]]
+        ref = torch.tensor([run.reference[j] for j in pairs], device=logps.device)
+        pref = preference_loss(chosen, logps[len(mine):], ref[:, 0], ref[:, 1], config.pref_beta).sum()
+        loss = loss + config.pref_weight * pref / n_pairs
+    loss.backward()
+    return float(sft.item()), float(pref.item())
+
+
+def _reference_logps(run: _Run) -> list[tuple[float, float] | None]:
+    """The starting model's log-probabilities of each pair's sides (DPO's reference): with a fresh
+    adapter (B = 0) that is the base model itself, so no second model is kept."""
+    import torch
+
+    base = run.model.get_base_model()
+    body, head = base.model, base.get_output_embeddings()
+    autocast = torch.autocast(run.device.type, dtype=torch.bfloat16) if run.precision == "bf16" else nullcontext()
+    out: list[tuple[float, float] | None] = [None] * len(run.data)
+    pairs = [j for j, e in enumerate(run.data) if e.rejected is not None]
+    run.model.eval()
+    with torch.no_grad():
+        for start in range(0, len(pairs), run.config.batch_size):
+            chunk = pairs[start : start + run.config.batch_size]
+            rows = [run.data[j] for j in chunk] + [run.data[j].rejected for j in chunk]
+            batch = collate_padded(rows, run.pad_id)
+            with autocast:
+                logps = row_logps(body, head, {k: v.to(run.device) for k, v in batch.items()}).tolist()
+            for i, j in enumerate(chunk):
+                out[j] = (logps[i], logps[len(chunk) + i])
+    run.model.train()
+    return out
 
 
 def _finish(run: _Run) -> TrainResult:

@@ -55,6 +55,28 @@ def forward_backward(body, head, batch: dict, scale: float, chunk: int = LOGIT_C
     return total
 
 
+def row_logps(body, head, batch: dict):
+    """Summed log-probability of each row's response tokens (with gradients): a preference pair's
+    sides are compared per sequence, so the logits are not chunked across rows here."""
+    import torch
+
+    hidden = body(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                  position_ids=batch["position_ids"], use_cache=False).last_hidden_state
+    out = []
+    for row, targets in zip(hidden, batch["targets"]):
+        keep = targets != IGNORE
+        logp = torch.log_softmax(head(row[keep]).float(), dim=-1)
+        out.append(logp.gather(1, targets[keep][:, None]).sum())
+    return torch.stack(out)
+
+
+def preference_loss(chosen, rejected, ref_chosen, ref_rejected, beta: float):
+    """DPO per pair: -log sigmoid(beta * ((chosen - ref_chosen) - (rejected - ref_rejected)))."""
+    import torch.nn.functional as F
+
+    return -F.logsigmoid(beta * ((chosen - ref_chosen) - (rejected - ref_rejected)))
+
+
 def pick_device(wanted: str, local_rank: int = 0):
     """CUDA if asked for or (auto) present, else CPU; under torchrun, GPU `local_rank`."""
     import torch

@@ -75,9 +75,9 @@ def test_prompt_has_no_instruction_text():
     assert stripped.strip() == ""
 
 
-def test_prompt_needs_examples():
-    with pytest.raises(ValueError):
-        build_isara_prompt(chatml, [])
+def test_without_examples_the_prompt_is_an_opened_user_turn():
+    """k = 0 (rehearsal): only the template's opening and an empty user turn (Magpie)."""
+    assert build_isara_prompt(chatml, []) == "<|im_start|>user\n"
 
 
 def test_shuffle_is_seeded_and_keeps_all():

