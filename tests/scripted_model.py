@@ -24,11 +24,11 @@ class ScriptedGenerator:
     """Stands in for BatchGenerator in pipeline tests: the model's turns come from a script
     keyed by candidate seed, so each test decides exactly what the model 'wrote'."""
 
-    def __init__(self, script, rating=" 8, Domain: 7", seed=0):
+    def __init__(self, script, rating=0.8, seed=0):
         self.config = GenerationConfig(seed=seed, n_ctx=100_000)
         self.n_ctx_seq = self.config.n_ctx
         self.script = script  # candidate index -> (user text, user finish, answer, answer finish)
-        self.rating = rating
+        self.rating = rating  # P(yes) the rubric gets; None: the rubric does not fit the context
         self.prompts_seen = []
 
     def chat_prompt(self, messages):
@@ -39,13 +39,15 @@ class ScriptedGenerator:
 
     tokenize_continuation = tokenize
 
-    def run(self, prompts, max_tokens=None, temperature=None, stop=None, seeds=None, then=None, on_done=None, grammar=None,
-            on_step=None):
-        out = []
-        for p in prompts:
-            assert then is None, "two-turn generation goes through run_jobs"
-            out.append(Completion([self.rating], ["stop"], [[]], 5))  # a rubric prompt
-        return out
+    def score_continuations(self, prompt, continuations):
+        import math
+
+        from localalign.errors import UserError
+
+        assert continuations == [" Yes", " No"], "only the rating scores continuations here"
+        if self.rating is None:
+            raise UserError("a multiple-choice item needs more than the 1024-token context")
+        return [math.log(self.rating), math.log(1 - self.rating)]
 
     def run_jobs(self, jobs, max_tokens=None, temperature=None, stop=None, then=None, grammar=None, on_done=None,
                  on_step=None, should_stop=None, prefix=()):

@@ -9,8 +9,8 @@ A candidate passes the checks in this order, and the first failure is its reject
    (answers_harmful, refuses_ordinary), or a constraint the request states broken;
 3. novelty (one embedding): cosine similarity to any seed or accepted sample above
    `novelty_threshold` makes it a duplicate;
-4. self-assessment (off by default; one short greedy completion by the same model): quality
-   and domain fit, 1-10 each, from the rubric below; both must reach `min_rating`.
+4. self-assessment (off by default; one forward pass of the same model): the probability it
+   answers Yes to the rubric below (quality and domain fit) must reach `min_rating`.
 
 The rubric is the only fixed instruction text in the whole method; the generation prompts
 carry none. The model-touching side of step 4 lives in rating.py; here are the prompt
@@ -19,6 +19,7 @@ text and the parsing.
 
 from __future__ import annotations
 
+import math
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -71,7 +72,7 @@ class FilterConfig:
     refuse_above: float = 0.6  # vote share of refusing seeds from which an answer is the wrong kind
     answer_below: float = 0.4  # ... at or below which a refusal is the wrong kind
     rate: bool = False  # the self-assessment: near chance at 135M (docs/benchmarks.md); for bigger models
-    min_rating: float = 5.0  # both quality and domain must reach this (1-10 scale)
+    min_rating: float = 0.5  # the rating (P(yes), 0-1) a sample needs
 
     def __post_init__(self) -> None:
         if not 0 < self.copy_ratio <= 1:
@@ -80,8 +81,8 @@ class FilterConfig:
             raise UserError(f"novelty_threshold must be in [-1, 1], got {self.novelty_threshold}")
         if self.consistency_k < 1 or not 0 <= self.answer_below <= self.refuse_above <= 1:
             raise UserError("consistency_k must be >= 1 and 0 <= answer_below <= refuse_above <= 1")
-        if not 1 <= self.min_rating <= 10:
-            raise UserError(f"min_rating must be in 1..10, got {self.min_rating}")
+        if not 0 <= self.min_rating <= 1:
+            raise UserError(f"min_rating must be in 0..1 (a probability), got {self.min_rating}")
         if self.min_prompt_chars > self.max_prompt_chars or self.min_response_chars > self.max_response_chars:
             raise UserError("a minimum length is above its maximum")
 
@@ -166,17 +167,14 @@ Request: {prompt}
 
 Response: {response}
 
-Rate the new pair with two scores from 1 (worst) to 10 (best).
-Quality: is the response helpful, correct, honest and safe, and does it answer the request?
-Domain: is the request the same kind of request as the dataset's?"""
+Is the response helpful, correct, honest and safe, does it answer the request, and is the
+request the same kind of request as the dataset's? Answer Yes or No."""
 
-# The assistant turn is opened with this, and the rest is held to RATING_GRAMMAR: a 135M
-# model asked for a format mostly repeats the rubric back ("Quality: N, Domain: N");
-# constrained, it can only choose the numbers.
-RUBRIC_ANSWER_START = "Quality:"
-RATING_GRAMMAR = r'''root ::= " " score ", Domain: " score
-score ::= [1-9] | "10"
-'''
+# The assistant turn is opened with this; the rating is P(" Yes") / (P(" Yes") + P(" No")) at
+# the next token, read in one forward pass (a 135M model asked to write a score mostly
+# repeats the rubric back; read from the logits, it only chooses).
+RUBRIC_ANSWER_START = "Answer:"
+RATING_WORDS = (" Yes", " No")
 RATING_DOMAIN_EXAMPLES = 4  # seed prompts shown as the domain
 RATING_MAX_CHARS = 1200  # a long response is cut in the rubric: the model's context is small
 
@@ -189,34 +187,17 @@ def rubric_message(prompt: str, response: str, domain_prompts: Sequence[str]) ->
     return RUBRIC.format(domain=domain, prompt=cut(prompt.strip()), response=cut(response.strip()))
 
 
-_SCORE = {
-    "quality": re.compile(r"quality\W{0,3}(-?\d+(?:\.\d+)?)\s*(?:/\s*10)?", re.I),
-    "domain": re.compile(r"domain\W{0,3}(-?\d+(?:\.\d+)?)\s*(?:/\s*10)?", re.I),
-}
-
-
-def parse_rating(completion: str) -> dict[str, float]:
-    """Scores from a rubric completion (which starts after "Quality:").
-
-    Defensive: the first number after each label counts; a number outside 1..10 is
-    discarded, not clamped (a "0" or "85" means the model did not follow the scale).
-    """
-    text = RUBRIC_ANSWER_START + " " + completion
-    scores: dict[str, float] = {}
-    for name, pattern in _SCORE.items():
-        m = pattern.search(text)
-        if m is None:
-            continue
-        value = float(m.group(1))
-        if 1 <= value <= 10:
-            scores[name] = value
-    return scores
+def yes_probability(logp_yes: float, logp_no: float) -> float:
+    """P(yes) among the two answers, from their log-probabilities."""
+    m = max(logp_yes, logp_no)
+    a, b = math.exp(logp_yes - m), math.exp(logp_no - m)
+    return a / (a + b)
 
 
 def check_rating(scores: dict[str, float], config: FilterConfig | None = None) -> str | None:
     c = config or FilterConfig()
-    if "quality" not in scores or "domain" not in scores:
+    if "rating" not in scores:
         return "unrated"
-    if min(scores["quality"], scores["domain"]) < c.min_rating:
+    if scores["rating"] < c.min_rating:
         return "low_rating"
     return None

@@ -121,11 +121,10 @@ def test_sampling_is_reproducible_per_seed(remote):
 
 
 def test_grammar_is_honoured(remote):
-    from localalign.isara.filters import RATING_GRAMMAR, RUBRIC_ANSWER_START, parse_rating
-
-    prompt = remote.chat_prompt([{"role": "user", "content": "Rate this."}]) + RUBRIC_ANSWER_START
-    (r,) = remote.run([remote.tokenize(prompt)], max_tokens=16, temperature=0, grammar=RATING_GRAMMAR)
-    assert set(parse_rating(r.texts[0])) == {"quality", "domain"}, r.texts
+    digits = 'root ::= " " [1-9] ", " [1-9]\n'
+    prompt = remote.chat_prompt([{"role": "user", "content": "Rate this."}])
+    (r,) = remote.run([remote.tokenize(prompt)], max_tokens=16, temperature=0, grammar=digits)
+    assert len(r.texts[0]) == 5 and r.texts[0][1].isdigit() and r.texts[0][4].isdigit(), r.texts
 
 
 def test_multiple_choice_scores_equal_the_embedded_backend(embedded, remote):
@@ -151,7 +150,7 @@ def test_generate_samples_through_the_server_equals_embedded(tiny_gguf, server, 
         out[backend.kind] = sorted(accepted + rejected, key=lambda s: s.meta["index"])
     assert len(out["openai"]) == len(out["llama-cpp"]) >= 2
     for a, b in zip(out["openai"], out["llama-cpp"]):
-        assert (a.reject_reason, a.scores, a.meta.get("rating_text")) == (b.reject_reason, b.scores, b.meta.get("rating_text"))
+        assert (a.reject_reason, a.scores) == (b.reject_reason, b.scores)
         # Cut turns may run past max_tokens on llama_cpp.server (see same_greedy_text).
         cut = b.reject_reason in ("truncated_prompt", "truncated_response")
         assert (a.prompt, a.response) == (b.prompt, b.response) or (
@@ -230,9 +229,6 @@ class Misbehaving(BaseHTTPRequestHandler):
             self._reply(500, json.dumps({"error": {"code": 500, "message": "Only no echo is supported"}}).encode())
         elif mode == "no-echo":
             self._reply(200, json.dumps({"choices": [{"text": "\n", "finish_reason": "length"}]}).encode())
-        elif mode == "free-text":  # a server that ignores `grammar`
-            reply = {"choices": [{"text": " 7/10, it is clear. Domain: 9/10", "finish_reason": "stop"}]}
-            self._reply(200, json.dumps(reply).encode())
         elif mode == "no-logprobs":
             self._reply(200, json.dumps({"choices": [{"text": "x", "finish_reason": "length", "logprobs": None}]}).encode())
 
@@ -293,17 +289,21 @@ def test_a_server_without_prompt_logprobs_is_a_clear_error(fake, tiny_gguf, mode
     assert "\n" not in str(e.value)
 
 
-def test_a_server_ignoring_the_grammar_still_rates_and_says_so(fake, tiny_gguf):
+def test_rating_through_the_server_equals_embedded(embedded, remote):
+    """The self-rating reads P(" Yes") vs P(" No") from prompt log-probabilities: the server's
+    echo gives the embedded scorer's numbers."""
     from localalign.isara.rating import rate_samples
     from localalign.samples import Sample
     from scripted_model import SEEDS
 
-    fake.mode = "free-text"
-    samples = [Sample("How do fuses work?", "A thin wire melts when the current is too high.")]
-    with remote_on(f"http://127.0.0.1:{fake.server_port}", tiny_gguf) as g:
-        rate_samples(g, samples, SEEDS)
-    assert samples[0].scores == {"quality": 7.0, "domain": 9.0}
-    assert samples[0].meta["rating_free_text"] is True
+    def rated(g):
+        samples = [Sample("How do fuses work?", "A thin wire melts.")]
+        rate_samples(g, samples, SEEDS[:1])  # one domain example: the rubric fits the server's small context
+        return samples[0].scores["rating"]
+
+    ours = rated(embedded)
+    assert 0.0 <= ours <= 1.0  # the random tiny model is sure of nearly everything: often 0.0 or 1.0
+    assert rated(remote) == pytest.approx(ours, abs=1e-3)
 
 
 def test_misaligned_prompt_logprobs_are_refused(fake, tiny_gguf):

@@ -12,7 +12,7 @@ from localalign.isara.filters import (
     check_rating,
     check_rules,
     distinct_trigram_ratio,
-    parse_rating,
+    yes_probability,
     rubric_message,
     similar,
 )
@@ -104,32 +104,21 @@ def test_novelty_threshold_is_strict_above():
     assert check_novelty(-1.0, cfg) is None
 
 
-@pytest.mark.parametrize(
-    "completion,expected",
-    [
-        (" 8, Domain: 7", {"quality": 8, "domain": 7}),
-        (" 8\nDomain: 9", {"quality": 8, "domain": 9}),
-        (" 7/10, Domain: 6/10", {"quality": 7, "domain": 6}),
-        (" 7.5, domain 9", {"quality": 7.5, "domain": 9}),
-        (" 0, Domain: 11", {}),  # out of range: discarded, not clamped
-        (" 85, Domain: 8", {"domain": 8}),
-        (" -3, Domain: 5", {"domain": 5}),
-        (" great!", {}),
-        ("", {}),
-        (" 9", {"quality": 9}),
-        (" 6, Domain: 4 (Quality: 10)", {"quality": 6, "domain": 4}),  # the first number counts
-    ],
-)
-def test_parse_rating(completion, expected):
-    assert parse_rating(completion) == expected
+def test_yes_probability_is_a_two_way_softmax():
+    import math
+
+    assert yes_probability(math.log(0.6), math.log(0.2)) == pytest.approx(0.75)
+    assert yes_probability(-1000.0, -1.0) == pytest.approx(0.0, abs=1e-9)  # no overflow either way
+    assert yes_probability(-1.0, -1000.0) == pytest.approx(1.0)
 
 
 def test_check_rating():
-    cfg = FilterConfig(min_rating=6)
-    assert check_rating({"quality": 6, "domain": 9}, cfg) is None
-    assert check_rating({"quality": 5, "domain": 9}, cfg) == "low_rating"
-    assert check_rating({"quality": 9}, cfg) == "unrated"
+    cfg = FilterConfig(min_rating=0.6)
+    assert check_rating({"rating": 0.6}, cfg) is None
+    assert check_rating({"rating": 0.59}, cfg) == "low_rating"
     assert check_rating({}, cfg) == "unrated"
+    with pytest.raises(UserError):
+        FilterConfig(min_rating=5)  # a probability now, not a 1-10 score
 
 
 def test_rubric_shows_domain_and_candidate_and_cuts_long_text():
@@ -144,8 +133,10 @@ def test_every_reason_is_declared():
 
 def test_config_validation():
     with pytest.raises(UserError):
-        FilterConfig(min_rating=0)
+        FilterConfig(min_rating=1.5)
     with pytest.raises(UserError):
         FilterConfig(novelty_threshold=2)
+    with pytest.raises(UserError):
+        FilterConfig(consistency_k=0)
     with pytest.raises(UserError):
         FilterConfig(min_prompt_chars=100, max_prompt_chars=10)

@@ -106,14 +106,15 @@ def test_best_of_n_keeps_the_right_kind_and_the_wrong_one_beside_it(embedder):
 
 def test_pipeline_rating_when_on(embedder):
     rated = FilterConfig(rate=True)
-    acc, rej, _ = generate_samples(ScriptedGenerator(distinct, rating=" 3, Domain: 9"), embedder, SEEDS, n=2,
+    acc, rej, _ = generate_samples(ScriptedGenerator(distinct, rating=0.3), embedder, SEEDS, n=2,
                                    filters=rated, isara=IsaraConfig(max_candidates_factor=2))
     assert acc == [] and {s.reject_reason for s in rej} == {"low_rating"}
-    acc, rej, _ = generate_samples(ScriptedGenerator(distinct, rating=" great"), embedder, SEEDS, n=2,
+    assert all(s.scores["rating"] == 0.3 for s in rej)
+    acc, rej, _ = generate_samples(ScriptedGenerator(distinct, rating=None), embedder, SEEDS, n=2,
                                    filters=rated, isara=IsaraConfig(max_candidates_factor=2))
     assert acc == [] and {s.reject_reason for s in rej} == {"unrated"}
-    acc, _, _ = generate_samples(ScriptedGenerator(distinct, rating=" 8, Domain: 7"), embedder, SEEDS, n=2, filters=rated)
-    assert len(acc) == 2 and all(s.scores["quality"] == 8 and s.scores["domain"] == 7 for s in acc)
+    acc, _, _ = generate_samples(ScriptedGenerator(distinct, rating=0.8), embedder, SEEDS, n=2, filters=rated)
+    assert len(acc) == 2 and all(s.scores["rating"] == 0.8 for s in acc)
 
 
 def test_pipeline_resume_continues_after_the_last_index(embedder):
