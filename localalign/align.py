@@ -325,7 +325,8 @@ class AlignRun:
             report = {**data_report(result.accepted, seeds, embedder, cfg.filters.consistency_k),
                       "rejected": len(result.rejected), "reasons": _count_reasons(result.rejected)}
             atomic_write_text(report_path, json.dumps(report, indent=1) + "\n")
-            return {"accepted": len(result.accepted), "rejected": len(result.rejected), "reasons": report["reasons"]}
+            return {"accepted": len(result.accepted), "rejected": len(result.rejected), "reasons": report["reasons"],
+                    "tokens_read": gen.counts.read, "tokens_written": gen.counts.written}
 
         self.stage(name, {**generator.hashes(self.hash), **inputs}, [samples_path, rejected_path, index_dir, report_path],
                    work)

@@ -118,6 +118,14 @@ class Completion:
 
 
 
+@dataclass
+class TokenCounts:
+    """Tokens a backend has put through the model: `read` from prompts (and the `then` text), `written` sampled."""
+
+    read: int = 0
+    written: int = 0
+
+
 class GGUFText:
     """Tokens and chat template from a GGUF loaded in llama-cpp-python (`self.llm`; a
     vocab-only load is enough). Shared by every generation backend, so a prompt is the same
@@ -127,6 +135,7 @@ class GGUFText:
     llm: Llama
     template: str
     config: GenerationConfig
+    counts: TokenCounts
 
     def close(self) -> None:
         raise NotImplementedError

@@ -34,6 +34,7 @@ from localalign.engine.base import (
     GGUFText,
     Job,
     Leaf,
+    TokenCounts,
     answer_seed,
     check_prompt,
     decoding,
@@ -85,6 +86,7 @@ class BatchGenerator(GGUFText):
         self._piece_cache: dict[int, bytes] = {}
         self.lora_path = lora_path
         self._scorer = None
+        self.counts = TokenCounts()
         self._ctx = None
         self._batch = None
         self._make_context()
@@ -265,6 +267,7 @@ class BatchGenerator(GGUFText):
     def _sample(self, seq: _Live, index: int, d: Decoding, live: list[_Live], free: list[int], on_done) -> None:
         """Sample `seq`'s next token from batch row `index`; finish, fork or continue it."""
         token = self.lib.llama_sampler_sample(seq.sampler, self._ctx, index)
+        self.counts.written += 1
         outcome = self._advance(seq, token, d)
         if outcome == "continue":
             return
@@ -362,6 +365,7 @@ class BatchGenerator(GGUFText):
                 ready.append((seq, n - 1))
         b.n_tokens = n
         self._decode()
+        self.counts.read += n - sum(1 for seq, _ in ready if seq.ids)  # a sampled token fed back is not read
         return ready
 
     def _decode(self) -> None:

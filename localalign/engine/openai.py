@@ -48,6 +48,7 @@ from localalign.engine.base import (
     GGUFText,
     Job,
     Leaf,
+    TokenCounts,
     answer_seed,
     check_prompt,
     decoding,
@@ -137,6 +138,7 @@ class OpenAIGenerator(GGUFText):
     def __init__(self, gguf_path: str | Path, config: GenerationConfig, backend: BackendConfig):
         self.config = config
         self.backend = backend
+        self.counts = TokenCounts()
         self.gguf_path = Path(gguf_path)
         self.llm = load_llama(gguf_path, vocab_only=True)
         self.template = self.llm.metadata.get("tokenizer.chat_template", "")
@@ -347,6 +349,9 @@ class OpenAIGenerator(GGUFText):
         n = usage.get("completion_tokens")
         if not isinstance(n, int):
             n = len(self._reply_ids(choice["text"]))
+        with self._texts_lock:  # request threads count here too
+            self.counts.read += counted if isinstance(counted, int) else 0
+            self.counts.written += n
         return {**choice, "finish_reason": finish}, n
 
     # ------------------------------------------------------------------ multiple choice

@@ -64,14 +64,15 @@ class SeedKinds:
         return (sims * w).sum(axis=1) / w.sum()
 
 
-def check_kind(refusal_vote: float, response: str, refuse_above: float, answer_below: float) -> str | None:
-    """The reason a response is the wrong kind for its request, or None."""
-    refused = is_refusal(response)
-    if refusal_vote >= refuse_above and not refused:
-        return "answers_harmful"
-    if refusal_vote <= answer_below and refused:
-        return "refuses_ordinary"
-    return None
+def check_kind(refusal_vote: float, response: str, keep_refusal_from: float, keep_answer_below: float) -> str | None:
+    """The reason a response is the wrong kind for its request, or None.
+
+    The two thresholds are independent: a refusal is kept only where at least
+    `keep_refusal_from` of the vote refuses, an answer only where less than `keep_answer_below`
+    does; between them (when keep_refusal_from > keep_answer_below) neither kind is kept."""
+    if is_refusal(response):
+        return None if refusal_vote >= keep_refusal_from else "refuses_ordinary"
+    return None if refusal_vote < keep_answer_below else "answers_harmful"
 
 
 def check_stated_constraints(prompt: str, response: str) -> str | None:

@@ -68,9 +68,9 @@ class FilterConfig:
     # Consistency with the seeds (consistency.py): the response kind the request's nearest seeds
     # give, and the constraints the request states. Thresholds measured on the labelled set.
     consistency: bool = True
-    consistency_k: int = 5  # nearest seeds that vote
-    refuse_above: float = 0.6  # vote share of refusing seeds from which an answer is the wrong kind
-    answer_below: float = 0.4  # ... at or below which a refusal is the wrong kind
+    consistency_k: int = 12  # nearest seeds that vote
+    keep_refusal_from: float = 0.9  # a refusal is kept where at least this share of the vote refuses
+    keep_answer_below: float = 0.6  # an answer is kept where less than this share of the vote refuses
     rate: bool = False  # the self-assessment: near chance at 135M (docs/benchmarks.md); for bigger models
     min_rating: float = 0.5  # the rating (P(yes), 0-1) a sample needs
 
@@ -79,8 +79,8 @@ class FilterConfig:
             raise UserError(f"copy_ratio must be in (0, 1], got {self.copy_ratio}")
         if not -1 <= self.novelty_threshold <= 1:
             raise UserError(f"novelty_threshold must be in [-1, 1], got {self.novelty_threshold}")
-        if self.consistency_k < 1 or not 0 <= self.answer_below <= self.refuse_above <= 1:
-            raise UserError("consistency_k must be >= 1 and 0 <= answer_below <= refuse_above <= 1")
+        if self.consistency_k < 1 or not (0 <= self.keep_refusal_from <= 1.01 and 0 <= self.keep_answer_below <= 1.01):
+            raise UserError("consistency_k must be >= 1; keep_refusal_from and keep_answer_below in 0..1.01 (1.01: never)")
         if not 0 <= self.min_rating <= 1:
             raise UserError(f"min_rating must be in 0..1 (a probability), got {self.min_rating}")
         if self.min_prompt_chars > self.max_prompt_chars or self.min_response_chars > self.max_response_chars:

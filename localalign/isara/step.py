@@ -310,7 +310,7 @@ class _Step:
             vote = float(self.kinds.refusal_vote(prompt_vector[None, :], self.filters.consistency_k)[0])
             for m, p in enumerate(answers):
                 if why[m] is None:
-                    why[m] = (check_kind(vote, p.response, self.filters.refuse_above, self.filters.answer_below)
+                    why[m] = (check_kind(vote, p.response, self.filters.keep_refusal_from, self.filters.keep_answer_below)
                               or check_stated_constraints(prompt, p.response))
         meta = {"index": c.index, "examples": [_example_ref(e) for e in c.examples]}
         passing = [m for m, r in enumerate(why) if r is None]

@@ -14,7 +14,7 @@ from localalign.samples import read_rejected, read_samples
 from scripted_model import SEEDS, ScriptedGenerator, distinct
 
 # The scripted seeds' requests are few and near each other: let the nearest seed alone vote.
-ONE_VOTER = FilterConfig(consistency_k=1)
+ONE_VOTER = FilterConfig(consistency_k=1, keep_refusal_from=0.5, keep_answer_below=0.5)
 
 
 def test_pipeline_accepts_distinct_pairs_and_writes_files(embedder, tmp_path):
@@ -82,7 +82,7 @@ def test_a_stated_constraint_must_be_met(embedder):
             ("Describe a windmill in at most 6 words.", "stop", "Sails turn and grind the grain.", "stop"),
         ][i] if i < 2 else distinct(i)
 
-    no_kind_check = FilterConfig(refuse_above=1.0, answer_below=0.0)
+    no_kind_check = FilterConfig(keep_refusal_from=0.0, keep_answer_below=1.01)
     acc, rej, _ = generate_samples(ScriptedGenerator(script), embedder, SEEDS, n=1, filters=no_kind_check,
                                    isara=IsaraConfig(branches=1))
     assert [(s.meta["index"], s.reject_reason) for s in rej] == [(0, "breaks_constraint")]

@@ -1,0 +1,182 @@
+"""Benchmark: every filter against the hand-labelled development set (tests/data/labelled/).
+
+    .venv/bin/python bench/bench_filters.py [--rate N] [--no-docs]
+
+The development set is candidates the default model wrote from the shipped seeds (two answers
+per request), labelled by hand (tests/data/labelled/README.md). For each filter, applied in
+the pipeline's order to the answers the earlier filters kept: how many it rejects, its
+precision (the share of its rejects that are bad) and recall (the share of the bad ones it
+rejects), and the share of good answers among what is left. "Good" is judged two ways:
+`train` (the labeller would train on it: right kind, coherent, complete, not wrong) and
+`usable` (the right lesson, coherently told, factual slips allowed: safety: coherent and the
+right kind; truthfulness: coherent and true or partly true; instruction-following: coherent,
+a sensible answer, and any stated constraint met).
+
+`--rate N` also rates the first N labelled answers of each domain with the base model (the
+self-rating filter, off by default) and reports the rating's AUC against both labels.
+Rewrites its section of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchdoc import default_model, update_section  # noqa: E402
+
+from localalign.fsutil import atomic_write_text  # noqa: E402
+from localalign.isara.consistency import SeedKinds, check_kind, check_stated_constraints  # noqa: E402
+from localalign.isara.filters import FilterConfig, check_rules  # noqa: E402
+from localalign.isara.prompts import COMMON_LEAK_MARKERS  # noqa: E402
+from localalign.isara.retrieve import Embedder  # noqa: E402
+from localalign.paths import SEEDS_DIR  # noqa: E402
+from localalign.samples import Sample, read_samples  # noqa: E402
+
+DOCS = REPO / "docs" / "benchmarks.md"
+BEGIN, END = "<!-- bench_filters -->", "<!-- /bench_filters -->"
+LABELLED = REPO / "tests" / "data" / "labelled"
+SETS = {  # file -> seed domain
+    "safety.base.jsonl": "safety",
+    "safety.round1.jsonl": "safety",
+    "truthfulness.base.jsonl": "truthfulness",
+    "instruction-following.base.jsonl": "instruction-following",
+}
+CHATML_LEAKS = ("<|im_start|>", "<|im_end|>", *COMMON_LEAK_MARKERS)
+
+
+def usable(domain: str, request: dict, answer: dict) -> bool:
+    if not answer["coherent"]:
+        return False
+    if domain == "safety":
+        return answer["right_kind"] is True
+    if domain == "truthfulness":
+        return answer["answer"] in ("true", "partly")
+    return answer["answer_ok"] and answer["follows"] in ("yes", "n/a")
+
+
+def answers_of(name: str) -> tuple[str, list[dict]]:
+    """One row per labelled answer, with its request's fields and its examples as Samples."""
+    domain = SETS[name]
+    seeds = read_samples(SEEDS_DIR / f"{domain}.jsonl")
+    rows = []
+    for line in (LABELLED / name).read_text(encoding="utf-8").splitlines():
+        rec = json.loads(line)
+        examples = [seeds[i - 1] for i in rec["examples"]]
+        for a in rec["answers"]:
+            rows.append({"prompt": rec["prompt"], "response": a["response"], "finish": a["finish"], "examples": examples,
+                         "train": a["train"], "usable": usable(domain, rec, a)})
+    return domain, rows
+
+
+def rule_reason(row: dict, cfg: FilterConfig) -> str | None:
+    finish = row["finish"]
+    problem = ("truncated_prompt" if finish[0] == "length" else "truncated_response" if finish[1] == "length"
+               else None)
+    return check_rules(row["prompt"], row["response"], row["examples"], cfg, CHATML_LEAKS, problem)
+
+
+def filter_table(domain: str, rows: list[dict], embedder: Embedder, cfg: FilterConfig) -> list[dict]:
+    """Rows of the filter table for one labelled set, the filters applied in order."""
+    seeds = read_samples(SEEDS_DIR / f"{domain}.jsonl")
+    kinds = SeedKinds.of(seeds, embedder.embed([s.prompt for s in seeds]), embedder.embed([s.response for s in seeds]))
+    votes = kinds.refusal_vote(embedder.embed([r["prompt"] for r in rows]), cfg.consistency_k)
+    filters = [
+        ("rules", lambda i, r: rule_reason(r, cfg)),
+        ("consistency: kind", lambda i, r: check_kind(float(votes[i]), r["response"], cfg.keep_refusal_from,
+                                                      cfg.keep_answer_below)),
+        ("consistency: stated constraints", lambda i, r: check_stated_constraints(r["prompt"], r["response"])),
+    ]
+    kept = np.ones(len(rows), bool)
+    good = {k: np.array([r[k] for r in rows]) for k in ("train", "usable")}
+    out = [{"filter": "(none)", "rejects": 0, "base": int(kept.sum()), "kept_train": good["train"].mean(),
+            "kept_usable": good["usable"].mean()}]
+    for name, reason in filters:
+        rejects = np.array([kept[i] and reason(i, r) is not None for i, r in enumerate(rows)])
+        entry = {"filter": name, "rejects": int(rejects.sum()), "base": int(kept.sum())}
+        for k, g in good.items():
+            bad_before = kept & ~g
+            entry[f"precision_{k}"] = (~g[rejects]).mean() if rejects.any() else None
+            entry[f"recall_{k}"] = (rejects & ~g).sum() / bad_before.sum() if bad_before.any() else None
+        kept &= ~rejects
+        entry.update(kept_train=good["train"][kept].mean() if kept.any() else None,
+                     kept_usable=good["usable"][kept].mean() if kept.any() else None, kept=int(kept.sum()))
+        out.append(entry)
+    return out
+
+
+def auc(scores, labels) -> float | None:
+    s, y = np.asarray(scores, float), np.asarray(labels, bool)
+    pos, neg = s[y], s[~y]
+    if not len(pos) or not len(neg):
+        return None
+    return float(((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()) / (len(pos) * len(neg)))
+
+
+def rating_auc(domain: str, rows: list[dict], n: int) -> dict:
+    """The self-rating (base model, one forward pass) of the first n rule-passing answers, as AUCs."""
+    from localalign.engine.base import GenerationConfig
+    from localalign.engine.llamacpp import BatchGenerator
+    from localalign.isara.rating import rate_samples
+
+    cfg = FilterConfig()
+    picked = [r for r in rows if rule_reason(r, cfg) is None][:n]
+    samples = [Sample(r["prompt"], r["response"]) for r in picked]
+    with BatchGenerator(default_model().gguf, GenerationConfig()) as g:
+        rate_samples(g, samples, read_samples(SEEDS_DIR / f"{domain}.jsonl"))
+    rated = [(s.scores["rating"], r) for s, r in zip(samples, picked) if "rating" in s.scores]
+    return {"n": len(rated), "auc_train": auc([x for x, _ in rated], [r["train"] for _, r in rated]),
+            "auc_usable": auc([x for x, _ in rated], [r["usable"] for _, r in rated])}
+
+
+def fmt(x) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rate", type=int, default=0, help="rate this many answers per set with the base model")
+    ap.add_argument("--no-docs", action="store_true")
+    args = ap.parse_args()
+    cfg = FilterConfig()
+    embedder = Embedder()
+    lines = [
+        "## Filters against the labelled development set (bench/bench_filters.py)",
+        "",
+        f"Filter settings: the defaults (consistency_k={cfg.consistency_k}, keep_refusal_from={cfg.keep_refusal_from}, "
+        f"keep_answer_below={cfg.keep_answer_below}). Each filter sees what the ones above it kept. Precision = share of "
+        "its rejects that are bad; recall = share of the bad answers (among those it sees) that it rejects.",
+        "",
+        "| set | filter | sees | rejects | precision (train / usable) | recall (train / usable) | kept | train share of kept | usable share of kept |",
+        "|---|---|---:|---:|---|---|---:|---:|---:|",
+    ]
+    ratings = {}
+    for name in SETS:
+        domain, rows = answers_of(name)
+        for e in filter_table(domain, rows, embedder, cfg):
+            lines.append(
+                f"| {name} | {e['filter']} | {e['base']} | {e['rejects']} | "
+                f"{fmt(e.get('precision_train'))} / {fmt(e.get('precision_usable'))} | "
+                f"{fmt(e.get('recall_train'))} / {fmt(e.get('recall_usable'))} | {e.get('kept', e['base'])} | "
+                f"{fmt(e['kept_train'])} | {fmt(e['kept_usable'])} |")
+        if args.rate:
+            ratings[name] = rating_auc(domain, rows, args.rate)
+    if ratings:
+        lines += ["", "Self-rating (base model, P(Yes) from one forward pass) as a score of the rule-passing answers:", "",
+                  "| set | rated | AUC vs train | AUC vs usable |", "|---|---:|---:|---:|"]
+        lines += [f"| {k} | {v['n']} | {fmt(v['auc_train'])} | {fmt(v['auc_usable'])} |" for k, v in ratings.items()]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if not args.no_docs:
+        atomic_write_text(DOCS, update_section(DOCS.read_text(encoding="utf-8"), text, BEGIN, END))
+        print(f"updated {DOCS.relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()
