@@ -19,7 +19,7 @@ from typing import Any
 
 import click
 
-from localalign.align import EXPORT_MODES, AlignConfig, AlignRun, GenerationOutput, load_config
+from localalign.align import DOMAINS, EXPORT_MODES, AlignConfig, AlignRun, GenerationOutput, load_config
 from localalign.config import from_dict, read_toml
 from localalign.convert.gguf_writer import OUT_TYPES
 from localalign.engine.base import BACKENDS, BackendConfig, GenerationConfig
@@ -41,6 +41,7 @@ from localalign.models import (
     read_copy_check,
     resolve_model,
 )
+from localalign.paths import SEEDS_DIR
 from localalign.samples import read_samples
 from localalign.train.config import DEVICES, TrainConfig
 from localalign.train.data import BATCHING
@@ -106,7 +107,7 @@ def models() -> None:
 
 @models.command("list")
 def models_list() -> None:
-    """Show the registry and what is materialized under models/."""
+    """Show the registry and what is materialized in the models home."""
     for entry in load_registry().values():
         installed = entry.source_path() is not None
         click.echo(f"{entry.name}  [{entry.kind}, {entry.arch}, {entry.license}]")
@@ -135,7 +136,7 @@ def models_list() -> None:
 @models.command("pull")
 @click.argument("name")
 def models_pull(name: str) -> None:
-    """Materialize NAME under models/NAME/ (GGUF, HF copy, copy check)."""
+    """Materialize NAME in the models home (GGUF, HF copy, copy check)."""
     pull(name, log=lambda m: click.echo(m, err=True))
     check = read_copy_check(name)
     if check is not None and not check.get("ok"):
@@ -172,9 +173,17 @@ def backend_settings(backend, base_url, api_key_env, served_model, concurrency) 
 # ---- generate
 
 
+def seeds_file(name: str) -> Path:
+    """A seeds .jsonl path, or a shipped domain's name (its seed file in the package data)."""
+    if name in DOMAINS and not Path(name).exists():
+        return SEEDS_DIR / f"{DOMAINS[name][0]}.jsonl"
+    return Path(name)
+
+
 @main.command("generate")
 @click.option("--model", "model_name", help=f"Registry name or .gguf path [{DEFAULT_MODEL}].")
-@click.option("--seeds", "seeds_path", required=True, type=click.Path(dir_okay=False), help="Seed pairs (JSONL).")
+@click.option("--seeds", "seeds_path", required=True, type=click.Path(dir_okay=False),
+              help=f"Seed pairs (JSONL), or a shipped domain's seeds: {', '.join(DOMAINS)}.")
 @click.option("--n", "n", required=True, type=click.IntRange(min=1), help="How many new samples to accept.")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Accepted samples (JSONL).")
 @click.option("--rejected", "rejected_path", type=click.Path(dir_okay=False), help="Rejected samples [rejected.jsonl beside --out].")
@@ -205,7 +214,7 @@ def generate_cmd(model_name, seeds_path, n, out_path, rejected_path, k, branches
                  temperature, top_p, threads, n_ctx, novelty_threshold, min_rating, rating, consistency, embedder,
                  **backend) -> None:
     """Write N new prompt/response pairs in the domain of the seeds (ISARA)."""
-    seeds = read_samples(seeds_path)
+    seeds = read_samples(seeds_file(seeds_path))
     model_name = model_name or DEFAULT_MODEL
     files = resolve_model(model_name)
     if files.gguf is None:

@@ -12,7 +12,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from tiny_model import build_tiny_llama, fit_tiny_to_chats  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +33,9 @@ def default_model():
 
 @pytest.fixture(scope="session")
 def seeds_dir() -> Path:
-    return REPO / "seeds"
+    from localalign.paths import SEEDS_DIR
+
+    return SEEDS_DIR
 
 
 # ---- export
