@@ -8,6 +8,8 @@
       round-N/           samples.jsonl, rejected.jsonl, index/, train/ (adapter, checkpoints),
                          model.gguf or adapter.gguf (+ .parity.json, Modelfile), eval.json
       report.md, *.png   the evaluation table and one plot per metric
+      report.html        all of it on one page, with every sample kept and rejected (rewritten
+                         after every round)
       final.gguf         the best round by held-out score, with final.Modelfile
 
 Each round: generate and filter samples with the current GGUF model (ISARA), train a LoRA
@@ -40,6 +42,7 @@ from localalign.convert.quantize import QUANT_TYPES
 from localalign.engine.base import BackendConfig, GenerationConfig
 from localalign.engine.select import open_generator
 from localalign.errors import UserError
+from localalign.evaluation.html import write_html_report
 from localalign.evaluation.report import write_report
 from localalign.evaluation.run import EvalConfig, evaluate, read_eval, write_eval
 from localalign.export.pipeline import export_adapter, export_merged, export_model, modelfile_path
@@ -178,12 +181,13 @@ class ModelForm:
 class AlignRun:
     """One run directory, driven stage by stage (see the module docstring)."""
 
-    def __init__(self, config: AlignConfig, run_dir: Path, log: Callable[[str], None] = print):
+    def __init__(self, config: AlignConfig, run_dir: Path, log: Callable[[str], None] = print:
         self.config = config
         self.dir = Path(run_dir)
         self.log = log
         self.manifest: Manifest | None = None
         self._hashes: dict[tuple, str] = {}
+        self._embedder: Embedder | None = None  # the report's, loaded once
 
     # ---- helpers
 
@@ -410,8 +414,8 @@ class AlignRun:
 
             rehearsal = self.rehearse(base_form, seeds)
             scores, forms = self.rounds(seeds, rehearsal, base_hf, base_form, base_score, results)
-            self.write_report(results)
             shipped = self.ship_final(scores, forms, base_hf, base_score)
+            self.write_report(results, seeds, shipped)
             self.log(format_summary(results, cfg, self.dir, shipped, base_score, scores, self.data_reports()))
             return self.dir / "final.gguf"
 
@@ -437,6 +441,7 @@ class AlignRun:
             forms[name] = self.export(f"{name}/export", base_hf, base_form, adapter, rd)
             results[name] = self.evaluate(f"{name}/eval", forms[name], rd / "eval.json")
             scores[name] = primary_score(cfg, results[name])
+            self.write_report(results, seeds)
             self.log(self.round_summary(r, accepted, results, base_score, scores, time.perf_counter() - t0))
             earlier = earlier + accepted
             if scores[name] is not None and (best_score is None or scores[name] > best_score):
@@ -476,8 +481,12 @@ class AlignRun:
             f"train loss {tr.get('final_loss', '?')}, score {_fmt(score)}{delta}, {seconds:.0f} s"
         )
 
-    def write_report(self, results: dict[str, dict]) -> None:
+    def write_report(self, results: dict[str, dict], seeds: list[Sample], best: str | None = None) -> None:
+        """report.md with its plots, and report.html; after every round, and once more with the chosen one."""
         write_report(results, self.dir, data_reports=self.data_reports())
+        if self._embedder is None:
+            self._embedder = Embedder(self.config.embedder)
+        write_html_report(self.dir, results, seeds, self._embedder, best=best)
 
     def ship_final(self, scores: dict[str, float | None], forms: dict[str, ModelForm], base_hf: Path, base_score) -> str:
         """Copy the best round's model to final.gguf (merging an adapter round first)."""
@@ -562,7 +571,7 @@ def format_summary(results, config: AlignConfig, run_dir: Path, best: str, base_
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
     lines = ["", fmt(header), fmt(["-" * w for w in widths]), *map(fmt, rows), ""]
-    lines.append(f"* = shipped as {run_dir / 'final.gguf'}  (report: {run_dir / 'report.md'})")
+    lines.append(f"* = shipped as {run_dir / 'final.gguf'}  (report: {run_dir / 'report.html'})")
     return "\n".join(lines)
 
 

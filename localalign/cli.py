@@ -26,6 +26,7 @@ from localalign.engine.base import BACKENDS, BackendConfig, GenerationConfig
 from localalign.engine.llamacpp import BatchGenerator
 from localalign.engine.select import open_generator
 from localalign.errors import UserError
+from localalign.evaluation.html import REPORT_NAME, collect_results, write_html_report
 from localalign.evaluation.report import compare, format_comparison, format_table, write_report
 from localalign.evaluation.run import EvalConfig, evaluate, read_eval, write_eval
 from localalign.export.pipeline import export_adapter, export_merged, export_model
@@ -466,7 +467,7 @@ def runs() -> None:
 @runs.command("show")
 @click.argument("run_dir", type=click.Path())
 def runs_show(run_dir):
-    """Print a run's report, stage timings and where final.gguf is."""
+    """Print a run's report, stage timings, where final.gguf is and the path of report.html."""
     d = Path(run_dir)
     if not (d / "config.toml").exists():
         raise UserError(f"{d}: not a localalign run directory (no config.toml)")
@@ -482,3 +483,7 @@ def runs_show(run_dir):
     click.echo(f"final model: {final if final.exists() else 'not yet (the run has not finished)'}")
     if (d / "Modelfile").exists():
         click.echo(f"Ollama:      cd {d} && ollama create my-aligned-model -f Modelfile")
+    page = d / REPORT_NAME
+    if not page.exists() and collect_results(d):  # a run made before report.html existed
+        page = write_html_report(d)
+    click.echo(f"report:      {page.resolve() if page.exists() else 'not yet (written when the first round is scored)'}")
