@@ -181,10 +181,11 @@ class ModelForm:
 class AlignRun:
     """One run directory, driven stage by stage (see the module docstring)."""
 
-    def __init__(self, config: AlignConfig, run_dir: Path, log: Callable[[str], None] = print:
+    def __init__(self, config: AlignConfig, run_dir: Path, log: Callable[[str], None] = print, quiet: bool = False):
         self.config = config
         self.dir = Path(run_dir)
         self.log = log
+        self.quiet = quiet  # no progress bars and no bar summaries (not a config field: it changes no result)
         self.manifest: Manifest | None = None
         self._hashes: dict[tuple, str] = {}
         self._embedder: Embedder | None = None  # the report's, loaded once
@@ -321,7 +322,7 @@ class AlignRun:
             if done or rejected:
                 self.log(f"  resuming: {len(done)} accepted, {len(rejected)} rejected already")
             embedder = Embedder(cfg.embedder)
-            output = GenerationOutput(samples_path, rejected_path, name, n, initial=len(done))
+            output = GenerationOutput(samples_path, rejected_path, name, n, initial=len(done), quiet=self.quiet)
             backend = cfg.backend.for_model(self.model_name(generator))
             with output, open_generator(generator.gguf, cfg.generation, backend, lora_path=generator.lora) as gen:
                 result = produce(gen, embedder, (done, rejected), output)
@@ -355,7 +356,8 @@ class AlignRun:
         def work():
             # resume=True: a checkpoint left by an interrupted attempt is continued (the
             # trainer refuses one made from other data or settings).
-            result = train(base_hf, data, out_dir, cfg.train, resume=True, init_adapter=init_adapter, log=self.log)
+            result = train(base_hf, data, out_dir, cfg.train, resume=True, init_adapter=init_adapter, log=self.log,
+                           quiet=self.quiet)
             return {"final_loss": round(result.final_loss, 4), "steps": result.steps, "tokens_per_s": round(result.tokens_per_s, 1)}
 
         self.stage(name, inputs, [adapter], work)
@@ -579,20 +581,26 @@ class GenerationOutput(Listener):
     """The generate stage's side of `generate_samples` (here and in `localalign generate`): the
     accepted and rejected samples rewritten as decisions are made (at most every
     `WRITE_EVERY_S`, and once more at the end), so a resumed run picks up there, and a progress
-    bar of accepted samples with the rejects by reason and tokens/s."""
+    bar of accepted samples with the rejects by reason and tokens/s, which ends with a one-line
+    summary. No bar where stderr is not a terminal (a CI log gets the summary alone); `quiet`:
+    neither."""
 
     WRITE_EVERY_S = 2.0
 
-    def __init__(self, samples_path: Path, rejected_path: Path, desc: str, total: int, initial: int = 0):
+    def __init__(self, samples_path: Path, rejected_path: Path, desc: str, total: int, initial: int = 0,
+                 quiet: bool = False):
         self.samples_path, self.rejected_path = Path(samples_path), Path(rejected_path)
-        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="sample", file=sys.stderr, dynamic_ncols=True)
-        self.initial = initial
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="sample", file=sys.stderr, dynamic_ncols=True,
+                        disable=quiet or not sys.stderr.isatty())
+        self.desc, self.total, self.initial, self.quiet = desc, total, initial, quiet
         self.t0 = time.perf_counter()
         self.latest: tuple[list[Sample], list[Sample]] | None = None
         self.written = 0.0
+        self.tokens = 0
 
     def progress(self, progress: Progress) -> None:
         self.bar.n = self.initial + progress.accepted
+        self.tokens = progress.tokens
         rate = progress.tokens / max(time.perf_counter() - self.t0, 1e-6)
         top = sorted(progress.reasons.items(), key=lambda kv: -kv[1])[:3]
         self.bar.set_postfix_str(f"rejected {progress.rejected}" + "".join(f", {r} {c}" for r, c in top)
@@ -615,6 +623,17 @@ class GenerationOutput(Listener):
     def __enter__(self) -> "GenerationOutput":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def summary(self) -> str:
+        """One line: accepted of the target, rejected by top reasons, tokens/s and seconds (resumed samples included)."""
+        accepted, rejected = self.latest or ([], [])
+        seconds = time.perf_counter() - self.t0
+        top = sorted(_count_reasons(rejected).items(), key=lambda kv: -kv[1])[:3]
+        return (f"{self.desc}: accepted {len(accepted)}/{self.total}, rejected {len(rejected)}"
+                + (" (" + ", ".join(f"{r} {c}" for r, c in top) + ")" if top else "")
+                + f", {self.tokens / max(seconds, 1e-6):.0f} tok/s, {seconds:.0f} s")
+
+    def __exit__(self, exc_type, *exc) -> None:
         self.flush()
         self.bar.close()
+        if exc_type is None and not self.quiet:
+            print(self.summary(), file=sys.stderr, flush=True)

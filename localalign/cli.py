@@ -11,6 +11,7 @@ import dataclasses
 import errno
 import inspect
 import json
+import os
 import sys
 import time
 from collections import Counter
@@ -85,6 +86,16 @@ def default(config: type, name: str) -> Any:
     in its dataclass, and an option left unset (None) leaves the field at it."""
     f = next(f for f in dataclasses.fields(config) if f.name == name)
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def _quiet(ctx, param, value: bool) -> bool:
+    if value:  # the Hugging Face libraries' bars too; they read it when they are first imported
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    return value
+
+
+QUIET = click.option("--quiet", is_flag=True, callback=_quiet,
+                     help="No progress bars and no bar summaries (errors and results still print).")
 
 
 def given(**values: Any) -> dict[str, Any]:
@@ -210,10 +221,11 @@ def seeds_file(name: str) -> Path:
 @click.option("--consistency/--no-consistency", default=None,
               help=f"Reject responses of the kind the nearest seeds would not give [{'on' if default(FilterConfig, 'consistency') else 'off'}].")
 @click.option("--embedder", help=f"Embedder name or sentence-transformers folder [{DEFAULT_EMBEDDER}].")
+@QUIET
 @backend_options
 def generate_cmd(model_name, seeds_path, n, out_path, rejected_path, k, branches, answers, query_from, parallel, seed,
                  temperature, top_p, threads, n_ctx, novelty_threshold, min_rating, rating, consistency, embedder,
-                 **backend) -> None:
+                 quiet, **backend) -> None:
     """Write N new prompt/response pairs in the domain of the seeds (ISARA)."""
     seeds = read_samples(seeds_file(seeds_path))
     model_name = model_name or DEFAULT_MODEL
@@ -231,7 +243,7 @@ def generate_cmd(model_name, seeds_path, n, out_path, rejected_path, k, branches
     with open_generator(files.gguf, gen_cfg, backend_cfg) as gen:  # first: an unreachable server fails fast
         emb = Embedder(embedder or DEFAULT_EMBEDDER)
         t0 = time.perf_counter()
-        with GenerationOutput(out_path, rejected_path, "generate", n) as output:
+        with GenerationOutput(out_path, rejected_path, "generate", n, quiet=quiet) as output:
             accepted, rejected, _ = generate_samples(gen, emb, seeds, n, isara=isara, filters=filters, listener=output)
     seconds = time.perf_counter() - t0
     click.echo(f"accepted {len(accepted)}, rejected {len(rejected)} in {seconds:.0f} s -> {out_path}, {rejected_path}")
@@ -324,7 +336,8 @@ def eval_report(results: tuple[str, ...], out_dir: str) -> None:
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
 @click.option("--init-adapter", type=click.Path(file_okay=False), help="Start from this adapter (round policy 'continue').")
 @click.option("--merged", is_flag=True, help="Also write the merged model to OUT/merged (HF dir, ready for export).")
-def train_cmd(model_name, data_path, out_dir, config_path, resume, init_adapter, merged, **overrides) -> None:
+@QUIET
+def train_cmd(model_name, data_path, out_dir, config_path, resume, init_adapter, merged, quiet, **overrides) -> None:
     """Fine-tune a LoRA adapter on the samples in --data."""
     raw = read_toml(config_path) if config_path else {}
     settings = {**raw.get("train", raw), **given(**overrides)}
@@ -338,7 +351,7 @@ def train_cmd(model_name, data_path, out_dir, config_path, resume, init_adapter,
     if files.hf_dir is None:
         raise UserError(f"{model_name}: training needs a Hugging Face model directory, not a GGUF file")
     res = train(files.hf_dir, samples, out_dir, config, resume=resume, init_adapter=init_adapter,
-                log=lambda m: click.echo(m, err=True))
+                log=lambda m: click.echo(m, err=True), quiet=quiet)
     if not world.is_main:  # under torchrun: rank 0 reports and merges
         return
     per_epoch = max(1, res.steps // config.epochs)
@@ -405,9 +418,10 @@ def export_cmd(model, adapter, out_path, quant, out_type, adapter_only, base_ggu
 @click.option("--epochs", type=int, help=f"training epochs per round [{default(TrainConfig, 'epochs')}]")
 @click.option("--baselines", is_flag=True, default=None, help="also run SFT-on-seeds and ICL-kNN baselines")
 @click.option("--resume", is_flag=True, help="continue a run (re-running the same command does too)")
+@QUIET
 @backend_options
 def align_cmd(domain, model, rounds, samples, run_dir, config_path, seed, export_mode, quant, suites, eval_limit, epochs,
-              baselines, resume, **backend):
+              baselines, resume, quiet, **backend):
     """Run ISARA rounds: generate, filter, train, export, evaluate; ship the best round."""
     overrides = {
         "domain": domain, "model": model, "rounds": rounds, "samples": samples, "seed": seed,
@@ -419,7 +433,7 @@ def align_cmd(domain, model, rounds, samples, run_dir, config_path, seed, export
     if config_path is None and (run_path / "config.toml").exists() and all(v is None for v in overrides.values()):
         config_path = str(run_path / "config.toml")  # `align --run-dir DIR --resume` alone
     config = load_config(config_path, overrides)
-    final = AlignRun(config, run_path, log=lambda m: click.echo(m, err=True)).run(resume=resume)
+    final = AlignRun(config, run_path, log=lambda m: click.echo(m, err=True), quiet=quiet).run(resume=resume)
     click.echo(str(final))
 
 
