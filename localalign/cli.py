@@ -21,6 +21,7 @@ from typing import Any
 import click
 
 from localalign.align import DOMAINS, EXPORT_MODES, AlignConfig, AlignRun, GenerationOutput, load_config
+from localalign import doctor
 from localalign.config import from_dict, read_toml
 from localalign.convert.gguf_writer import OUT_TYPES
 from localalign.engine.base import BACKENDS, BackendConfig, GenerationConfig
@@ -471,6 +472,15 @@ def chat_cmd(model, lora, temperature, max_tokens, system):
             click.echo(reply + ("  [cut at --max-tokens]" if completion.finish[0] == "length" else ""))
             messages.append({"role": "assistant", "content": reply})
             turn += 1
+
+
+@main.command("doctor")
+def doctor_cmd() -> None:
+    """What this machine will use (CPU, llama.cpp build, torch, memory, disk, models) and the
+    command that fixes each problem; exit code 1 when something needed is missing."""
+    findings = doctor.run_checks()
+    click.echo(doctor.format_report(findings))
+    sys.exit(doctor.exit_code(findings))
 
 
 @main.group("runs", cls=LocalalignGroup)
