@@ -209,7 +209,7 @@ def _header(d: Path, config: dict, best: str | None, finished: bool) -> str:
     status = (f"finished: <code>final.gguf</code> is <b>{html.escape(best or '?')}</b>" if finished
               else "in progress (this page is rewritten after every round)")
     items = "".join(f"<li>{html.escape(str(k))}: <code>{html.escape(str(v))}</code></li>" for k, v in facts)
-    return (f"<header><h1>localalign run <code>{html.escape(str(d))}</code></h1><p>{status}</p>"
+    return (f"<header><h1>localalign run <code>{html.escape(str(d.resolve()))}</code></h1><p>{status}</p>"
             f"<ul class=facts>{items}</ul></header>")
 
 
