@@ -209,7 +209,7 @@ def _header(d: Path, config: dict, best: str | None, finished: bool) -> str:
     status = (f"finished: <code>final.gguf</code> is <b>{html.escape(best or '?')}</b>" if finished
               else "in progress (this page is rewritten after every round)")
     items = "".join(f"<li>{html.escape(str(k))}: <code>{html.escape(str(v))}</code></li>" for k, v in facts)
-    return (f"<header><h1>localalign run <code>{html.escape(str(d.resolve()))}</code></h1><p>{status}</p>"
+    return (f"<header><h1>localalign run <code>{html.escape(d.resolve().name)}</code></h1><p>{status}</p>"
             f"<ul class=facts>{items}</ul></header>")
 
 
@@ -387,7 +387,7 @@ body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0 auto;
 h1{font-size:1.4em}h2{font-size:1.15em;margin-top:1.8em;border-bottom:1px solid #ddd}
 code{font-size:.92em;background:#f3f4f6;padding:0 .2em;border-radius:3px}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #dde1e6;padding:.3em .6em;text-align:left;vertical-align:top}
-th{background:#f6f8fa}#stages td:first-child{white-space:nowrap}td.num{text-align:right}.chosen{background:#fff6d6}th.chosen{background:#ffe9a6}
+th{background:#f6f8fa}#stages td:first-child,td.num{white-space:nowrap}td.num{text-align:right}.chosen{background:#fff6d6}th.chosen{background:#ffe9a6}
 tr.total td{font-weight:bold}.note{color:#57606a;font-size:.9em}ul.facts{display:flex;flex-wrap:wrap;gap:.4em 1.5em;padding:0;list-style:none}
 .ci{position:relative;height:6px;background:#eef0f3;margin-top:3px;min-width:110px}
 .ci span{position:absolute;top:0;height:6px;background:#9cc3f5}.ci i{position:absolute;top:-2px;width:2px;height:10px;background:#0b4fa8}
