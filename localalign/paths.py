@@ -51,10 +51,11 @@ def home_dirs(env=os.environ, package: Path = PACKAGE) -> tuple[str, Path, Path]
 
         home = user_cache_path("localalign", appauthor=False)
         origin, models, cache = "user cache", home / "models", home / "cache"
-    if env.get("LOCALALIGN_MODELS_DIR"):
-        models = Path(env["LOCALALIGN_MODELS_DIR"]).expanduser()
-    if env.get("LOCALALIGN_CACHE_DIR"):
-        cache = Path(env["LOCALALIGN_CACHE_DIR"]).expanduser()
+    for name in ("LOCALALIGN_MODELS_DIR", "LOCALALIGN_CACHE_DIR"):
+        if env.get(name):
+            origin += f", {name}"
+    models = Path(env["LOCALALIGN_MODELS_DIR"]).expanduser() if env.get("LOCALALIGN_MODELS_DIR") else models
+    cache = Path(env["LOCALALIGN_CACHE_DIR"]).expanduser() if env.get("LOCALALIGN_CACHE_DIR") else cache
     return origin, models, cache
 
 
