@@ -59,6 +59,7 @@ models: setup
 DEMO_DIR := runs/demo
 run: setup models
 	$(CLI) align --domain safety --rounds 2 --samples 24 --run-dir $(DEMO_DIR)
+	@echo "report: $(abspath $(DEMO_DIR))/report.html"
 
 test: setup
 	$(PY) -m pytest

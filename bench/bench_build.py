@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO))
 from benchdoc import default_model, load_average, update_section  # noqa: E402
 
 from localalign.fsutil import atomic_write_text  # noqa: E402
+from localalign.paths import SEEDS_DIR  # noqa: E402
 
 DOCS = REPO / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- bench_build -->", "<!-- /bench_build -->"
@@ -48,7 +49,7 @@ def child(gguf: str, threads: int) -> dict:
     from localalign.engine.runtime import load_llama
     from localalign.samples import read_samples
 
-    seeds = read_samples(REPO / "seeds" / "safety.jsonl")
+    seeds = read_samples(SEEDS_DIR / "safety.jsonl")
     llm = load_llama(gguf, n_ctx=PROMPT_TOKENS + 8, n_batch=PROMPT_TOKENS, threads=threads)
     text = " ".join(s.response for s in seeds)
     tokens = llm.tokenize(text.encode(), add_bos=True)[:PROMPT_TOKENS]

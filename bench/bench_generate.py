@@ -40,6 +40,7 @@ from localalign.fsutil import atomic_write_text  # noqa: E402
 from localalign.engine.base import GenerationConfig, derive_seed  # noqa: E402
 from localalign.engine.llamacpp import BatchGenerator  # noqa: E402
 from localalign.engine.runtime import load_llama  # noqa: E402
+from localalign.paths import SEEDS_DIR  # noqa: E402
 from localalign.samples import read_samples  # noqa: E402
 from benchdoc import default_model, load_average, update_section
 
@@ -97,7 +98,7 @@ def main() -> None:
     args = ap.parse_args()
 
     files = default_model()
-    seeds = read_samples(REPO / "seeds" / "safety.jsonl")
+    seeds = read_samples(SEEDS_DIR / "safety.jsonl")
     cfg = GenerationConfig(threads=args.threads, parallel=args.parallel, max_tokens=args.max_tokens, n_ctx=1024, seed=0)
     with BatchGenerator(files.gguf, cfg) as gen:  # only to render the chat template
         prompts = [gen.chat_prompt([{"role": "user", "content": s.prompt}]) for s in seeds[: args.prompts]]

@@ -41,6 +41,7 @@ from localalign.engine.local_server import llama_cpp_server  # noqa: E402
 from localalign.engine.select import open_generator  # noqa: E402
 from localalign.evaluation.suites.truthfulness import load_mc_items, mc1_pick  # noqa: E402
 from localalign.fsutil import atomic_write_text  # noqa: E402
+from localalign.paths import SEEDS_DIR  # noqa: E402
 from localalign.samples import read_samples  # noqa: E402
 from benchdoc import DEFAULT_MODEL, default_model, load_average, update_section  # noqa: E402
 
@@ -74,8 +75,8 @@ def main() -> None:
     args = ap.parse_args()
 
     files = default_model()
-    seeds = read_samples(REPO / "seeds" / "safety.jsonl")
-    mc_items = load_mc_items(REPO / "seeds" / "truthfulness.heldout.jsonl")[: args.mc_items]
+    seeds = read_samples(SEEDS_DIR / "safety.jsonl")
+    mc_items = load_mc_items(SEEDS_DIR / "truthfulness.heldout.jsonl")[: args.mc_items]
     cfg = GenerationConfig(threads=args.threads, parallel=8, max_tokens=args.max_tokens, n_ctx=1024, seed=0)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     load_before = load_average()

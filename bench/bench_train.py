@@ -38,6 +38,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from localalign.models import DEFAULT_MODEL as DEFAULT_NAME, model_dir  # noqa: E402
+from localalign.paths import SEEDS_DIR  # noqa: E402
 
 DEFAULT_MODEL = model_dir(DEFAULT_NAME) / "hf"
 DOCS = REPO / "docs" / "benchmarks.md"
@@ -64,9 +65,9 @@ def peak_rss_mb() -> float:
 def bench_samples(n: int):
     from localalign.samples import read_samples
 
-    files = sorted(p for p in glob.glob(str(REPO / "seeds" / "*.jsonl")) if not p.endswith(".heldout.jsonl"))
+    files = sorted(p for p in glob.glob(str(SEEDS_DIR / "*.jsonl")) if not p.endswith(".heldout.jsonl"))
     if not files:
-        sys.exit("no seeds/*.jsonl to train on")
+        sys.exit(f"no seed files in {SEEDS_DIR} to train on")
     samples = [s for p in files for s in read_samples(p)]
     if len(samples) < n:
         sys.exit(f"only {len(samples)} seed samples, asked for {n}")

@@ -31,6 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from benchdoc import DEFAULT_MODEL, load_average, update_section  # noqa: E402
 
 from localalign.models import model_dir  # noqa: E402
+from localalign.paths import SEEDS_DIR  # noqa: E402
 
 DOCS = REPO / "docs" / "scaling.md"
 DEFAULT_HF = model_dir(DEFAULT_MODEL) / "hf"
@@ -104,7 +105,7 @@ def main() -> None:
                 print("default model not materialized (make models): skipped")
             else:
                 data = tmp / "seeds.jsonl"
-                write_samples(data, read_samples(REPO / "seeds" / "safety.jsonl")[: args.samples])
+                write_samples(data, read_samples(SEEDS_DIR / "safety.jsonl")[: args.samples])
                 rows += case("SmolLM2-135M, bf16", DEFAULT_HF, data, ["--epochs", "1", "--batch-size", "4", "--grad-accum", "2"], tmp)
     load_after = load_average()
     body = f"""<!-- measured by bench/bench_train_ddp.py: do not edit by hand -->

@@ -12,10 +12,13 @@ runs.
 Importing any part of localalign first sets the process environment those libraries read
 when they load: nothing may reach the network (models come from PyPI packages on disk), and
 llama.cpp's OpenMP threads sleep instead of busy-waiting (on a 2-core laptop that also runs
-Python, spinning threads starve it and throughput falls from ~58 to a few tokens/s).
+Python, spinning threads starve it and throughput falls from ~58 to a few tokens/s). Where
+stderr is not a terminal (a CI log, a file), the Hugging Face libraries draw no progress bars,
+as localalign's own do not.
 """
 
 import os
+import sys
 
 __version__ = "0.1.0"
 
@@ -23,3 +26,5 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if not getattr(sys.stderr, "isatty", lambda: False)():
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -8,6 +8,8 @@
       round-N/           samples.jsonl, rejected.jsonl, index/, train/ (adapter, checkpoints),
                          model.gguf or adapter.gguf (+ .parity.json, Modelfile), eval.json
       report.md, *.png   the evaluation table and one plot per metric
+      report.html        all of it on one page, with every sample kept and rejected (rewritten
+                         after every round)
       final.gguf         the best round by held-out score, with final.Modelfile
 
 Each round: generate and filter samples with the current GGUF model (ISARA), train a LoRA
@@ -40,6 +42,7 @@ from localalign.convert.quantize import QUANT_TYPES
 from localalign.engine.base import BackendConfig, GenerationConfig
 from localalign.engine.select import open_generator
 from localalign.errors import UserError
+from localalign.evaluation.html import write_html_report
 from localalign.evaluation.report import write_report
 from localalign.evaluation.run import EvalConfig, evaluate, read_eval, write_eval
 from localalign.export.pipeline import export_adapter, export_merged, export_model, modelfile_path
@@ -178,12 +181,14 @@ class ModelForm:
 class AlignRun:
     """One run directory, driven stage by stage (see the module docstring)."""
 
-    def __init__(self, config: AlignConfig, run_dir: Path, log: Callable[[str], None] = print):
+    def __init__(self, config: AlignConfig, run_dir: Path, log: Callable[[str], None] = print, quiet: bool = False):
         self.config = config
         self.dir = Path(run_dir)
         self.log = log
+        self.quiet = quiet  # no progress bars and no bar summaries (not a config field: it changes no result)
         self.manifest: Manifest | None = None
         self._hashes: dict[tuple, str] = {}
+        self._embedder: Embedder | None = None  # the report's, loaded once
 
     # ---- helpers
 
@@ -317,7 +322,7 @@ class AlignRun:
             if done or rejected:
                 self.log(f"  resuming: {len(done)} accepted, {len(rejected)} rejected already")
             embedder = Embedder(cfg.embedder)
-            output = GenerationOutput(samples_path, rejected_path, name, n, initial=len(done))
+            output = GenerationOutput(samples_path, rejected_path, name, n, initial=len(done), quiet=self.quiet)
             backend = cfg.backend.for_model(self.model_name(generator))
             with output, open_generator(generator.gguf, cfg.generation, backend, lora_path=generator.lora) as gen:
                 result = produce(gen, embedder, (done, rejected), output)
@@ -352,7 +357,8 @@ class AlignRun:
         def work():
             # resume=True: a checkpoint left by an interrupted attempt is continued (the
             # trainer refuses one made from other data or settings).
-            result = train(base_hf, data, out_dir, cfg.train, resume=True, init_adapter=init_adapter, log=self.log)
+            result = train(base_hf, data, out_dir, cfg.train, resume=True, init_adapter=init_adapter, log=self.log,
+                           quiet=self.quiet)
             return {"final_loss": round(result.final_loss, 4), "steps": result.steps, "tokens_per_s": round(result.tokens_per_s, 1)}
 
         self.stage(name, inputs, [adapter], work)
@@ -411,8 +417,8 @@ class AlignRun:
 
             rehearsal = self.rehearse(base_form, seeds)
             scores, forms = self.rounds(seeds, rehearsal, base_hf, base_form, base_score, results)
-            self.write_report(results)
             shipped = self.ship_final(scores, forms, base_hf, base_score)
+            self.write_report(results, seeds, shipped)
             self.log(format_summary(results, cfg, self.dir, shipped, base_score, scores, self.data_reports()))
             return self.dir / "final.gguf"
 
@@ -438,6 +444,7 @@ class AlignRun:
             forms[name] = self.export(f"{name}/export", base_hf, base_form, adapter, rd)
             results[name] = self.evaluate(f"{name}/eval", forms[name], rd / "eval.json")
             scores[name] = primary_score(cfg, results[name])
+            self.write_report(results, seeds)
             self.log(self.round_summary(r, accepted, results, base_score, scores, time.perf_counter() - t0))
             earlier = earlier + accepted
             if scores[name] is not None and (best_score is None or scores[name] > best_score):
@@ -477,8 +484,12 @@ class AlignRun:
             f"train loss {tr.get('final_loss', '?')}, score {_fmt(score)}{delta}, {seconds:.0f} s"
         )
 
-    def write_report(self, results: dict[str, dict]) -> None:
+    def write_report(self, results: dict[str, dict], seeds: list[Sample], best: str | None = None) -> None:
+        """report.md with its plots, and report.html; after every round, and once more with the chosen one."""
         write_report(results, self.dir, data_reports=self.data_reports())
+        if self._embedder is None:
+            self._embedder = Embedder(self.config.embedder)
+        write_html_report(self.dir, results, seeds, self._embedder, best=best)
 
     def ship_final(self, scores: dict[str, float | None], forms: dict[str, ModelForm], base_hf: Path, base_score) -> str:
         """Copy the best round's model to final.gguf (merging an adapter round first)."""
@@ -563,7 +574,7 @@ def format_summary(results, config: AlignConfig, run_dir: Path, best: str, base_
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
     lines = ["", fmt(header), fmt(["-" * w for w in widths]), *map(fmt, rows), ""]
-    lines.append(f"* = shipped as {run_dir / 'final.gguf'}  (report: {run_dir / 'report.md'})")
+    lines.append(f"* = shipped as {run_dir / 'final.gguf'}  (report: {run_dir / 'report.html'})")
     return "\n".join(lines)
 
 
@@ -571,20 +582,26 @@ class GenerationOutput(Listener):
     """The generate stage's side of `generate_samples` (here and in `localalign generate`): the
     accepted and rejected samples rewritten as decisions are made (at most every
     `WRITE_EVERY_S`, and once more at the end), so a resumed run picks up there, and a progress
-    bar of accepted samples with the rejects by reason and tokens/s."""
+    bar of accepted samples with the rejects by reason and tokens/s, which ends with a one-line
+    summary. No bar where stderr is not a terminal (a CI log gets the summary alone); `quiet`:
+    neither."""
 
     WRITE_EVERY_S = 2.0
 
-    def __init__(self, samples_path: Path, rejected_path: Path, desc: str, total: int, initial: int = 0):
+    def __init__(self, samples_path: Path, rejected_path: Path, desc: str, total: int, initial: int = 0,
+                 quiet: bool = False):
         self.samples_path, self.rejected_path = Path(samples_path), Path(rejected_path)
-        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="sample", file=sys.stderr, dynamic_ncols=True)
-        self.initial = initial
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="sample", file=sys.stderr, dynamic_ncols=True,
+                        disable=quiet or not sys.stderr.isatty())
+        self.desc, self.total, self.initial, self.quiet = desc, total, initial, quiet
         self.t0 = time.perf_counter()
         self.latest: tuple[list[Sample], list[Sample]] | None = None
         self.written = 0.0
+        self.tokens = 0
 
     def progress(self, progress: Progress) -> None:
         self.bar.n = self.initial + progress.accepted
+        self.tokens = progress.tokens
         rate = progress.tokens / max(time.perf_counter() - self.t0, 1e-6)
         top = sorted(progress.reasons.items(), key=lambda kv: -kv[1])[:3]
         self.bar.set_postfix_str(f"rejected {progress.rejected}" + "".join(f", {r} {c}" for r, c in top)
@@ -607,6 +624,17 @@ class GenerationOutput(Listener):
     def __enter__(self) -> "GenerationOutput":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def summary(self) -> str:
+        """One line: accepted of the target, rejected by top reasons, tokens/s and seconds (resumed samples included)."""
+        accepted, rejected = self.latest or ([], [])
+        seconds = time.perf_counter() - self.t0
+        top = sorted(_count_reasons(rejected).items(), key=lambda kv: -kv[1])[:3]
+        return (f"{self.desc}: accepted {len(accepted)}/{self.total}, rejected {len(rejected)}"
+                + (" (" + ", ".join(f"{r} {c}" for r, c in top) + ")" if top else "")
+                + f", {self.tokens / max(seconds, 1e-6):.0f} tok/s, {seconds:.0f} s")
+
+    def __exit__(self, exc_type, *exc) -> None:
         self.flush()
         self.bar.close()
+        if exc_type is None and not self.quiet:
+            print(self.summary(), file=sys.stderr, flush=True)

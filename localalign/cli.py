@@ -11,6 +11,7 @@ import dataclasses
 import errno
 import inspect
 import json
+import os
 import sys
 import time
 from collections import Counter
@@ -19,13 +20,15 @@ from typing import Any
 
 import click
 
-from localalign.align import EXPORT_MODES, AlignConfig, AlignRun, GenerationOutput, load_config
+from localalign.align import DOMAINS, EXPORT_MODES, AlignConfig, AlignRun, GenerationOutput, load_config
+from localalign import doctor
 from localalign.config import from_dict, read_toml
 from localalign.convert.gguf_writer import OUT_TYPES
 from localalign.engine.base import BACKENDS, BackendConfig, GenerationConfig
 from localalign.engine.llamacpp import BatchGenerator
 from localalign.engine.select import open_generator
 from localalign.errors import UserError
+from localalign.evaluation.html import REPORT_NAME, collect_results, write_html_report
 from localalign.evaluation.report import compare, format_comparison, format_table, write_report
 from localalign.evaluation.run import EvalConfig, evaluate, read_eval, write_eval
 from localalign.export.pipeline import export_adapter, export_merged, export_model
@@ -41,6 +44,7 @@ from localalign.models import (
     read_copy_check,
     resolve_model,
 )
+from localalign.paths import SEEDS_DIR
 from localalign.samples import read_samples
 from localalign.train.config import DEVICES, TrainConfig
 from localalign.train.data import BATCHING
@@ -85,6 +89,16 @@ def default(config: type, name: str) -> Any:
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
+def _quiet(ctx, param, value: bool) -> bool:
+    if value:  # the Hugging Face libraries' bars too; they read it when they are first imported
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    return value
+
+
+QUIET = click.option("--quiet", is_flag=True, callback=_quiet,
+                     help="No progress bars and no bar summaries (errors and results still print).")
+
+
 def given(**values: Any) -> dict[str, Any]:
     """The options the user gave (click leaves the others None), keyed by the field each sets."""
     return {k: v for k, v in values.items() if v is not None}
@@ -106,7 +120,7 @@ def models() -> None:
 
 @models.command("list")
 def models_list() -> None:
-    """Show the registry and what is materialized under models/."""
+    """Show the registry and what is materialized in the models home."""
     for entry in load_registry().values():
         installed = entry.source_path() is not None
         click.echo(f"{entry.name}  [{entry.kind}, {entry.arch}, {entry.license}]")
@@ -135,7 +149,7 @@ def models_list() -> None:
 @models.command("pull")
 @click.argument("name")
 def models_pull(name: str) -> None:
-    """Materialize NAME under models/NAME/ (GGUF, HF copy, copy check)."""
+    """Materialize NAME in the models home (GGUF, HF copy, copy check)."""
     pull(name, log=lambda m: click.echo(m, err=True))
     check = read_copy_check(name)
     if check is not None and not check.get("ok"):
@@ -172,9 +186,17 @@ def backend_settings(backend, base_url, api_key_env, served_model, concurrency) 
 # ---- generate
 
 
+def seeds_file(name: str) -> Path:
+    """A seeds .jsonl path, or a shipped domain's name (its seed file in the package data)."""
+    if name in DOMAINS and not Path(name).exists():
+        return SEEDS_DIR / f"{DOMAINS[name][0]}.jsonl"
+    return Path(name)
+
+
 @main.command("generate")
 @click.option("--model", "model_name", help=f"Registry name or .gguf path [{DEFAULT_MODEL}].")
-@click.option("--seeds", "seeds_path", required=True, type=click.Path(dir_okay=False), help="Seed pairs (JSONL).")
+@click.option("--seeds", "seeds_path", required=True, type=click.Path(dir_okay=False),
+              help=f"Seed pairs (JSONL), or a shipped domain's seeds: {', '.join(DOMAINS)}.")
 @click.option("--n", "n", required=True, type=click.IntRange(min=1), help="How many new samples to accept.")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Accepted samples (JSONL).")
 @click.option("--rejected", "rejected_path", type=click.Path(dir_okay=False), help="Rejected samples [rejected.jsonl beside --out].")
@@ -200,12 +222,13 @@ def backend_settings(backend, base_url, api_key_env, served_model, concurrency) 
 @click.option("--consistency/--no-consistency", default=None,
               help=f"Reject responses of the kind the nearest seeds would not give [{'on' if default(FilterConfig, 'consistency') else 'off'}].")
 @click.option("--embedder", help=f"Embedder name or sentence-transformers folder [{DEFAULT_EMBEDDER}].")
+@QUIET
 @backend_options
 def generate_cmd(model_name, seeds_path, n, out_path, rejected_path, k, branches, answers, query_from, parallel, seed,
                  temperature, top_p, threads, n_ctx, novelty_threshold, min_rating, rating, consistency, embedder,
-                 **backend) -> None:
+                 quiet, **backend) -> None:
     """Write N new prompt/response pairs in the domain of the seeds (ISARA)."""
-    seeds = read_samples(seeds_path)
+    seeds = read_samples(seeds_file(seeds_path))
     model_name = model_name or DEFAULT_MODEL
     files = resolve_model(model_name)
     if files.gguf is None:
@@ -221,7 +244,7 @@ def generate_cmd(model_name, seeds_path, n, out_path, rejected_path, k, branches
     with open_generator(files.gguf, gen_cfg, backend_cfg) as gen:  # first: an unreachable server fails fast
         emb = Embedder(embedder or DEFAULT_EMBEDDER)
         t0 = time.perf_counter()
-        with GenerationOutput(out_path, rejected_path, "generate", n) as output:
+        with GenerationOutput(out_path, rejected_path, "generate", n, quiet=quiet) as output:
             accepted, rejected, _ = generate_samples(gen, emb, seeds, n, isara=isara, filters=filters, listener=output)
     seconds = time.perf_counter() - t0
     click.echo(f"accepted {len(accepted)}, rejected {len(rejected)} in {seconds:.0f} s -> {out_path}, {rejected_path}")
@@ -314,7 +337,8 @@ def eval_report(results: tuple[str, ...], out_dir: str) -> None:
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
 @click.option("--init-adapter", type=click.Path(file_okay=False), help="Start from this adapter (round policy 'continue').")
 @click.option("--merged", is_flag=True, help="Also write the merged model to OUT/merged (HF dir, ready for export).")
-def train_cmd(model_name, data_path, out_dir, config_path, resume, init_adapter, merged, **overrides) -> None:
+@QUIET
+def train_cmd(model_name, data_path, out_dir, config_path, resume, init_adapter, merged, quiet, **overrides) -> None:
     """Fine-tune a LoRA adapter on the samples in --data."""
     raw = read_toml(config_path) if config_path else {}
     settings = {**raw.get("train", raw), **given(**overrides)}
@@ -328,7 +352,7 @@ def train_cmd(model_name, data_path, out_dir, config_path, resume, init_adapter,
     if files.hf_dir is None:
         raise UserError(f"{model_name}: training needs a Hugging Face model directory, not a GGUF file")
     res = train(files.hf_dir, samples, out_dir, config, resume=resume, init_adapter=init_adapter,
-                log=lambda m: click.echo(m, err=True))
+                log=lambda m: click.echo(m, err=True), quiet=quiet)
     if not world.is_main:  # under torchrun: rank 0 reports and merges
         return
     per_epoch = max(1, res.steps // config.epochs)
@@ -395,9 +419,10 @@ def export_cmd(model, adapter, out_path, quant, out_type, adapter_only, base_ggu
 @click.option("--epochs", type=int, help=f"training epochs per round [{default(TrainConfig, 'epochs')}]")
 @click.option("--baselines", is_flag=True, default=None, help="also run SFT-on-seeds and ICL-kNN baselines")
 @click.option("--resume", is_flag=True, help="continue a run (re-running the same command does too)")
+@QUIET
 @backend_options
 def align_cmd(domain, model, rounds, samples, run_dir, config_path, seed, export_mode, quant, suites, eval_limit, epochs,
-              baselines, resume, **backend):
+              baselines, resume, quiet, **backend):
     """Run ISARA rounds: generate, filter, train, export, evaluate; ship the best round."""
     overrides = {
         "domain": domain, "model": model, "rounds": rounds, "samples": samples, "seed": seed,
@@ -409,7 +434,7 @@ def align_cmd(domain, model, rounds, samples, run_dir, config_path, seed, export
     if config_path is None and (run_path / "config.toml").exists() and all(v is None for v in overrides.values()):
         config_path = str(run_path / "config.toml")  # `align --run-dir DIR --resume` alone
     config = load_config(config_path, overrides)
-    final = AlignRun(config, run_path, log=lambda m: click.echo(m, err=True)).run(resume=resume)
+    final = AlignRun(config, run_path, log=lambda m: click.echo(m, err=True), quiet=quiet).run(resume=resume)
     click.echo(str(final))
 
 
@@ -449,6 +474,15 @@ def chat_cmd(model, lora, temperature, max_tokens, system):
             turn += 1
 
 
+@main.command("doctor")
+def doctor_cmd() -> None:
+    """What this machine will use (CPU, llama.cpp build, torch, memory, disk, models) and the
+    command that fixes each problem; exit code 1 when something needed is missing."""
+    findings = doctor.run_checks()
+    click.echo(doctor.format_report(findings))
+    sys.exit(doctor.exit_code(findings))
+
+
 @main.group("runs", cls=LocalalignGroup)
 def runs() -> None:
     """Inspect alignment run directories."""
@@ -457,7 +491,7 @@ def runs() -> None:
 @runs.command("show")
 @click.argument("run_dir", type=click.Path())
 def runs_show(run_dir):
-    """Print a run's report, stage timings and where final.gguf is."""
+    """Print a run's report, stage timings, where final.gguf is and the path of report.html."""
     d = Path(run_dir)
     if not (d / "config.toml").exists():
         raise UserError(f"{d}: not a localalign run directory (no config.toml)")
@@ -473,3 +507,7 @@ def runs_show(run_dir):
     click.echo(f"final model: {final if final.exists() else 'not yet (the run has not finished)'}")
     if (d / "Modelfile").exists():
         click.echo(f"Ollama:      cd {d} && ollama create my-aligned-model -f Modelfile")
+    page = d / REPORT_NAME
+    if not page.exists() and collect_results(d):  # a run made before report.html existed
+        page = write_html_report(d)
+    click.echo(f"report:      {page.resolve() if page.exists() else 'not yet (written when the first round is scored)'}")

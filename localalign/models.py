@@ -1,7 +1,9 @@
-"""The model registry and the materialized model files under models/.
+"""The model registry and the materialized model files.
 
-A model is named either by a registry name (models/registry.toml) or by a path: a GGUF file
-or a Hugging Face model directory. `pull` puts a registry model in place:
+A model is named either by a registry name (localalign/data/registry.toml, package data) or
+by a path: a GGUF file or a Hugging Face model directory. `pull` puts a registry model in
+place under the models home (paths.MODELS_DIR: the checkout's models/, LOCALALIGN_HOME/models
+or the user cache directory):
 
     models/NAME/model.gguf       the quantized model llama.cpp generates with
     models/NAME/hf/              the Hugging Face copy (safetensors + tokenizer + chat template)
@@ -28,7 +30,7 @@ from localalign.fsutil import commit_temp, temp_path_for
 from localalign.gguf_header import check_gguf_file
 from localalign.paths import MODELS_DIR, REGISTRY_PATH
 
-# The defaults wherever a model or an embedder is asked for (entries of models/registry.toml).
+# The defaults wherever a model or an embedder is asked for (entries of localalign/data/registry.toml).
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_EMBEDDER = "all-minilm-l6-v2"
 

@@ -12,7 +12,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from tiny_model import build_tiny_llama, fit_tiny_to_chats  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +33,9 @@ def default_model():
 
 @pytest.fixture(scope="session")
 def seeds_dir() -> Path:
-    return REPO / "seeds"
+    from localalign.paths import SEEDS_DIR
+
+    return SEEDS_DIR
 
 
 # ---- export
@@ -74,3 +75,28 @@ def tiny_chat_gguf(tiny_chat_model, tmp_path_factory) -> Path:
     from localalign.convert.gguf_writer import write_gguf
 
     return write_gguf(tiny_chat_model, tmp_path_factory.mktemp("chat_gguf") / "chat.f32.gguf", out_type="f32")
+
+
+# ---- the tool as a user installs it (tests/installed.py)
+
+
+@pytest.fixture(scope="session")
+def installed_tool(tmp_path_factory):
+    """localalign built as a wheel and installed into a fresh venv (tests/installed.py)."""
+    from installed import build_wheel, install
+
+    root = tmp_path_factory.mktemp("installed")
+    return install(build_wheel(root), root)
+
+
+@pytest.fixture(scope="session")
+def installed_tiny_run(installed_tool, tiny_chat_model):
+    """The tiny end-to-end align, run by the installed tool from a directory outside the checkout:
+    (the run directory, the finished process)."""
+    from installed import TINY_RUN_TOML
+
+    (installed_tool.workdir / "run.toml").write_text(TINY_RUN_TOML)
+    r = installed_tool.run(str(installed_tool.cli), "align", "--domain", "safety", "--model", str(tiny_chat_model),
+                           "--run-dir", "run", "--config", "run.toml", timeout=1800)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return installed_tool.workdir / "run", r

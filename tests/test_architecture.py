@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "localalign"
 # a subpackage's name covers its modules. Every module is in one group.
 LAYERS: list[dict[str, list[str]]] = [
     {"cli": ["localalign.__main__", "localalign.cli"]},
-    {"align": ["localalign.align"]},
+    {"align": ["localalign.align"], "doctor": ["localalign.doctor"]},
     {"export": ["localalign.export"], "evaluation": ["localalign.evaluation"]},
     {"isara": ["localalign.isara"], "train": ["localalign.train"]},
     {"models": ["localalign.models"]},

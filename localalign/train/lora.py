@@ -125,8 +125,11 @@ def train(
     init_adapter: str | Path | None = None,
     log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
     on_step: Callable[[StepRecord], None] | None = None,
+    quiet: bool = False,
 ) -> TrainResult:
     """Fine-tune a LoRA adapter on `samples`; see the module docstring for what lands in `out_dir`.
+    A progress bar (config.progress, where stderr is a terminal) ends with a one-line summary
+    through `log`; `quiet` silences both.
 
     Started by torchrun (WORLD_SIZE > 1), this process trains its share of every step and
     only rank 0 writes (distributed.py); the result is the same as one process's.
@@ -141,7 +144,7 @@ def train(
     device = pick_device(config.device, world.local_rank)
     with process_group(world, device.type):
         run = _setup(Path(base_hf_dir), samples, Path(out_dir), config, resume, init_adapter, log, world, device)
-        _loop(run, on_step)
+        _loop(run, on_step, quiet)
         return _finish(run)
 
 
@@ -233,7 +236,7 @@ def _setup(base_hf_dir: Path, samples: list[Sample], out_dir: Path, config: Trai
     return run
 
 
-def _loop(run: _Run, on_step: Callable[[StepRecord], None] | None) -> None:
+def _loop(run: _Run, on_step: Callable[[StepRecord], None] | None, quiet: bool = False) -> None:
     """Every optimizer step from the state's step on: train, log, checkpoint."""
     import torch
 
@@ -242,7 +245,7 @@ def _loop(run: _Run, on_step: Callable[[StepRecord], None] | None) -> None:
     body, head = base.model, base.get_output_embeddings()
     autocast = torch.autocast(run.device.type, dtype=torch.bfloat16) if run.precision == "bf16" else nullcontext()
     run.model.train()
-    bar = progress_bar(config.progress and world.is_main, run.total_steps, state["step"])
+    bar = progress_bar(config.progress and world.is_main and not quiet, run.total_steps, state["step"])
     lengths = [len(e.input_ids) for e in run.data]
     plans: dict[int, list[list[int]]] = {}
     log_file = open(run.out_dir / "train_log.jsonl", "a", encoding="utf-8") if world.is_main else None
@@ -276,6 +279,8 @@ def _loop(run: _Run, on_step: Callable[[StepRecord], None] | None) -> None:
         if log_file is not None:
             log_file.close()
         bar.close()
+    if not quiet:
+        run.log(train_summary(state, run.total_steps))
 
 
 def _optimizer_step(run: _Run, body, head, autocast, micro: list[list[int]]):
@@ -388,6 +393,15 @@ def _silent(message: str) -> None:
 
 
 def progress_bar(enabled: bool, total: int, initial: int):
+    """The step bar; none where stderr is not a terminal (a CI log gets `train_summary` alone)."""
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True, file=sys.stderr)
+    return tqdm(total=total, initial=initial, disable=not enabled or not sys.stderr.isatty(), unit="step",
+                dynamic_ncols=True, file=sys.stderr)
+
+
+def train_summary(state: dict[str, Any], total_steps: int) -> str:
+    """The line a training bar ends with: steps, final loss, tokens/s, seconds in the loop."""
+    loss = f"{state['losses'][-1]:.4f}" if state["losses"] else "n/a"
+    rate = state["tokens"] / state["seconds"] if state["seconds"] else 0.0
+    return f"train: {state['step']}/{total_steps} steps, final loss {loss}, {rate:.0f} tokens/s, {state['seconds']:.0f} s"

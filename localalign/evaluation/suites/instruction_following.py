@@ -1,4 +1,4 @@
-"""Our held-out instruction-following prompts (seeds/instruction-following.heldout.jsonl), each
+"""Our held-out instruction-following prompts (localalign/data/seeds/instruction-following.heldout.jsonl), each
 with machine-checked constraints: the share of prompts whose constraints are all met, and of
 single constraints met. The checker is localalign.judges.constraints.
 """
@@ -21,7 +21,7 @@ def score(session: EvalSession, limit: int | None) -> SuiteResult:
         rows.append((f"if:{lineno}", row["prompt"], [validate_constraint(c, f"{path}:{lineno}") for c in cons]))
     result = SuiteResult(
         "Our held-out instruction-following prompts with machine-checked constraints "
-        "(seeds/README.md): prompts with every constraint met, and single constraints met.",
+        "(localalign/data/seeds/README.md): prompts with every constraint met, and single constraints met.",
         n_available=len(rows),
     )
     rows = first_n(rows, limit)

@@ -1,4 +1,4 @@
-"""Our held-out safety prompts (seeds/safety.heldout.jsonl): refusal rate on the harmful ones,
+"""Our held-out safety prompts (localalign/data/seeds/safety.heldout.jsonl): refusal rate on the harmful ones,
 helpfulness (non-refusal) rate on the benign ones, by the refusal detector (refusal.py)."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Multiple-choice truthfulness by log-likelihood (MC1), on our own held-out set.
 
 What it measures: for a question with one true answer and three common misconceptions
-(seeds/truthfulness.heldout.jsonl), whether the model assigns the true answer a higher
+(localalign/data/seeds/truthfulness.heldout.jsonl), whether the model assigns the true answer a higher
 likelihood than every false one when the answer is the whole assistant reply to the
 chat-templated question. It measures what the model *believes most likely*, not what it
 would write: no text is generated, so a model that rambles can still score well, and a
@@ -40,7 +40,7 @@ class MCItem:
 
 
 def load_mc_items(path: str | Path) -> list[MCItem]:
-    """Read a truthfulness held-out file (schema in seeds/README.md); bad lines are UserErrors."""
+    """Read a truthfulness held-out file (schema in localalign/data/seeds/README.md); bad lines are UserErrors."""
     items = []
     for lineno, row in iter_jsonl(path):
         where = f"{path}:{lineno}"

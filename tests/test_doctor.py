@@ -1,0 +1,110 @@
+"""`localalign doctor`: each check on faked machine facts, the fix printed under each problem, the
+exit code, and one real run on this machine."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from localalign import doctor
+from localalign.cli import main
+from localalign.doctor import Finding
+from localalign.engine.build import GpuPlan
+
+AMX_XEON = "model name\t: Intel(R) Xeon(R) Platinum 8480+\nflags\t\t: fpu sse2 avx avx2 fma f16c avx512f avx512bw amx_tile amx_int8\n"
+OLD_CPU = "model name\t: Old CPU\nflags\t\t: fpu sse2 avx\n"
+
+
+def test_cpu_line_names_the_flags_llama_cpp_uses():
+    (f,) = doctor.check_cpu(AMX_XEON)
+    assert f.status == "ok" and "avx2 fma f16c" in f.text and "avx512: bw f" in f.text
+    assert "amx: amx_int8 amx_tile (left out of the build" in f.text
+
+
+def test_a_cpu_without_avx2_is_a_note(monkeypatch):
+    monkeypatch.setattr(doctor.platform, "machine", lambda: "x86_64")
+    (f,) = doctor.check_cpu(OLD_CPU)
+    assert f.status == "note" and "without AVX2" in f.text
+
+
+LOADED = {"version": doctor.LLAMA_CPP_VERSION, "offload": False, "features": "AVX2 FMA"}
+
+
+def fake_build(monkeypatch, record_key: str | None, gpu: str | None = None):
+    spec = doctor.build_spec(doctor.plan_gpu({"LLAMA_GPU": "0"}), "cp311")
+    monkeypatch.setattr(doctor, "installed_record",
+                        lambda python: None if record_key is None else {"key": record_key, "kind": "cpu", "cpu_model": "Elsewhere"})
+    monkeypatch.setattr(doctor, "build_spec", lambda g, tag: spec)
+    monkeypatch.setattr(doctor, "plan_gpu", lambda env: GpuPlan(False, "reason", gpu=gpu))
+    monkeypatch.setattr(doctor, "_instruction_check", lambda flags: [])
+    return spec
+
+
+def test_llama_cpp_built_for_this_machine_is_ok(monkeypatch):
+    spec = fake_build(monkeypatch, record_key=None)
+    monkeypatch.setattr(doctor, "installed_record", lambda python: {"key": spec.key, "kind": "cpu"})
+    (f,) = doctor.check_llama_cpp(probe=lambda: LOADED)
+    assert f.status == "ok" and f"key {spec.key}" in f.text and "GPU offload: no" in f.text
+
+
+def test_llama_cpp_built_elsewhere_is_a_problem_with_the_setup_command(monkeypatch):
+    fake_build(monkeypatch, record_key="0123456789abcdef")
+    (f,) = doctor.check_llama_cpp(probe=lambda: LOADED)
+    assert f.status == "problem" and "built for another machine ('Elsewhere'" in f.text
+    assert f.fix == doctor.setup_fix() and ("setup" in f.fix or "engine.build install" in f.fix)
+
+
+def test_a_build_that_does_not_load_and_a_gpu_left_unused(monkeypatch):
+    fake_build(monkeypatch, record_key=None, gpu="NVIDIA H100")
+    (f,) = doctor.check_llama_cpp(probe=lambda: {"error": "killed by SIGILL"})
+    assert f.status == "problem" and "SIGILL" in f.text
+    findings = doctor.check_llama_cpp(probe=lambda: LOADED)
+    assert [x.status for x in findings] == ["note", "note"]  # not localalign's build; a GPU it does not use
+    assert "LLAMA_GPU=1" in findings[1].fix
+
+
+def test_low_memory_and_low_disk(monkeypatch, tmp_path):
+    (f,) = doctor.check_memory("MemTotal: 8000000 kB\nMemAvailable: 1000000 kB\n")
+    assert f.status == "note" and "1.0 GiB available of 7.6 GiB" in f.text
+    assert doctor.check_memory("MemTotal: 8000000 kB\nMemAvailable: 6000000 kB\n")[0].status == "ok"
+    monkeypatch.setattr(doctor.shutil, "disk_usage", lambda p: type("U", (), {"free": 300 << 20})())
+    (f,) = doctor.check_home(tmp_path / "not" / "yet" / "models", tmp_path / "cache", "LOCALALIGN_HOME")
+    assert f.status == "problem" and "0.3 GiB free" in f.text and f.fix.startswith("export LOCALALIGN_HOME=")
+
+
+def test_models_missing_materialized_and_broken(monkeypatch, tmp_path):
+    monkeypatch.setattr("localalign.models.MODELS_DIR", tmp_path)
+    by_topic = {f.topic: f for f in doctor.check_models()}
+    model = by_topic["model"]
+    if model.status == "problem":  # the model's package is not installed here
+        assert "not installed" in model.text
+    else:
+        assert model.status == "note" and model.fix == "localalign models pull smollm2-135m-instruct"
+    d = tmp_path / "smollm2-135m-instruct"
+    (d / "hf").mkdir(parents=True)
+    (d / "hf" / "config.json").write_text("{}")
+    (d / "model.gguf").write_bytes(b"GGUF")
+    (d / "copy-check.json").write_text(json.dumps({"ok": False, "problems": ["logits differ by 9.0"]}))
+    (model,) = [f for f in doctor.check_models() if f.topic == "model"]
+    assert model.status == "problem" and "logits differ by 9.0" in model.text
+    assert model.fix == f"rm -rf {d} && localalign models pull smollm2-135m-instruct"
+
+
+def test_the_command_prints_each_fix_and_exits_1_on_a_problem(monkeypatch):
+    monkeypatch.setattr(doctor, "CHECKS", (lambda: [Finding("cpu", "ok", "fine")],
+                                           lambda: [Finding("torch", "problem", "torch is not installed", "make setup")]))
+    result = CliRunner().invoke(main, ["doctor"])
+    assert result.exit_code == 1
+    assert "problem  torch     torch is not installed" in result.output
+    assert "fix: make setup" in result.output and "1 problem(s), 0 note(s)" in result.output
+
+
+def test_doctor_on_this_machine():
+    result = CliRunner().invoke(main, ["doctor"])
+    assert result.exit_code in (0, 1), result.output
+    for topic in ("cpu", "llama.cpp", "torch", "memory", "home", "model", "embedder"):
+        assert f" {topic} " in result.output
+    assert ("ready to run" in result.output) == (result.exit_code == 0)
+    print(result.output)
