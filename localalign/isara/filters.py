@@ -71,6 +71,10 @@ class FilterConfig:
     consistency_k: int = 12  # nearest seeds that vote
     keep_refusal_from: float = 0.9  # a refusal is kept where at least this share of the vote refuses
     keep_answer_below: float = 0.6  # an answer is kept where less than this share of the vote refuses
+    # An answer cut off by the length limit is ended at its last complete sentence instead of
+    # rejected. Off for the domain data (a cut-off answer rambles); on for rehearsal, whose
+    # lesson is "answer ordinary requests", not what the answer says (rehearsal.py).
+    end_cut_answers: bool = False
     rate: bool = False  # the self-assessment: near chance at 135M (docs/benchmarks.md); for bigger models
     min_rating: float = 0.5  # the rating (P(yes), 0-1) a sample needs
 

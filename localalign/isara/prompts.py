@@ -173,3 +173,13 @@ def parse_generation(
 def _find_first(text: str, needles: Sequence[str]) -> tuple[int, str] | None:
     hits = [(text.find(n), n) for n in needles if n and text.find(n) >= 0]
     return min(hits) if hits else None
+
+
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s|$)")
+
+
+def cut_to_sentence(text: str) -> str:
+    """`text` up to the end of its last complete sentence ("" if it has none): an answer cut
+    off by the length limit, ended where its last sentence ended."""
+    ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+    return text[: ends[-1]].rstrip() if ends else ""

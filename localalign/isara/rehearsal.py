@@ -4,8 +4,8 @@ Trained on the seeds alone, a 135M model learns refusal as a style and refuses o
 instructions too (docs/benchmarks.md). Rehearsal mixes in what it already does well: the
 base model, shown only its chat template's opening and an empty user turn, writes a typical
 request (Magpie, Xu et al. 2024) and answers it. The ISARA step with k = 0 does exactly that,
-with the same filters: a request the seeds would refuse is dropped with its answer
-(answers_harmful), an ordinary one that the model refused too (refuses_ordinary).
+with the rule filters; a refusal is dropped (refuses_ordinary), and an answer cut off by the
+length limit is ended at its last complete sentence.
 
 No outside data: the requests and answers are the model's own, and the seeds' refusals give
 each pair a rejected side for the preference objective (the nearest refusing seed's
@@ -23,13 +23,19 @@ from localalign.isara.retrieve import Embedder
 from localalign.isara.step import IsaraConfig, IsaraResult, Listener, generate_samples
 from localalign.samples import Sample
 
+REHEARSAL_TOKENS = 256  # an answer's budget: enough to show the model answering, cheap to write
+
 
 def rehearsal_samples(generator: Generator, embedder: Embedder, seeds: list[Sample], n: int, isara: IsaraConfig,
                       filters: FilterConfig, resume: tuple[list[Sample], list[Sample]] | None = None,
                       listener: Listener | None = None) -> IsaraResult:
     """`n` requests of the model's own with its answers, each with a refusal to prefer it over."""
-    own = dataclasses.replace(isara, k=0, answers=1)
-    result = generate_samples(generator, embedder, seeds, n, isara=own, filters=filters, round_no=0, resume=resume,
+    own = dataclasses.replace(isara, k=0, answers=1, max_response_tokens=min(isara.max_response_tokens, REHEARSAL_TOKENS))
+    # The base model seldom writes a harmful request of its own, and the seeds' vote calls half
+    # of its ordinary ones harmful (docs/benchmarks.md): only refusals are filtered out here.
+    # Its answers run long: one cut off is ended at its last sentence.
+    own_filters = dataclasses.replace(filters, keep_refusal_from=1.01, keep_answer_below=1.01, end_cut_answers=True)
+    result = generate_samples(generator, embedder, seeds, n, isara=own, filters=own_filters, round_no=0, resume=resume,
                               listener=listener)
     with_refusals(result.accepted, seeds, embedder)
     return result

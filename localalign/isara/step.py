@@ -43,7 +43,7 @@ from localalign.engine.base import Completion, Generator, Job, Leaf, derive_seed
 from localalign.errors import UserError
 from localalign.isara.consistency import SeedKinds, check_kind, check_stated_constraints
 from localalign.isara.filters import FilterConfig, check_novelty, check_rating, check_rules
-from localalign.isara.prompts import build_isara_prompt, chat_markers, parse_generation, shuffled
+from localalign.isara.prompts import Parsed, build_isara_prompt, chat_markers, cut_to_sentence, parse_generation, shuffled
 from localalign.isara.rating import rate_samples
 from localalign.isara.retrieve import Embedder, SampleIndex
 from localalign.samples import Sample
@@ -279,8 +279,7 @@ class _Step:
     def decide(self, batch: list[_Candidate], n: int) -> None:
         """Rules and consistency per answer, best-of-n, novelty: accept, await the rating, or reject;
         in index order, until `n` are accepted or awaiting (the rest stay undecided)."""
-        parsed = [[parse_generation(a.texts[0], a.finish[0], a.texts[1], a.finish[1], self.markers) for a in c.answers]
-                  for c in batch]
+        parsed = [[self.parse(a) for a in c.answers] for c in batch]
         prompt_vectors = self.embedder.embed([answers[0].prompt for answers in parsed])
         verdicts = [self.judge(c, answers, v) for c, answers, v in zip(batch, parsed, prompt_vectors)]
         kept = [sample for sample, reason in verdicts if reason is None]
@@ -301,6 +300,13 @@ class _Step:
                 self.awaiting.append((sample, vector))
             else:
                 self.accept(sample, vector)
+
+    def parse(self, completion: Completion) -> Parsed:
+        a = completion
+        parsed = parse_generation(a.texts[0], a.finish[0], a.texts[1], a.finish[1], self.markers)
+        if parsed.problem == "truncated_response" and self.filters.end_cut_answers and cut_to_sentence(parsed.response):
+            return Parsed(parsed.prompt, cut_to_sentence(parsed.response))
+        return parsed
 
     def judge(self, c: _Candidate, answers, prompt_vector: np.ndarray) -> tuple[Sample, str | None]:
         """The candidate's sample (its best answer) and the reason it fails, before novelty; no state changes."""
