@@ -22,7 +22,7 @@ import click
 from localalign.align import EXPORT_MODES, AlignConfig, AlignRun, GenerationOutput, load_config
 from localalign.config import from_dict, read_toml
 from localalign.convert.gguf_writer import OUT_TYPES
-from localalign.engine.base import BACKENDS, BackendConfig, GenerationConfig
+from localalign.engine.base import BACKENDS, MAX_PARALLEL, BackendConfig, GenerationConfig
 from localalign.engine.llamacpp import BatchGenerator
 from localalign.engine.select import open_generator
 from localalign.errors import UserError
@@ -83,6 +83,16 @@ def default(config: type, name: str) -> Any:
     in its dataclass, and an option left unset (None) leaves the field at it."""
     f = next(f for f in dataclasses.fields(config) if f.name == name)
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def parallel_setting(value: str | None) -> int | str | None:
+    """--parallel's value: "auto" or a number (GenerationConfig checks its range)."""
+    if value is None or value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither a number nor 'auto'") from None
 
 
 def given(**values: Any) -> dict[str, Any]:
@@ -185,8 +195,9 @@ def backend_settings(backend, base_url, api_key_env, served_model, concurrency) 
               help=f"Answers sampled per request; the best that passes is kept [{default(IsaraConfig, 'answers')}].")
 @click.option("--query-from", type=click.Choice(QUERY_FROM),
               help=f"Pick examples from the seeds, or seeds + accepted [{default(IsaraConfig, 'query_from')}].")
-@click.option("--parallel", type=click.IntRange(min=1, max=64),
-              help=f"Sequences decoded together [{default(GenerationConfig, 'parallel')}].")
+@click.option("--parallel", callback=lambda ctx, param, value: parallel_setting(value), metavar="N|auto",
+              help=f"Sequences decoded together, 1..{MAX_PARALLEL} or auto (a GPU's memory decides) "
+                   f"[{default(GenerationConfig, 'parallel')}].")
 @click.option("--seed", type=int, help=f"[{default(GenerationConfig, 'seed')}]")
 @click.option("--temperature", type=float, help=f"[{default(GenerationConfig, 'temperature')}]")
 @click.option("--top-p", type=float, help=f"[{default(GenerationConfig, 'top_p')}]")
