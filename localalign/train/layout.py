@@ -18,8 +18,8 @@ thousands of small kernels and rebuilt cuDNN attention plans for every new seque
 - A step's samples go in as few micro-batches as fit a token budget taken from free GPU
   memory (`token_budget`), so `grad_accum` is a memory limit, not a unit of work: the default
   step (8 samples, ~2-3k tokens) is one forward/backward. Fewer passes, fewer launches.
-- Attention is SDPA with `is_causal` and no mask, pinned to the flash and memory-efficient
-  kernels (model.py, `causal_attention`). Rows are right-padded, so a real token never sees a
+- Attention is SDPA with `is_causal` and no mask, on the flash or memory-efficient kernels,
+  never cuDNN's (model.py, `causal_attention`). Rows are right-padded, so a real token never sees a
   pad (pads come after it, and causal attention looks back only); a pad position computes
   something nobody reads. Without a mask, transformers builds none (building one reads the
   padding mask on the host: a sync per forward), flash runs instead of the masked kernels, and
@@ -67,7 +67,7 @@ class Layout:
     token_budget: int | None  # padded tokens per micro-batch; None: `batch_size` samples each (CPU)
     pad_multiple: int  # padded widths rounded up to a multiple of this
     logit_chunk: int  # response positions through the output layer at once
-    causal_attention: bool  # SDPA is_causal without a mask, on the flash/memory-efficient kernels
+    causal_attention: bool  # SDPA is_causal without a mask, flash or memory-efficient (not cuDNN)
     fused_optimizer: bool  # AdamW(fused=True)
 
 

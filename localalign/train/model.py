@@ -91,15 +91,21 @@ def row_logps(body, head, batch: dict):
     return torch.stack(out)
 
 
+# SDPA's kernels for `causal_attention`: every one but cuDNN's, which builds a plan per new shape
+# (2.2-2.4 ms of CPU per call on an H200, issue 17). Torch takes flash where it can, then the
+# memory-efficient kernel; the math one only for inputs neither takes.
+SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+
+
 def causal_attention(module, query, key, value, attention_mask, **kwargs):
-    """SDPA with `is_causal` and no mask, on the flash and memory-efficient kernels (layout.py says
-    why). Right-padded rows only: a real token attends to earlier positions alone, and those are
-    real; the pads, after it, compute values nobody reads. Packed rows would attend across samples."""
+    """SDPA with `is_causal` and no mask, on the kernels of SDPA_BACKENDS (layout.py says why).
+    Right-padded rows only: a real token attends to earlier positions alone, and those are real;
+    the pads, after it, compute values nobody reads. Packed rows would attend across samples."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     kwargs.pop("is_causal", None)
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+    with sdpa_kernel([getattr(SDPBackend, name) for name in SDPA_BACKENDS]):
         return sdpa_attention_forward(module, query, key, value, None, is_causal=True, **kwargs)
 
 
