@@ -10,7 +10,12 @@ backward passes (micro-batches) only changes speed, memory and float rounding.
 CPU (measured on a 2-core laptop-class box, docs/benchmarks.md "Training"): `batch_size`
 samples per micro-batch, padded to the longest, `grad_accum` micro-batches per step, 256
 response positions through the output layer at a time. The CPU is busy with arithmetic there,
-and these keep memory low.
+and these keep memory low. (Filling one micro-batch with a step's 8 samples measured 24% slower
+here: more padding, longer rows in attention.) Padded rows get causal attention without a mask
+(see below), in fp32 by the plain "math" kernel for rows up to 256 tokens: torch's CPU flash
+kernel spends most of its time in backward at these lengths, and the math kernel in fp32 ran a
+whole forward/backward of SmolLM2-135M 11% faster with a 8x smaller error in the gradients
+(model.py, `attention_plan`). Packed rows keep transformers' block-diagonal mask.
 
 CUDA (issue 17: a 135M model left an H200 idle more than 95% of a step, while the CPU issued
 thousands of small kernels and rebuilt cuDNN attention plans for every new sequence length):
@@ -67,7 +72,7 @@ class Layout:
     token_budget: int | None  # padded tokens per micro-batch; None: `batch_size` samples each (CPU)
     pad_multiple: int  # padded widths rounded up to a multiple of this
     logit_chunk: int  # response positions through the output layer at once
-    causal_attention: bool  # SDPA is_causal without a mask, flash or memory-efficient (not cuDNN)
+    causal_attention: bool  # model.causal_attention: SDPA is_causal without a mask (right-padded rows only)
     fused_optimizer: bool  # AdamW(fused=True)
 
 
@@ -108,11 +113,12 @@ def logit_chunk(free_bytes: int, vocab: int, share: float = LOGIT_SHARE) -> int:
 
 
 def choose_layout(device_type: str, micro_batch_tokens: int | None, free_bytes: int = 0, per_token: int = 1,
-                  vocab: int = 1) -> Layout:
+                  vocab: int = 1, packed: bool = False) -> Layout:
     """The layout for `device_type` ("cpu" or "cuda"); `micro_batch_tokens` (the config's) overrides
-    the budget on either device. `free_bytes`, `per_token`, `vocab` matter on a GPU only."""
+    the budget on either device. `free_bytes`, `per_token`, `vocab` matter on a GPU only; `packed`
+    (batching = "pack") on a CPU only: a GPU always pads."""
     if device_type != "cuda":
-        return Layout(micro_batch_tokens, 1, LOGIT_CHUNK, causal_attention=False, fused_optimizer=False)
+        return Layout(micro_batch_tokens, 1, LOGIT_CHUNK, causal_attention=not packed, fused_optimizer=False)
     budget = micro_batch_tokens or token_budget(free_bytes, per_token)
     return Layout(budget, PAD_MULTIPLE_CUDA, logit_chunk(free_bytes, vocab), causal_attention=True,
                   fused_optimizer=True)

@@ -254,7 +254,7 @@ def _layout_for(device, config: TrainConfig, base_hf_dir: Path, precision: str, 
     """layout.choose_layout for this device: on a GPU from its free memory (less the weights about
     to be loaded) and the model's sizes."""
     if device.type != "cuda":
-        return choose_layout(device.type, config.micro_batch_tokens)
+        return choose_layout(device.type, config.micro_batch_tokens, packed=config.batching == "pack")
     import torch
 
     dims = json.loads((base_hf_dir / "config.json").read_text())
@@ -346,7 +346,7 @@ def _optimizer_step(run: _Run, body, head, autocast, micro: list[list[int]]):
 
 
 def _collate(run: _Run, rows: list[Encoded]) -> dict:
-    """Packed rows where asked for (CPU only); right-padded rows wherever attention is causal (GPU)."""
+    """Packed rows where asked for (CPU only); right-padded rows wherever attention is causal."""
     if run.config.batching == "pack" and not run.layout.causal_attention:
         return collate_packed(rows)
     return collate_padded(rows, run.pad_id, run.layout.pad_multiple)

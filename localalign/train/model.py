@@ -91,20 +91,54 @@ def row_logps(body, head, batch: dict):
     return torch.stack(out)
 
 
-# SDPA's kernels for `causal_attention`: every one but cuDNN's, which builds a plan per new shape
-# (2.2-2.4 ms of CPU per call on an H200, issue 17). Torch takes flash where it can, then the
-# memory-efficient kernel; the math one only for inputs neither takes.
+# SDPA's kernels for `causal_attention` on a GPU: every one but cuDNN's, which builds a plan per
+# new shape (2.2-2.4 ms of CPU per call on an H200, issue 17). Torch takes flash where it can,
+# then the memory-efficient kernel; the math one only for inputs neither takes.
 SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+# On a CPU, rows up to this many tokens get attention written out in fp32 (`attention_plan`).
+CPU_MATH_MAX = 256
+
+
+def attention_plan(device_type: str, length: int, dropout: float = 0.0) -> str:
+    """How `causal_attention` computes rows of `length` tokens: "fp32" or "fused" (SDPA's kernels).
+
+    A CPU's short rows: attention written out (`causal_attention_fp32`) on fp32 copies of q, k, v.
+    Torch's CPU flash kernel spends most of its time in backward at these lengths. Forward +
+    backward of 4 rows x 9 heads (3 key/value heads) at 80 / 120 / 240 tokens, 2 threads: flash
+    9.5 / 15.0 / 30.5 ms, SDPA's math kernel in fp32 5.0 / 9.7 / 34.5, written out 3.7 / 7.5 / 29.0,
+    with an 8x smaller error in the query gradient than flash's (it returns bf16 gradients). It
+    keeps the L x L probabilities for backward, so beyond CPU_MATH_MAX tokens, flash. Dropout in
+    attention (none in SmolLM2) is left to SDPA.
+    """
+    return "fp32" if device_type == "cpu" and length <= CPU_MATH_MAX and not dropout else "fused"
+
+
+def causal_attention_fp32(query, key, value, scaling: float | None = None):
+    """Causal attention in fp32 by plain matmuls and softmax, key/value heads shared by groups of
+    query heads without copying them; the output in the query's dtype, as (batch, length, heads, dim).
+    SDPA's math kernel does the same with a mask it builds per call and a "safe" softmax that checks
+    every row for being fully masked (never, here): a third of its time at these sizes."""
+    import torch
+
+    b, heads, n, d = query.shape
+    kv = key.shape[1]
+    q = query.float().view(b, kv, heads // kv, n, d) * (scaling if scaling is not None else d**-0.5)
+    scores = torch.matmul(q, key.float().unsqueeze(2).transpose(-1, -2))
+    scores = scores + torch.full((n, n), float("-inf"), device=query.device).triu(1)
+    out = torch.matmul(torch.softmax(scores, dim=-1), value.float().unsqueeze(2))
+    return out.view(b, heads, n, d).transpose(1, 2).contiguous().to(query.dtype)
 
 
 def causal_attention(module, query, key, value, attention_mask, **kwargs):
-    """SDPA with `is_causal` and no mask, on the kernels of SDPA_BACKENDS (layout.py says why).
+    """SDPA with `is_causal` and no mask (layout.py says why), computed as `attention_plan` says.
     Right-padded rows only: a real token attends to earlier positions alone, and those are real;
     the pads, after it, compute values nobody reads. Packed rows would attend across samples."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     kwargs.pop("is_causal", None)
+    if attention_plan(query.device.type, query.shape[2], kwargs.get("dropout", 0.0)) == "fp32":
+        return causal_attention_fp32(query, key, value, kwargs.get("scaling")), None
     with sdpa_kernel([getattr(SDPBackend, name) for name in SDPA_BACKENDS]):
         return sdpa_attention_forward(module, query, key, value, None, is_causal=True, **kwargs)
 
@@ -188,7 +222,7 @@ def build_model(base_hf_dir: Path, config: TrainConfig, device, init_adapter, lo
     With bf16 the frozen projection weights are stored in bf16: autocast would cast them to
     bf16 for every matmul anyway (same numbers), so storing them that way saves the casts
     and half their memory. Embeddings, norms and the LoRA weights stay fp32. `causal`: attention
-    by `causal_attention` (right-padded rows only; the layout a GPU gets, layout.py).
+    by `causal_attention` (right-padded rows only, layout.py).
     """
     import torch
     from peft import PeftModel

@@ -64,7 +64,8 @@ def test_token_budget_and_logit_chunk_follow_free_memory():
 
 def test_the_cpu_keeps_its_measured_layout_and_a_gpu_gets_its_own():
     cpu = choose_layout("cpu", None)
-    assert cpu == Layout(None, 1, LOGIT_CHUNK, causal_attention=False, fused_optimizer=False)
+    assert cpu == Layout(None, 1, LOGIT_CHUNK, causal_attention=True, fused_optimizer=False)
+    assert not choose_layout("cpu", None, packed=True).causal_attention  # packed rows need transformers' mask
     assert choose_layout("cpu", 2048).token_budget == 2048  # the GPU's way of filling micro-batches, asked for
     per_token = activation_bytes_per_token(*model_dims(SMOLLM2))
     gpu = choose_layout("cuda", None, 70 * GB, per_token, 49152)
@@ -113,6 +114,27 @@ def test_a_pretend_gpu_reads_its_free_memory_for_the_layout(monkeypatch, tiny_hf
     assert _layout_for(torch.device("cpu"), TrainConfig(), tiny_hf_dir, "bf16", logged.append) == choose_layout("cpu", None)
 
 
+def test_attention_plan_fp32_for_a_cpus_short_rows_fused_kernels_elsewhere():
+    from localalign.train.model import CPU_MATH_MAX, attention_plan
+
+    assert attention_plan("cpu", 80) == attention_plan("cpu", CPU_MATH_MAX) == "fp32"
+    assert attention_plan("cpu", CPU_MATH_MAX + 1) == attention_plan("cpu", 80, dropout=0.1) == "fused"
+    assert attention_plan("cuda", 64) == attention_plan("cuda", 4096) == "fused"
+
+
+def test_fp32_attention_is_sdpas_causal_attention():
+    import torch.nn.functional as F
+
+    from localalign.train.model import causal_attention_fp32
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 6, 17, 8), torch.randn(2, 3, 17, 8), torch.randn(2, 3, 17, 8)
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2)
+    torch.testing.assert_close(causal_attention_fp32(q, k, v), want, rtol=1e-5, atol=1e-6)
+    half = causal_attention_fp32(q.bfloat16(), k.bfloat16(), v.bfloat16(), scaling=0.5)
+    assert half.dtype == torch.bfloat16 and half.shape == (2, 17, 6, 8)
+
+
 # --------------------------------------------------------------------------- on the tiny model
 
 
@@ -154,18 +176,21 @@ def test_the_activation_estimate_bounds_what_a_forward_keeps(tok, tiny_hf_dir, p
     assert measured <= bound / 1.5  # the formula alone is an upper bound; the x1.5 is headroom
 
 
-def test_causal_attention_on_right_padded_rows_equals_the_masked_attention(tok, tiny_hf_dir):
+@pytest.mark.parametrize("repeat", [1, 30])  # rows of 64 (the CPU's fp32 attention) and of 320+ tokens (flash)
+def test_causal_attention_on_right_padded_rows_equals_the_masked_attention(tok, tiny_hf_dir, repeat):
     """No mask is needed for right-padded rows: same loss and gradients as transformers' masked SDPA,
     with the width padded to 64 as on a GPU."""
     from localalign.train.model import build_model, response_loss_sum
 
-    data = [encode_sample(tok, s, end_of_turn_ids(tok, tiny_hf_dir)) for s in SAMPLES[:5]]
+    samples = [Sample(s.prompt, " ".join([s.response] * repeat)) for s in SAMPLES[:5]]
+    data = [encode_sample(tok, s, end_of_turn_ids(tok, tiny_hf_dir)) for s in samples]
+    longest = max(len(e.input_ids) for e in data)
     results = []
     for causal, multiple in ((False, 1), (True, 64)):
         model = build_model(tiny_hf_dir, TrainConfig(), torch.device("cpu"), None, lambda m: None, "fp32", causal=causal)
         base = model.get_base_model()
         batch = collate_padded(data, tok.pad_token_id, multiple)
-        assert batch["input_ids"].shape[1] == (64 if causal else max(len(e.input_ids) for e in data))
+        assert batch["input_ids"].shape[1] == (-(-longest // 64) * 64 if causal else longest)
         loss = response_loss_sum(base.model, base.get_output_embeddings(), batch)
         loss.backward()
         results.append((loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
