@@ -124,24 +124,14 @@ def worker_ours(args, batching: str, precision: str) -> dict:
 
 def worker_hf(args, precision: str) -> dict:
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import (
-        AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments,
-    )
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
+    from benchdoc import hf_lora_model
     from localalign.train.config import TrainConfig
-    from localalign.train.data import encode_samples, end_of_turn_ids
 
     torch.set_num_threads(args.threads)
     cfg = TrainConfig(epochs=args.epochs)
-    tok = AutoTokenizer.from_pretrained(args.model)
-    data, _ = encode_samples(tok, bench_samples(args.samples), end_of_turn_ids(tok, args.model), cfg.max_seq_len)
-    rows = [{"input_ids": e.input_ids, "attention_mask": [1] * len(e.input_ids), "labels": e.labels} for e in data]
-    torch.manual_seed(cfg.seed)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa")
-    lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                      target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
-    model = get_peft_model(model, lora)
+    tok, data, rows, model = hf_lora_model(args.model, bench_samples(args.samples), cfg)
     steps: list[tuple[float, int]] = []
 
     class Clock(TrainerCallback):

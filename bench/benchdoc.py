@@ -27,3 +27,23 @@ def default_model():
     if files.gguf is None or files.hf_dir is None:
         sys.exit(f"{DEFAULT_MODEL} is not materialized: run `make models` first")
     return files
+
+
+def hf_lora_model(model_dir, samples, cfg):
+    """transformers.Trainer's side of a training benchmark, set up as its documentation does: our
+    encoding (prompt masked) as rows for DataCollatorForSeq2Seq, and the fp32 base model with
+    `cfg`'s LoRA (peft). Returns (tokenizer, encoded samples, rows, model)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from localalign.train.data import encode_samples, end_of_turn_ids
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    data, _ = encode_samples(tok, samples, end_of_turn_ids(tok, model_dir), cfg.max_seq_len)
+    rows = [{"input_ids": e.input_ids, "attention_mask": [1] * len(e.input_ids), "labels": e.labels} for e in data]
+    torch.manual_seed(cfg.seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                      target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
+    return tok, data, rows, get_peft_model(model, lora)

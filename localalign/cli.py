@@ -24,7 +24,7 @@ from localalign.align import DOMAINS, EXPORT_MODES, AlignConfig, AlignRun, Gener
 from localalign import doctor
 from localalign.config import from_dict, read_toml
 from localalign.convert.gguf_writer import OUT_TYPES
-from localalign.engine.base import BACKENDS, BackendConfig, GenerationConfig
+from localalign.engine.base import BACKENDS, MAX_PARALLEL, BackendConfig, GenerationConfig
 from localalign.engine.llamacpp import BatchGenerator
 from localalign.engine.select import open_generator
 from localalign.errors import UserError
@@ -97,6 +97,16 @@ def _quiet(ctx, param, value: bool) -> bool:
 
 QUIET = click.option("--quiet", is_flag=True, callback=_quiet,
                      help="No progress bars and no bar summaries (errors and results still print).")
+
+
+def parallel_setting(value: str | None) -> int | str | None:
+    """--parallel's value: "auto" or a number (GenerationConfig checks its range)."""
+    if value is None or value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither a number nor 'auto'") from None
 
 
 def given(**values: Any) -> dict[str, Any]:
@@ -207,8 +217,9 @@ def seeds_file(name: str) -> Path:
               help=f"Answers sampled per request; the best that passes is kept [{default(IsaraConfig, 'answers')}].")
 @click.option("--query-from", type=click.Choice(QUERY_FROM),
               help=f"Pick examples from the seeds, or seeds + accepted [{default(IsaraConfig, 'query_from')}].")
-@click.option("--parallel", type=click.IntRange(min=1, max=64),
-              help=f"Sequences decoded together [{default(GenerationConfig, 'parallel')}].")
+@click.option("--parallel", callback=lambda ctx, param, value: parallel_setting(value), metavar="N|auto",
+              help=f"Sequences decoded together, 1..{MAX_PARALLEL} or auto (a GPU's memory decides) "
+                   f"[{default(GenerationConfig, 'parallel')}].")
 @click.option("--seed", type=int, help=f"[{default(GenerationConfig, 'seed')}]")
 @click.option("--temperature", type=float, help=f"[{default(GenerationConfig, 'temperature')}]")
 @click.option("--top-p", type=float, help=f"[{default(GenerationConfig, 'top_p')}]")

@@ -20,6 +20,17 @@ if TYPE_CHECKING:
     from llama_cpp import Llama
 
 BACKENDS = ("llama-cpp", "openai")
+# llama.cpp holds at most 256 sequences in one context (LLAMA_MAX_SEQ; 257 is refused), and the
+# embedded generator keeps one of them for the prompt prefix its slots copy.
+MAX_PARALLEL = 255
+# "auto" without a GPU: on a Q8_0 model llama.cpp's batched kernels keep gaining up to 32 here
+# (2 cores, SmolLM2-135M, 32 prompts x 128 tokens: 111 tokens/s with 8, 144 with 16, 159 with 32:
+# bench/bench_generate.py --sweep, docs/benchmarks.md).
+CPU_PARALLEL = 32
+# "auto" on a GPU: the share of its free memory (after the weights are loaded) that the KV caches
+# may take, less what llama.cpp's compute buffers need (logits and attention scores of one batch).
+GPU_KV_SHARE = 0.8
+GPU_COMPUTE_RESERVE = 1 << 30
 
 
 @dataclass
@@ -35,11 +46,11 @@ class GenerationConfig:
     top_k: int = 40
     max_tokens: int = 384  # per completion (per turn for two-turn generation)
     seed: int = 0  # base seed; prompt i samples with derive_seed(seed, i)
-    # Sequences decoded together. On a Q8_0 model llama.cpp's batched kernels keep gaining
-    # up to 32 here (2 cores, SmolLM2-135M, 32 prompts x 128 tokens: 111 tokens/s with 8,
-    # 144 with 16, 159 with 32: bench/bench_generate.py --sweep, docs/benchmarks.md).
-    parallel: int = 32
-    n_batch: int = 512  # tokens per llama_decode while reading prompts
+    # Sequences decoded together, 1..255 or "auto": CPU_PARALLEL on a CPU; with llama.cpp
+    # offloading to a GPU, as many as their KV caches (n_ctx each) fit in its free memory
+    # (`auto_parallel`), up to 255. A GPU's batched decoding is nearly free per extra sequence.
+    parallel: int | str = "auto"
+    n_batch: int = 512  # tokens per llama_decode while reading prompts; at least parallel + 1
     # One KV buffer for all sequences (True) makes every token attend over every sequence's
     # cells, masked; separate buffers (False) keep attention to a sequence's own cells.
     # llama.h: "try to disable when n_seq_max > 1 for improved performance when the sequences
@@ -56,13 +67,33 @@ class GenerationConfig:
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}"),
             (self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
-            (1 <= self.parallel <= 64, f"parallel must be in 1..64, got {self.parallel}"),
+            (self.parallel == "auto" or (type(self.parallel) is int and 1 <= self.parallel <= MAX_PARALLEL),
+             f"parallel must be 'auto' or in 1..{MAX_PARALLEL}, got {self.parallel!r}"),
             (self.n_batch >= 1, f"n_batch must be >= 1, got {self.n_batch}"),
+            # llama.cpp sizes a context's outputs by n_batch and aborts (no error) below n_seq_max
+            (not isinstance(self.parallel, int) or self.n_batch > self.parallel,
+             f"n_batch ({self.n_batch}) must exceed parallel ({self.parallel}): each decode holds a token of every sequence"),
             (self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+
+
+def kv_bytes_per_sequence(n_ctx: int, n_layer: int, n_head_kv: int, key_dim: int, value_dim: int,
+                          bytes_per_value: int = 2) -> int:
+    """The KV cache of one sequence of `n_ctx` tokens (llama.cpp's default cache type is f16)."""
+    return n_ctx * n_layer * n_head_kv * (key_dim + value_dim) * bytes_per_value
+
+
+def auto_parallel(gpu_free: int | None, per_sequence: int, n_batch: int, cap: int = MAX_PARALLEL) -> int:
+    """`parallel = "auto"`: CPU_PARALLEL without a GPU (`gpu_free` None); on one, as many sequences
+    as fit GPU_KV_SHARE of its free bytes less GPU_COMPUTE_RESERVE, counting the prefix sequence,
+    at most `cap` and n_batch - 1."""
+    if gpu_free is None:
+        return min(CPU_PARALLEL, n_batch - 1)
+    fits = (int(gpu_free * GPU_KV_SHARE) - GPU_COMPUTE_RESERVE) // max(1, per_sequence) - 1
+    return max(1, min(cap, n_batch - 1, fits))
 
 
 def derive_seed(seed: int, index: int | str) -> int:

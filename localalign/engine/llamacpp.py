@@ -36,10 +36,12 @@ from localalign.engine.base import (
     Leaf,
     TokenCounts,
     answer_seed,
+    auto_parallel,
     check_prompt,
     decoding,
+    kv_bytes_per_sequence,
 )
-from localalign.engine.runtime import default_threads, llama_cpp, load_llama
+from localalign.engine.runtime import default_threads, gpu_free_bytes, llama_cpp, load_llama, offloads
 from localalign.errors import UserError
 
 
@@ -69,7 +71,8 @@ SCORER_N_CTX = 1024
 
 
 class BatchGenerator(GGUFText):
-    """A GGUF model decoding up to `config.parallel` sequences per forward pass."""
+    """A GGUF model decoding up to `self.parallel` sequences per forward pass (`config.parallel`,
+    or for "auto" what this machine holds: `resolve_parallel`)."""
 
     def __init__(self, gguf_path: str | Path, config: GenerationConfig | None = None, lora_path=None):
         self.config = config or GenerationConfig()
@@ -89,19 +92,37 @@ class BatchGenerator(GGUFText):
         self.counts = TokenCounts()
         self._ctx = None
         self._batch = None
+        self.parallel = self.resolve_parallel()
         self._make_context()
 
     @property
     def _threads(self) -> int:
         return self.config.threads or default_threads()
 
+    def resolve_parallel(self) -> int:
+        """`config.parallel` as a number: "auto" is `auto_parallel` of the free GPU memory (read after
+        the weights are on it) and this model's KV cache per sequence; on a CPU, CPU_PARALLEL."""
+        cfg = self.config
+        if cfg.parallel != "auto":
+            return int(cfg.parallel)
+        free = gpu_free_bytes() if offloads() else None
+        lib, model = self.lib, self.model
+        n_head = lib.llama_model_n_head(model)
+        head_dim = lib.llama_model_n_embd(model) // max(1, n_head)
+        arch = self.llm.metadata.get("general.architecture", "")
+        key_dim = int(self.llm.metadata.get(f"{arch}.attention.key_length", head_dim))
+        value_dim = int(self.llm.metadata.get(f"{arch}.attention.value_length", head_dim))
+        per_sequence = kv_bytes_per_sequence(cfg.n_ctx, lib.llama_model_n_layer(model), lib.llama_model_n_head_kv(model),
+                                             key_dim, value_dim)
+        return auto_parallel(free, per_sequence, cfg.n_batch)
+
     def _make_context(self) -> None:
         lib, cfg = self.lib, self.config
         # One extra sequence holds the shared prompt prefix that slots copy from.
-        self.n_seq = cfg.parallel + 1
+        self.n_seq = self.parallel + 1
         params = lib.llama_context_default_params()
         # Unified: one buffer whose cells the prefix shares; split: one n_ctx stream each.
-        params.n_ctx = cfg.n_ctx * (cfg.parallel if cfg.kv_unified else self.n_seq)
+        params.n_ctx = cfg.n_ctx * (self.parallel if cfg.kv_unified else self.n_seq)
         params.n_batch = cfg.n_batch
         params.n_ubatch = cfg.n_batch
         params.n_seq_max = self.n_seq
@@ -205,7 +226,7 @@ class BatchGenerator(GGUFText):
         self._start(list(prefix))
         stream = enumerate(iter(jobs))
         waiting = next(stream, None)
-        free = list(range(self.config.parallel))[::-1]
+        free = list(range(self.parallel))[::-1]
         live: list[_Live] = []
         while True:
             if should_stop is not None and should_stop():
@@ -234,13 +255,13 @@ class BatchGenerator(GGUFText):
         """An empty cache, with `prefix` decoded into the extra sequence that jobs copy it from."""
         self.lib.llama_memory_clear(self.mem, True)
         if prefix:
-            self._decode_plain(prefix, self.config.parallel)
+            self._decode_plain(prefix, self.parallel)
 
     def _check_job(self, number: int, job: Job) -> Job:
         check_prompt(number, job.prompt, self.n_ctx_seq)
-        if job.sequences > self.config.parallel:
+        if job.sequences > self.parallel:
             raise UserError(f"a job of {len(job.seeds)} branches x {job.answers} answers needs {job.sequences} "
-                            f"sequences; parallel is {self.config.parallel}")
+                            f"sequences; parallel is {self.parallel}")
         return job
 
     def _admit(self, number: int, job: Job, free: list[int], d: Decoding, n_prefix: int) -> _Live:
@@ -255,7 +276,7 @@ class BatchGenerator(GGUFText):
             branches.append(seq)
         leader = branches[0]
         if n_prefix:
-            self._copy_cache(self.config.parallel, leader.slot)
+            self._copy_cache(self.parallel, leader.slot)
         leader.pending = list(job.prompt[n_prefix:])
         leader.followers = branches[1:]
         return leader

@@ -71,6 +71,45 @@ def gpu_layers(setting: int | str | None, supports_offload: bool, env: str | Non
     return layers
 
 
+def offloads() -> bool:
+    """Whether models load with layers on a GPU: a build that can offload, and
+    LOCALALIGN_GPU_LAYERS not 0 (`gpu_layers`)."""
+    module = llama_cpp()
+    return gpu_layers("auto", bool(module.llama_supports_gpu_offload()), os.environ.get("LOCALALIGN_GPU_LAYERS")) != 0
+
+
+def gpu_free_bytes() -> int | None:
+    """Free memory of the GPUs llama.cpp sees (summed: it spreads layers and their KV cache over
+    them), from ggml's device API; None when it sees none. Integrated GPUs count only when
+    there is no discrete one (their memory is the host's)."""
+    import ctypes
+
+    from llama_cpp._ggml import libggml as ggml
+
+    ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
+    ggml.ggml_backend_dev_get.restype = ctypes.c_void_p
+    ggml.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+    ggml.ggml_backend_dev_type.restype = ctypes.c_int
+    ggml.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
+    ggml.ggml_backend_dev_memory.restype = None
+    ggml.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t),
+                                             ctypes.POINTER(ctypes.c_size_t)]
+    llama_cpp()  # the backends are registered when llama.cpp loads
+    free_by_type: dict[int, int] = {}
+    for i in range(ggml.ggml_backend_dev_count()):
+        dev = ggml.ggml_backend_dev_get(i)
+        kind = ggml.ggml_backend_dev_type(dev)
+        if kind in (GGML_DEVICE_GPU, GGML_DEVICE_IGPU):
+            free, total = ctypes.c_size_t(), ctypes.c_size_t()
+            ggml.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+            free_by_type[kind] = free_by_type.get(kind, 0) + free.value
+    return free_by_type.get(GGML_DEVICE_GPU, free_by_type.get(GGML_DEVICE_IGPU))
+
+
+# ggml's enum ggml_backend_dev_type: CPU, GPU, IGPU (integrated, host memory), ACCEL
+GGML_DEVICE_GPU, GGML_DEVICE_IGPU = 1, 2
+
+
 def load_llama(
     gguf_path: str | os.PathLike,
     n_ctx: int = 2048,

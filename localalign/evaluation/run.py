@@ -72,7 +72,7 @@ class EvalConfig:
     refusal_max_tokens: int = REFUSAL_MAX_TOKENS
     # Sequences per forward pass: the generator's own default, for `eval` and `align` alike
     # (greedy replies do not depend on it; it only sets the speed).
-    parallel: int = GenerationConfig.parallel
+    parallel: int | str = GenerationConfig.parallel
     threads: int | None = None  # None: every core (runtime.default_threads)
     n_ctx: int = 2048  # per sequence: the longest IFEval prompt plus max_tokens fits
     # ICL-kNN (ISARA's baseline): each question is preceded by its `icl_k` nearest seed

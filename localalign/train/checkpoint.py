@@ -36,7 +36,7 @@ def run_fingerprint(base_hf_dir: Path, data: list[Encoded], config: TrainConfig,
         if e.rejected is not None:
             h.update(json.dumps([e.rejected.input_ids, e.rejected.labels]).encode())
     cfg = asdict(config)
-    for k in ("threads", "progress", "checkpoint_every", "device", "gradient_checkpointing"):
+    for k in ("threads", "progress", "checkpoint_every", "device", "gradient_checkpointing", "micro_batch_tokens"):
         cfg.pop(k)  # these change speed, not what is learned
     h.update(json.dumps(cfg, sort_keys=True).encode())
     h.update(str(init_adapter).encode())

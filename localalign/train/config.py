@@ -37,8 +37,10 @@ class TrainConfig:
     weight_decay: float = 0.0  # LoRA's B starts at zero; decay on tiny data mostly pulls it back
     max_grad_norm: float = 1.0  # clip: a few long samples can otherwise dominate one step
     epochs: int = 3  # I-SHEEP/ISARA-sized data (tens to hundreds of pairs) needs a few passes
-    batch_size: int = 4  # samples per micro-batch (one forward/backward)
-    grad_accum: int = 2  # micro-batches per optimizer step; effective batch = batch_size * grad_accum
+    # batch_size x grad_accum = samples per optimizer step, on every device: what a step learns from.
+    batch_size: int = 4  # CPU: samples per micro-batch (one forward/backward)
+    grad_accum: int = 2  # CPU: micro-batches per optimizer step. A GPU ignores the split and
+    #   fills micro-batches up to `micro_batch_tokens` instead (train/layout.py)
     max_seq_len: int = 1024  # longer samples are dropped (reported), never truncated mid-answer
     seed: int = 0  # LoRA init, data order and dropout all derive from it
     # --- objective
@@ -56,6 +58,10 @@ class TrainConfig:
     device: str = "auto"  # "auto" (CUDA if present, else CPU), "cpu" or "cuda"
     cpu_bf16: bool = True  # CPU: bf16 autocast with bf16-stored frozen weights (measured faster here, see docs)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    # Padded tokens per micro-batch. None: on a GPU from its free memory (train/layout.py), on a
+    # CPU `batch_size` samples per micro-batch. Set it to cap a GPU shared with other work, or to
+    # try the GPU's layout on a CPU. Changes speed and memory, not what a step learns from.
+    micro_batch_tokens: int | None = None
     threads: int | None = None  # torch CPU threads; None = engine.runtime.default_threads()
     # --- checkpoints and reporting
     checkpoint_every: int = 10  # optimizer steps between checkpoints (each ~60 MB for 135M, r=16)
@@ -85,6 +91,7 @@ class TrainConfig:
         need(self.batching in BATCHING, f"batching must be one of {BATCHING}, got {self.batching!r}")
         need(self.device in DEVICES, f"device must be auto, cpu or cuda, got {self.device!r}")
         need(self.threads is None or self.threads >= 1, "threads must be >= 1")
+        need(self.micro_batch_tokens is None or self.micro_batch_tokens >= 1, "micro_batch_tokens must be >= 1")
         need(self.round_policy in ROUND_POLICIES, f"round_policy must be one of {ROUND_POLICIES}")
         need(self.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         need(self.pref_beta > 0 and self.pref_weight >= 0, "pref_beta must be > 0 and pref_weight >= 0")

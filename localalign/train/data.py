@@ -12,8 +12,9 @@ model. The pieces:
   from nothing but the step number.
 - `collate_packed` / `collate_padded`: micro-batch tensors. Packed: one row, no padding,
   position ids restart per sample (transformers turns that into a block-diagonal causal
-  mask, so packed samples never attend to each other). Padded: one row per sample, for
-  length-bucketed batches.
+  mask, so packed samples never attend to each other). Padded: one right-padded row per
+  sample, for length-bucketed batches. Both also say where the targets are
+  (`response_index`), so the device never has to find them.
 
 Targets are shifted per sample *before* packing: position t predicts token t+1 of the
 same sample, and the last token of a sample predicts nothing (never the next sample).
@@ -159,14 +160,17 @@ def collate_packed(batch: list[Encoded]) -> dict[str, torch.Tensor]:
         "input_ids": torch.tensor([ids]),
         "position_ids": torch.tensor([pos]),
         "targets": torch.tensor([tgt]),
+        **response_index([tgt]),
     }
 
 
-def collate_padded(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """One right-padded row per sample, with an attention mask; pads have no target."""
+def collate_padded(batch: list[Encoded], pad_id: int, multiple: int = 1) -> dict[str, torch.Tensor]:
+    """One right-padded row per sample, with an attention mask; pads have no target. The width
+    is the longest sample's, rounded up to a multiple of `multiple` (a GPU's few shapes, layout.py)."""
     import torch
 
-    width = max(len(e.input_ids) for e in batch)
+    longest = max(len(e.input_ids) for e in batch)
+    width = -(-longest // multiple) * multiple
     ids = [e.input_ids + [pad_id] * (width - len(e.input_ids)) for e in batch]
     mask = [[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in batch]
     tgt = [shifted_targets(e) + [IGNORE] * (width - len(e.input_ids)) for e in batch]
@@ -175,4 +179,21 @@ def collate_padded(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]
         "attention_mask": torch.tensor(mask),
         "position_ids": torch.arange(width).expand(len(batch), width).contiguous(),
         "targets": torch.tensor(tgt),
+        **response_index(tgt),
     }
+
+
+def response_index(rows: list[list[int]]) -> dict:
+    """Where the targets are, found here on the host: "response", their positions in the flattened
+    rows (row-major, the order a boolean mask selects them in), and "row_targets", how many each row
+    has. A GPU then selects them with an index instead of a mask, which would make it wait for the
+    device to count them (a host-device sync per micro-batch)."""
+    import torch
+
+    flat, counts, offset = [], [], 0
+    for row in rows:
+        hits = [offset + t for t, x in enumerate(row) if x != IGNORE]
+        flat += hits
+        counts.append(len(hits))
+        offset += len(row)
+    return {"response": torch.tensor(flat, dtype=torch.long), "row_targets": counts}

@@ -135,8 +135,9 @@ def process_group(world: World, device_type: str) -> Iterator[None]:
         dist.destroy_process_group()
 
 
-def all_reduce_grads(params: Sequence, loss_sum: float, world: World) -> float:
-    """Sum every parameter's gradient and `loss_sum` over all processes; return the summed loss.
+def all_reduce_grads(params: Sequence, loss_sum, world: World):
+    """Sum every parameter's gradient and `loss_sum` (a 0-d tensor on the device) over all
+    processes; return the summed loss (a float32 tensor; `loss_sum` as it is for one process).
 
     One flat buffer, one all-reduce. A process whose share of a step was empty
     contributes zeros (its `.grad` is None).
@@ -146,16 +147,15 @@ def all_reduce_grads(params: Sequence, loss_sum: float, world: World) -> float:
 
     if not world.distributed:
         return loss_sum
-    ref = params[0]
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).to(torch.float32) for g in grads] + [torch.tensor([loss_sum], device=ref.device)])
+    flat = torch.cat([g.reshape(-1).to(torch.float32) for g in grads] + [loss_sum.reshape(1).to(torch.float32)])
     dist.all_reduce(flat)
     offset = 0
     for p in params:
         n = p.numel()
         p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
         offset += n
-    return float(flat[offset].item())
+    return flat[offset]
 
 
 def gather_ints(value: int, world: World) -> list[int]:

@@ -3,9 +3,11 @@
     train(base_hf_dir, samples, out_dir, TrainConfig(...)) -> TrainResult
 
 Three steps: `_setup` loads the data, the model and (on resume) the latest checkpoint;
-`_loop` is one visible loop: for each optimizer step, its micro-batches are rebuilt from
-the step number alone (see `data.epoch_plan`), run forward/backward, and the step is logged
-and, every `checkpoint_every` steps, checkpointed; `_finish` writes the adapter. The loss
+`_loop` is one visible loop: for each optimizer step, its samples are rebuilt from the step
+number alone (see `data.epoch_plan`), laid out in micro-batches for the device (layout.py:
+`batch_size` samples each on a CPU, as few as fit on a GPU), run forward/backward, and the step
+is logged and, every `checkpoint_every` steps, checkpointed; `_finish` writes the adapter. A step
+reads one value from the device, its summed loss, when it is logged. The loss
 is computed on response tokens only, and only those positions go through the (49k-wide)
 output layer: prompt logits would be computed and thrown away (model.py).
 
@@ -60,18 +62,19 @@ from localalign.train.distributed import (
     digest,
     gather_ints,
     process_group,
-    shard,
     threads_per_process,
     world_from_env,
 )
+from localalign.train.layout import Layout, activation_bytes_per_token, choose_layout, model_dims, step_batches
 from localalign.train.model import (
     build_model,
-    forward_backward,
+    forward_backward_sum,
     load_tokenizer,
     pick_device,
     precision_for,
     preference_loss,
     row_logps,
+    to_device,
 )
 
 if TYPE_CHECKING:
@@ -170,6 +173,18 @@ class _Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     state: dict[str, Any]  # step, losses, tokens, seconds: what a checkpoint carries
     reference: list[tuple[float, float] | None]  # per sample: the starting model's log-probs of a pair's sides
+    layout: Layout  # micro-batches, widths, attention and optimizer for this device (layout.py)
+
+    @property
+    def cost_lengths(self) -> list[int]:
+        """Per sample, the width it needs in a micro-batch (its rejected side's too, for a pair)."""
+        return [max(len(e.input_ids), len(e.rejected.input_ids) if r is not None else 0)
+                for e, r in zip(self.data, self.reference)]
+
+    @property
+    def cost_rows(self) -> list[int]:
+        """Per sample, the rows it brings to a micro-batch: 2 for a preference pair."""
+        return [1 if r is None else 2 for r in self.reference]
 
 
 def _setup(base_hf_dir: Path, samples: list[Sample], out_dir: Path, config: TrainConfig, resume: bool, init_adapter,
@@ -209,9 +224,11 @@ def _setup(base_hf_dir: Path, samples: list[Sample], out_dir: Path, config: Trai
     check_agree(digest(fingerprint), "the data, model and training settings", world)
 
     total_steps = steps_per_epoch * config.epochs
-    model = build_model(base_hf_dir, config, device, init_adapter, log, precision)
+    layout = _layout_for(device, config, base_hf_dir, precision, log)
+    model = build_model(base_hf_dir, config, device, init_adapter, log, precision, causal=layout.causal_attention)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+    fused = {"fused": True} if layout.fused_optimizer else {}
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay, **fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, config.warmup_ratio, config.min_lr_ratio)
     )
@@ -220,7 +237,7 @@ def _setup(base_hf_dir: Path, samples: list[Sample], out_dir: Path, config: Trai
         state = load_checkpoint(latest, model, optimizer, scheduler, fingerprint)
         log(f"resuming from {latest} (step {state['step']} of {total_steps})")
     run = _Run(config, world, device, precision, out_dir, log, data, dropped, pad_id, steps_per_epoch, total_steps,
-               fingerprint, model, trainable, optimizer, scheduler, state, [None] * len(data))
+               fingerprint, model, trainable, optimizer, scheduler, state, [None] * len(data), layout)
     if any(e.rejected is not None for e in data):
         run.reference = _reference_logps(run)
         log(f"preference pairs: {sum(r is not None for r in run.reference)} of {len(data)} samples")
@@ -234,6 +251,23 @@ def _setup(base_hf_dir: Path, samples: list[Sample], out_dir: Path, config: Trai
     if world.distributed:
         log(f"{world.size} processes ({backend_for(device.type)}), {config.batch_size * config.grad_accum} samples per step in all")
     return run
+
+
+def _layout_for(device, config: TrainConfig, base_hf_dir: Path, precision: str, log) -> Layout:
+    """layout.choose_layout for this device: on a GPU from its free memory (less the weights about
+    to be loaded) and the model's sizes."""
+    if device.type != "cuda":
+        return choose_layout(device.type, config.micro_batch_tokens, packed=config.batching == "pack")
+    import torch
+
+    dims = json.loads((base_hf_dir / "config.json").read_text())
+    free, _ = torch.cuda.mem_get_info(device)
+    free -= sum(f.stat().st_size for f in base_hf_dir.glob("*.safetensors"))
+    per_token = activation_bytes_per_token(*model_dims(dims), bf16=precision == "bf16")
+    layout = choose_layout("cuda", config.micro_batch_tokens, free, per_token, dims["vocab_size"])
+    log(f"GPU layout: micro-batches of up to {layout.token_budget} padded tokens (widths in multiples of "
+        f"{layout.pad_multiple}), output layer {layout.logit_chunk} positions at a time, causal flash attention")
+    return layout
 
 
 def _loop(run: _Run, on_step: Callable[[StepRecord], None] | None, quiet: bool = False) -> None:
@@ -258,7 +292,9 @@ def _loop(run: _Run, on_step: Callable[[StepRecord], None] | None, quiet: bool =
             if epoch not in plans:
                 plans = {epoch: epoch_plan(lengths, config.batch_size, config.seed, epoch, config.batching)}
             micro = plans[epoch][i * config.grad_accum : (i + 1) * config.grad_accum]
-            loss_sum, n_targets, n_tokens, lr, pref = _optimizer_step(run, body, head, autocast, micro)
+            sums, n_targets, n_tokens, lr, n_pairs = _optimizer_step(run, body, head, autocast, micro)
+            loss_sum, pref_sum = sums.tolist()  # the step's one wait for the device
+            pref = pref_sum / n_pairs if n_pairs else None
 
             seconds = time.perf_counter() - t0
             rec = StepRecord(step + 1, run.total_steps, epoch, loss_sum / n_targets, lr, n_tokens, n_tokens / seconds,
@@ -284,28 +320,26 @@ def _loop(run: _Run, on_step: Callable[[StepRecord], None] | None, quiet: bool =
 
 
 def _optimizer_step(run: _Run, body, head, autocast, micro: list[list[int]]):
-    """Forward/backward over one step's micro-batches (lists of sample indices; this process's
-    share of each), then one update. Returns the step's summed SFT loss, response tokens, tokens,
-    learning rate, and mean preference loss (None without pairs)."""
+    """Forward/backward over one step's samples (`micro`: its planned micro-batches, laid out for
+    this device and process by `layout.step_batches`), then one update. Returns a float64 tensor
+    on the device holding the step's summed SFT loss and summed preference loss (read once by the
+    caller), then the step's response tokens, tokens, learning rate and preference pairs."""
     import torch
 
     config, trainable, data = run.config, run.trainable, run.data
     n_targets = sum(data[j].n_targets for mb in micro for j in mb)  # of the whole step, on every process
     n_tokens = sum(len(data[j].input_ids) for mb in micro for j in mb)
     n_pairs = sum(run.reference[j] is not None for mb in micro for j in mb)
-    loss_sum, pref_sum = 0.0, 0.0
-    for mb in micro:
-        mine = shard(mb, run.world)
-        if not mine:  # the last, short micro-batch of an epoch
-            continue
+    loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
+    pref_sum = torch.zeros((), dtype=torch.float64, device=run.device)
+    for mine in step_batches(micro, run.cost_lengths, run.cost_rows, run.layout, run.world):
         if n_pairs:
             sft, pref = _pair_backward(run, body, head, autocast, mine, n_targets, n_pairs)
-            loss_sum, pref_sum = loss_sum + sft, pref_sum + pref
+            loss_sum, pref_sum = loss_sum + sft.double(), pref_sum + pref.double()
             continue
-        rows = [data[j] for j in mine]
-        batch = collate_packed(rows) if config.batching == "pack" else collate_padded(rows, run.pad_id)
+        batch = to_device(_collate(run, [data[j] for j in mine]), run.device)
         with autocast:
-            loss_sum += forward_backward(body, head, {k: v.to(run.device) for k, v in batch.items()}, 1 / n_targets)
+            loss_sum = loss_sum + forward_backward_sum(body, head, batch, 1 / n_targets, run.layout.logit_chunk)
     loss_sum = all_reduce_grads(trainable, loss_sum, run.world)
     torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
     lr = run.optimizer.param_groups[0]["lr"]
@@ -313,30 +347,37 @@ def _optimizer_step(run: _Run, body, head, autocast, micro: list[list[int]]):
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     # Under torchrun the preference loss logged is this process's share (the SFT sum is reduced).
-    return loss_sum, n_targets, n_tokens, lr, (pref_sum / n_pairs if n_pairs else None)
+    return torch.stack([loss_sum.double(), pref_sum]), n_targets, n_tokens, lr, n_pairs
 
 
-def _pair_backward(run: _Run, body, head, autocast, mine: list[int], n_targets: int, n_pairs: int) -> tuple[float, float]:
+def _collate(run: _Run, rows: list[Encoded]) -> dict:
+    """Packed rows where asked for (CPU only); right-padded rows wherever attention is causal."""
+    if run.config.batching == "pack" and not run.layout.causal_attention:
+        return collate_packed(rows)
+    return collate_padded(rows, run.pad_id, run.layout.pad_multiple)
+
+
+def _pair_backward(run: _Run, body, head, autocast, mine: list[int], n_targets: int, n_pairs: int):
     """SFT on every sample of the micro-batch plus DPO on its pairs, in one backward pass.
-    Returns the summed SFT loss and the summed DPO loss."""
+    Returns the summed SFT loss and the summed DPO loss (detached tensors on the device)."""
     import torch
 
     data, config = run.data, run.config
     pairs = [j for j in mine if run.reference[j] is not None]
     rows = [data[j] for j in mine] + [data[j].rejected for j in pairs]
-    batch = collate_padded(rows, run.pad_id)
+    batch = to_device(collate_padded(rows, run.pad_id, run.layout.pad_multiple), run.device)
     with autocast:
-        logps = row_logps(body, head, {k: v.to(run.device) for k, v in batch.items()})
+        logps = row_logps(body, head, batch)
     sft = -logps[: len(mine)].sum()
     loss = sft / n_targets
-    pref = torch.zeros(())
+    pref = torch.zeros((), device=logps.device)
     if pairs:
         chosen = logps[[mine.index(j) for j in pairs]]
         ref = torch.tensor([run.reference[j] for j in pairs], device=logps.device)
         pref = preference_loss(chosen, logps[len(mine):], ref[:, 0], ref[:, 1], config.pref_beta).sum()
         loss = loss + config.pref_weight * pref / n_pairs
     loss.backward()
-    return float(sft.item()), float(pref.item())
+    return sft.detach(), pref.detach()
 
 
 def _reference_logps(run: _Run) -> list[tuple[float, float] | None]:
@@ -354,9 +395,9 @@ def _reference_logps(run: _Run) -> list[tuple[float, float] | None]:
         for start in range(0, len(pairs), run.config.batch_size):
             chunk = pairs[start : start + run.config.batch_size]
             rows = [run.data[j] for j in chunk] + [run.data[j].rejected for j in chunk]
-            batch = collate_padded(rows, run.pad_id)
+            batch = to_device(collate_padded(rows, run.pad_id, run.layout.pad_multiple), run.device)
             with autocast:
-                logps = row_logps(body, head, {k: v.to(run.device) for k, v in batch.items()}).tolist()
+                logps = row_logps(body, head, batch).tolist()
             for i, j in enumerate(chunk):
                 out[j] = (logps[i], logps[len(chunk) + i])
     run.model.train()

@@ -8,11 +8,11 @@ from pathlib import Path
 
 from localalign.errors import UserError
 from localalign.train.config import TrainConfig
-from localalign.train.data import IGNORE
+from localalign.train.data import IGNORE, response_index
+from localalign.train.layout import LOGIT_CHUNK
 
-# Response positions sent through the output layer at once: 256 x 49k vocab x ~14 bytes
-# (bf16 logits, fp32 copy, log-softmax, gradient) is ~180 MB, instead of ~0.7 MB per response token.
-LOGIT_CHUNK = 256
+# transformers' name for `causal_attention` (registered with its AttentionInterface on first use).
+CAUSAL_ATTENTION = "localalign_causal_sdpa"
 
 
 def response_hidden(body, batch: dict):
@@ -23,8 +23,18 @@ def response_hidden(body, batch: dict):
         position_ids=batch["position_ids"],
         use_cache=False,
     ).last_hidden_state
-    keep = batch["targets"] != IGNORE
-    return hidden[keep], batch["targets"][keep]
+    return select_response(hidden, batch)
+
+
+def select_response(hidden, batch: dict):
+    """`hidden` and the targets at the response positions: by the index the collator computed
+    (no host-device sync), else by a mask (a GPU must count it before the host can go on)."""
+    targets = batch["targets"]
+    if "response" in batch:
+        index = batch["response"]
+        return hidden.flatten(0, 1).index_select(0, index), targets.flatten().index_select(0, index)
+    keep = targets != IGNORE
+    return hidden[keep], targets[keep]
 
 
 def response_loss_sum(body, head, batch: dict):
@@ -36,21 +46,29 @@ def response_loss_sum(body, head, batch: dict):
 
 
 def forward_backward(body, head, batch: dict, scale: float, chunk: int = LOGIT_CHUNK) -> float:
-    """Backpropagate `scale` x the summed response loss; return the (unscaled) sum.
+    """`forward_backward_sum` as a Python float (this waits for the device)."""
+    return float(forward_backward_sum(body, head, batch, scale, chunk))
+
+
+def forward_backward_sum(body, head, batch: dict, scale: float, chunk: int = LOGIT_CHUNK):
+    """Backpropagate `scale` x the summed response loss; return the (unscaled) sum, a float64
+    tensor on the device (reading it is the caller's one sync per step).
 
     Same gradients as `(scale * response_loss_sum(...)).backward()`, but the 49k-wide logits
     exist for `chunk` positions at a time: each chunk's loss is backpropagated into a detached
     copy of the hidden states right away, then the body gets the accumulated gradient once.
+    Each chunk's float32 loss is added in float64, as Python floats were before.
     """
+    import torch
     import torch.nn.functional as F
 
     hidden, targets = response_hidden(body, batch)
     cut = hidden.detach().requires_grad_()
-    total = 0.0
+    total = torch.zeros((), dtype=torch.float64, device=hidden.device)
     for i in range(0, len(targets), chunk):
         loss = F.cross_entropy(head(cut[i : i + chunk]).float(), targets[i : i + chunk], reduction="sum")
         (loss * scale).backward()
-        total += loss.item()
+        total = total + loss.detach().double()
     hidden.backward(cut.grad)
     return total
 
@@ -62,12 +80,86 @@ def row_logps(body, head, batch: dict):
 
     hidden = body(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                   position_ids=batch["position_ids"], use_cache=False).last_hidden_state
-    out = []
-    for row, targets in zip(hidden, batch["targets"]):
-        keep = targets != IGNORE
-        logp = torch.log_softmax(head(row[keep]).float(), dim=-1)
-        out.append(logp.gather(1, targets[keep][:, None]).sum())
+    if "row_targets" not in batch:  # a batch made by hand
+        batch = {**batch, **response_index(batch["targets"].tolist())}
+    selected, targets = select_response(hidden, batch)
+    out, start = [], 0
+    for n in batch["row_targets"]:
+        logp = torch.log_softmax(head(selected[start : start + n]).float(), dim=-1)
+        out.append(logp.gather(1, targets[start : start + n, None]).sum())
+        start += n
     return torch.stack(out)
+
+
+# SDPA's kernels for `causal_attention` on a GPU: every one but cuDNN's, which builds a plan per
+# new shape (2.2-2.4 ms of CPU per call on an H200, issue 17). Torch takes flash where it can,
+# then the memory-efficient kernel; the math one only for inputs neither takes.
+SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+# On a CPU, rows up to this many tokens get attention written out in fp32 (`attention_plan`).
+CPU_MATH_MAX = 256
+
+
+def attention_plan(device_type: str, length: int, dropout: float = 0.0) -> str:
+    """How `causal_attention` computes rows of `length` tokens: "fp32" or "fused" (SDPA's kernels).
+
+    A CPU's short rows: attention written out (`causal_attention_fp32`) on fp32 copies of q, k, v.
+    Torch's CPU flash kernel spends most of its time in backward at these lengths. Forward +
+    backward of 4 rows x 9 heads (3 key/value heads) at 80 / 120 / 240 tokens, 2 threads: flash
+    9.5 / 15.0 / 30.5 ms, SDPA's math kernel in fp32 5.0 / 9.7 / 34.5, written out 3.7 / 7.5 / 29.0,
+    with an 8x smaller error in the query gradient than flash's (it returns bf16 gradients). It
+    keeps the L x L probabilities for backward, so beyond CPU_MATH_MAX tokens, flash. Dropout in
+    attention (none in SmolLM2) is left to SDPA.
+    """
+    return "fp32" if device_type == "cpu" and length <= CPU_MATH_MAX and not dropout else "fused"
+
+
+def causal_attention_fp32(query, key, value, scaling: float | None = None):
+    """Causal attention in fp32 by plain matmuls and softmax, key/value heads shared by groups of
+    query heads without copying them; the output in the query's dtype, as (batch, length, heads, dim).
+    SDPA's math kernel does the same with a mask it builds per call and a "safe" softmax that checks
+    every row for being fully masked (never, here): a third of its time at these sizes."""
+    import torch
+
+    b, heads, n, d = query.shape
+    kv = key.shape[1]
+    q = query.float().view(b, kv, heads // kv, n, d) * (scaling if scaling is not None else d**-0.5)
+    scores = torch.matmul(q, key.float().unsqueeze(2).transpose(-1, -2))
+    scores = scores + torch.full((n, n), float("-inf"), device=query.device).triu(1)
+    out = torch.matmul(torch.softmax(scores, dim=-1), value.float().unsqueeze(2))
+    return out.view(b, heads, n, d).transpose(1, 2).contiguous().to(query.dtype)
+
+
+def causal_attention(module, query, key, value, attention_mask, **kwargs):
+    """SDPA with `is_causal` and no mask (layout.py says why), computed as `attention_plan` says.
+    Right-padded rows only: a real token attends to earlier positions alone, and those are real;
+    the pads, after it, compute values nobody reads. Packed rows would attend across samples."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    kwargs.pop("is_causal", None)
+    if attention_plan(query.device.type, query.shape[2], kwargs.get("dropout", 0.0)) == "fp32":
+        return causal_attention_fp32(query, key, value, kwargs.get("scaling")), None
+    with sdpa_kernel([getattr(SDPBackend, name) for name in SDPA_BACKENDS]):
+        return sdpa_attention_forward(module, query, key, value, None, is_causal=True, **kwargs)
+
+
+def register_causal_attention() -> str:
+    """Make `causal_attention` known to transformers; its name for `attn_implementation`."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(CAUSAL_ATTENTION, causal_attention)
+    return CAUSAL_ATTENTION
+
+
+def to_device(batch: dict, device) -> dict:
+    """The batch's tensors on `device` (non-tensors as they are). To a GPU from pinned memory,
+    without waiting for the copy: the host goes on issuing kernels."""
+    import torch
+
+    if device.type != "cuda":
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}
 
 
 def preference_loss(chosen, rejected, ref_chosen, ref_rejected, beta: float):
@@ -123,26 +215,21 @@ def load_tokenizer(hf_dir: Path):
         raise UserError(f"{hf_dir}: cannot load the tokenizer: {e}") from None
 
 
-def build_model(base_hf_dir: Path, config: TrainConfig, device, init_adapter, log, precision: str = "fp32"):
+def build_model(base_hf_dir: Path, config: TrainConfig, device, init_adapter, log, precision: str = "fp32",
+                causal: bool = False):
     """The base model with a fresh (seeded) or loaded trainable LoRA adapter, on `device`.
 
     With bf16 the frozen projection weights are stored in bf16: autocast would cast them to
     bf16 for every matmul anyway (same numbers), so storing them that way saves the casts
-    and half their memory. Embeddings, norms and the LoRA weights stay fp32.
+    and half their memory. Embeddings, norms and the LoRA weights stay fp32. `causal`: attention
+    by `causal_attention` (right-padded rows only, layout.py).
     """
     import torch
-    from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from peft import PeftModel
 
     # peft 0.21 still calls transformers' deprecated is_gradient_checkpointing (noise, not a problem).
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    try:
-        base = AutoModelForCausalLM.from_pretrained(
-            base_hf_dir, dtype=torch.float32, attn_implementation="sdpa", trust_remote_code=False
-        )
-    except (OSError, ValueError) as e:
-        raise UserError(f"{base_hf_dir}: cannot load the model: {e}") from None
-    base.config.use_cache = False
+    base = _load_base(base_hf_dir, register_causal_attention() if causal else "sdpa")
     present = {name.rsplit(".", 1)[-1] for name, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
     missing = [t for t in config.target_modules if t not in present]
     if missing:
@@ -156,22 +243,48 @@ def build_model(base_hf_dir: Path, config: TrainConfig, device, init_adapter, lo
         check_adapter_loaded(model, init_adapter)
         log(f"continuing from adapter {init_adapter}")
     else:
-        lora = LoraConfig(
-            r=config.r,
-            lora_alpha=config.alpha,
-            lora_dropout=config.dropout,
-            target_modules=list(config.target_modules),
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
-        model = get_peft_model(base, lora)
+        model = _fresh_adapter(base, config)
     if precision == "bf16":
         for name, module in model.named_modules():
             if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad and "lm_head" not in name:
                 module.to(torch.bfloat16)
+            # peft casts a LoRA layer's input to its weights' dtype (fp32), and autocast casts it
+            # straight back to bf16 for the matmul: two copies of the activation per layer and
+            # their two in backward, for the same numbers (bf16 -> fp32 -> bf16 is exact; with
+            # dropout the mask would be applied in bf16, so then peft keeps its casts).
+            if hasattr(module, "cast_input_dtype_enabled") and config.dropout == 0:
+                module.cast_input_dtype_enabled = False
     if config.gradient_checkpointing:
         model.get_base_model().activation_checkpointing_enable()
     return model.to(device)
+
+
+def _load_base(base_hf_dir: Path, attention: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        base = AutoModelForCausalLM.from_pretrained(
+            base_hf_dir, dtype=torch.float32, attn_implementation=attention, trust_remote_code=False
+        )
+    except (OSError, ValueError) as e:
+        raise UserError(f"{base_hf_dir}: cannot load the model: {e}") from None
+    base.config.use_cache = False
+    return base
+
+
+def _fresh_adapter(base, config: TrainConfig):
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=config.r,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=list(config.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(base, lora)
 
 
 def check_adapter_loaded(model, adapter_dir: Path) -> None:

@@ -1,0 +1,85 @@
+"""bench/bench_gpu.py without a GPU: its pure pieces, its one-line refusal on a machine without
+CUDA, and its dry run (`--device cpu --tiny`), which runs every worker on a tiny model."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "bench" / "bench_gpu.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_gpu", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_busy_time_is_the_union_of_kernel_intervals(bench):
+    assert bench.busy_seconds([]) == 0
+    assert bench.busy_seconds([(0, 2), (1, 3), (5, 6)]) == 4  # overlapping streams count once
+    assert bench.busy_seconds([(5, 6), (0, 10)]) == 10
+
+
+def test_steady_rate_leaves_out_the_first_steps(bench):
+    log = [{"step": i, "tokens": 100, "seconds": 10.0 if i < 4 else 1.0} for i in range(1, 7)]
+    assert bench.steady_rate(log) == pytest.approx(100.0)
+    assert bench.steady_rate(log[:3]) is None
+
+
+def test_the_dry_run_takes_small_settings_unless_given(bench):
+    args = bench.parse_args(["--device", "cpu", "--tiny", "--samples", "40"])
+    assert (args.samples, args.epochs, args.widths, args.eval_limit) == (40, 1, "2,4,auto", 2)
+    full = bench.parse_args([])
+    assert (full.device, full.samples, full.epochs, full.profile_steps) == ("cuda", 256, 3, "8:12")
+    with pytest.raises(ValueError):
+        bench.profile_window("3:2")
+
+
+def test_the_shape_it_builds_from_is_the_default_models(bench):
+    import json
+
+    config = json.loads((bench.SHAPE_DIR / "config.json").read_text())
+    assert (config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]) == (576, 30, 49152)
+    assert all((bench.SHAPE_DIR / name).exists() for name in bench.SHAPE_FILES)
+
+
+def run(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=REPO)
+
+
+def test_without_cuda_it_says_so_in_one_line():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    proc = run()
+    assert proc.returncode == 1
+    assert proc.stdout == "" and proc.stderr.count("\n") <= 1
+    assert "sees no CUDA GPU" in proc.stderr and "--device cpu --tiny" in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_dry_run_exercises_every_path_and_leaves_the_docs_alone():
+    docs = [(REPO / "docs" / n).read_text() for n in ("benchmarks.md", "scaling.md")]
+    proc = run("--device", "cpu", "--tiny", "--round", "--threads", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "a dry run on a CPU" in out
+    assert "| localalign `train`, defaults" in out and "| transformers.Trainer + peft" in out
+    assert "Largest CPU costs over 2 profiled steps" in out
+    assert "| auto | 32 |" in out  # parallel="auto" on a CPU
+    for stage in ("generation", "training", "export", "evaluation"):
+        assert f"| {stage} |" in out
+    assert "docs/ left alone (a dry run)" in proc.stderr
+    assert docs == [(REPO / "docs" / n).read_text() for n in ("benchmarks.md", "scaling.md")]
