@@ -30,9 +30,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchdoc import default_model, load_average, update_section  # noqa: E402
+from benchdoc import default_model, load_average, publish  # noqa: E402
 
-from localalign.fsutil import atomic_write_text  # noqa: E402
 from localalign.paths import SEEDS_DIR  # noqa: E402
 
 DOCS = REPO / "docs" / "benchmarks.md"
@@ -143,11 +142,7 @@ def main() -> None:
             r_read = statistics.median(r["read_tok_s"] for r in ours) / statistics.median(r["read_tok_s"] for r in base)
             r_write = statistics.median(r["write_tok_s"] for r in ours) / statistics.median(r["write_tok_s"] for r in base)
             lines.append(f"- {fmt}: prompt reading {r_read:.2f}x, batched writing {r_write:.2f}x")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if not args.no_docs:
-        atomic_write_text(DOCS, update_section(DOCS.read_text(encoding="utf-8"), text, BEGIN, END))
-        print(f"updated {DOCS.relative_to(REPO)}")
+    publish(DOCS, lines, BEGIN, END, write=not args.no_docs)
 
 
 if __name__ == "__main__":

@@ -29,9 +29,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchdoc import default_model, update_section  # noqa: E402
+from benchdoc import default_model, publish  # noqa: E402
 
-from localalign.fsutil import atomic_write_text  # noqa: E402
 from localalign.isara.consistency import SeedKinds, check_kind, check_stated_constraints  # noqa: E402
 from localalign.isara.filters import FilterConfig, check_rules  # noqa: E402
 from localalign.isara.prompts import COMMON_LEAK_MARKERS  # noqa: E402
@@ -171,11 +170,7 @@ def main() -> None:
         lines += ["", "Self-rating (base model, P(Yes) from one forward pass) as a score of the rule-passing answers:", "",
                   "| set | rated | AUC vs train | AUC vs usable |", "|---|---:|---:|---:|"]
         lines += [f"| {k} | {v['n']} | {fmt(v['auc_train'])} | {fmt(v['auc_usable'])} |" for k, v in ratings.items()]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if not args.no_docs:
-        atomic_write_text(DOCS, update_section(DOCS.read_text(encoding="utf-8"), text, BEGIN, END))
-        print(f"updated {DOCS.relative_to(REPO)}")
+    publish(DOCS, lines, BEGIN, END, write=not args.no_docs)
 
 
 if __name__ == "__main__":

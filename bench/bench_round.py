@@ -23,19 +23,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchdoc import default_model, load_average, update_section  # noqa: E402
+from benchdoc import default_model, load_average, metric_cell, publish  # noqa: E402
 
-from localalign.fsutil import atomic_write_text  # noqa: E402
 
 DOCS = REPO / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- bench_round -->", "<!-- /bench_round -->"
 BEFORE_READ_PER_ACCEPTED = 1023  # the 256-sample round before issue 16: 262k prompt tokens / 256
 TARGETS_S = {"generate": 6 * 60, "train": 7 * 60, "export+eval": 2 * 60, "round": 15 * 60}
-
-
-def metric(result: dict, suite: str, name: str) -> str:
-    rec = result["suites"].get(suite, {}).get("metrics", {}).get(name)
-    return "n/a" if not rec or not rec.get("n") else f"{rec['value']:.3f} [{rec['ci_low']:.2f}, {rec['ci_high']:.2f}] n={rec['n']}"
 
 
 def main() -> None:
@@ -86,14 +80,10 @@ def main() -> None:
         "",
         "| model | harmful refusal | benign helpfulness |",
         "|---|---|---|",
-        f"| base | {metric(base, 'safety', 'harmful_refusal_rate')} | {metric(base, 'safety', 'benign_helpfulness_rate')} |",
-        f"| round 1 | {metric(round1, 'safety', 'harmful_refusal_rate')} | {metric(round1, 'safety', 'benign_helpfulness_rate')} |",
+        f"| base | {metric_cell(base, 'safety', 'harmful_refusal_rate', True)} | {metric_cell(base, 'safety', 'benign_helpfulness_rate', True)} |",
+        f"| round 1 | {metric_cell(round1, 'safety', 'harmful_refusal_rate', True)} | {metric_cell(round1, 'safety', 'benign_helpfulness_rate', True)} |",
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if not args.no_docs:
-        atomic_write_text(DOCS, update_section(DOCS.read_text(encoding="utf-8"), text, BEGIN, END))
-        print(f"updated {DOCS.relative_to(REPO)}")
+    publish(DOCS, lines, BEGIN, END, write=not args.no_docs)
 
 
 if __name__ == "__main__":

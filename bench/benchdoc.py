@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
+from localalign.fsutil import atomic_write_text
 from localalign.models import DEFAULT_MODEL, materialized
 
 
@@ -19,6 +21,26 @@ def update_section(text: str, body: str, begin: str, end: str) -> str:
         head, rest = text.split(begin, 1)
         return head + block + rest.split(end, 1)[1]
     return text.rstrip() + "\n\n" + block + "\n"
+
+
+def metric_cell(result: dict, suite: str, name: str, with_n: bool = False) -> str:
+    """One metric of an eval.json as a table cell: value [95% interval] (n=...), or n/a."""
+    rec = result["suites"].get(suite, {}).get("metrics", {}).get(name)
+    if not rec or not rec.get("n"):
+        return "n/a"
+    return f"{rec['value']:.3f} [{rec['ci_low']:.2f}, {rec['ci_high']:.2f}]" + (f" n={rec['n']}" if with_n else "")
+
+
+def publish(docs: Path, lines: list[str], begin: str, end: str, write: bool = True) -> None:
+    """Print a benchmark's section (`lines`) and, if `write`, replace the block between `begin`
+    and `end` of `docs` (a Markdown file) with it, atomically."""
+    body = "\n".join(lines) + "\n"
+    print(body)
+    if not write:
+        return
+    text = docs.read_text(encoding="utf-8") if docs.exists() else "# Benchmarks\n"
+    atomic_write_text(docs, update_section(text, body, begin, end))
+    print(f"updated {docs}")
 
 
 def default_model():
