@@ -86,10 +86,13 @@ def steady_rate(log: list[dict], start: int = STEADY_FROM) -> float | None:
 
 def bench_samples(n: int, domain: str | None = None):
     """`n` seed samples (every non-held-out seed file, or one domain's), cycled when there are fewer."""
+    from localalign.paths import SEEDS_DIR  # package data: the checkout has no top-level seeds/
     from localalign.samples import read_samples
 
-    files = sorted(p for p in (REPO / "seeds").glob(f"{domain or '*'}.jsonl") if not p.name.endswith(".heldout.jsonl"))
+    files = sorted(p for p in SEEDS_DIR.glob(f"{domain or '*'}.jsonl") if not p.name.endswith(".heldout.jsonl"))
     samples = [s for p in files for s in read_samples(p)]
+    if not samples:
+        sys.exit(f"bench_gpu: no seed files in {SEEDS_DIR}")
     return [samples[i % len(samples)] for i in range(n)]
 
 
