@@ -556,7 +556,14 @@ DATA_COLUMNS = (("kind_agreement", "data: right kind"), ("constraints_met", "dat
 def format_summary(results, config: AlignConfig, run_dir: Path, best: str, base_score, scores,
                    data: dict[str, dict] | None = None) -> str:
     """The before/after table printed at the end of a run, with each round's data report beside it."""
-    keys = DOMAINS[config.domain][1] if config.domain in DOMAINS else []
+    keys = list(DOMAINS[config.domain][1]) if config.domain in DOMAINS else []
+    # Beside the score's metrics, the headline (first) metric of every other suite the run scored,
+    # so a gain bought with another metric (over-refusal, say) shows in the same table.
+    first = next(iter(results.values()), {"suites": {}})
+    for suite in config.suites():
+        metrics = list(first["suites"].get(suite, {}).get("metrics", {}))
+        if metrics and suite not in {s for s, _ in keys}:
+            keys.append((suite, metrics[0]))
     data = data or {}
     shown = [(k, title) for k, title in DATA_COLUMNS if any((d.get(k) or {}).get("n") for d in data.values())]
     header = ["model"] + [f"{s}/{m}" for s, m in keys] + ["score", "data: accepted"] + [t for _, t in shown]

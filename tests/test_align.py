@@ -186,3 +186,22 @@ def test_baselines_and_adapter_export_mode(tiny_chat_model, tmp_path):
     assert (run_dir / "Modelfile").read_text().startswith("FROM ./final.gguf")
     assert "ADAPTER" not in (run_dir / "Modelfile").read_text()
     assert "icl-knn" in r.stderr
+
+
+def test_the_printed_table_shows_every_suite_the_run_scored(tmp_path):
+    """A gain bought with another metric must show: over-refusal sits beside the score's metrics."""
+    from localalign.align import format_summary, load_config
+
+    def result(harmful, benign, over):
+        rec = lambda v, n: {"value": v, "ci_low": 0.0, "ci_high": 1.0, "n": n}  # noqa: E731
+        return {"suites": {"safety": {"metrics": {"harmful_refusal_rate": rec(harmful, 24),
+                                                  "benign_helpfulness_rate": rec(benign, 20)}},
+                           "over-refusal": {"metrics": {"over_refusal_rate": rec(over, 100)}}}}
+
+    config = load_config(None, {"eval_suites": ["safety", "over-refusal"]})
+    results = {"base": result(0.0, 1.0, 0.01), "round-1": result(0.5, 0.9, 0.23)}
+    table = format_summary(results, config, tmp_path, "round-1", 0.5, {}, {"round-1": {"accepted": 7}})
+    header, _, base, round1 = table.strip().splitlines()[:4]
+    assert "over-refusal/over_refusal_rate" in header
+    assert "0.010" in base and "0.230" in round1 and round1.startswith("round-1 *")
+    assert "over-refusal" not in format_summary(results, load_config(None, {}), tmp_path, "round-1", 0.5, {})
