@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO))
 from benchdoc import default_model, load_average, metric_cell, publish  # noqa: E402
 
 from localalign.align import AlignRun, load_config  # noqa: E402
+from localalign.errors import UserError  # noqa: E402
 
 DOCS = REPO / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- bench_ablation -->", "<!-- /bench_ablation -->"
@@ -75,7 +76,11 @@ def main() -> None:
     work, started, t0 = Path(args.work), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.perf_counter()
     table: list[tuple[str, dict, str]] = []
     for i, (name, row) in enumerate(ROWS):
-        run = run_row(work, f"row-{i}", overrides(row, args.samples), baselines=(i == 0))
+        try:
+            run = run_row(work, f"row-{i}", overrides(row, args.samples), baselines=(i == 0))
+        except UserError as e:  # a row that fails (say, its export's parity check) is a result too
+            table.append((name, {"suites": {}}, f"failed: {e}"))
+            continue
         if i == 0:
             for label, sub in (("base", "base"), ("SFT on the seeds alone", "baselines/sft-seeds"),
                                ("ICL-kNN (retrieved seeds in context)", "baselines/icl-knn"),
