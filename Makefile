@@ -54,7 +54,8 @@ models: setup
 	$(CLI) models pull $(DEFAULT_MODEL)
 	$(CLI) models list
 
-# The demo: the default model aligned for safety, 2 rounds, sized for ~10 minutes on 2 cores;
+# The demo: the default model aligned for safety, 2 rounds, 24 samples each: about 18 minutes on
+# 2 cores after set-up (docs/benchmarks.md);
 # scored on our held-out safety prompts and on over-refusal (HarmBench's 100 benign prompts).
 # Re-running it resumes (finished stages are verified and skipped) and prints the table again.
 DEMO_DIR := runs/demo
