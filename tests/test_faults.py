@@ -34,7 +34,13 @@ def localalign(*args, fault: str | None = None, timeout: int = 900) -> subproces
     env = {k: v for k, v in os.environ.items() if k != "LOCALALIGN_FAULT"}
     env.update(ENV, **({"LOCALALIGN_FAULT": fault} if fault else {}))
     return subprocess.run([sys.executable, "-m", "localalign", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+                          timeout=timeout, env=env, preexec_fn=_sigint_default)
+
+
+def _sigint_default() -> None:
+    """Ctrl-C as a terminal delivers it: a suite started in the background (`cmd &`, nohup, some CI
+    runners) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def assert_ok(r) -> None:
