@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchdoc import default_model, load_average, metric_cell, publish  # noqa: E402
+from benchdoc import default_model, load_average, publish, result_cell  # noqa: E402
 
 from localalign.align import AlignRun, load_config  # noqa: E402
 from localalign.errors import UserError  # noqa: E402
@@ -99,7 +99,7 @@ def main() -> None:
         "",
         "| model | harmful refusal | benign helpfulness | over-refusal (lower is better) | truthfulness MC1 | data |",
         "|---|---|---|---|---|---|",
-        *[f"| {label} | " + " | ".join(metric_cell(r, s, m) for s, m in METRICS) + f" | {note} |" for label, r, note in table],
+        *[f"| {label} | " + " | ".join(result_cell(r, s, m) for s, m in METRICS) + f" | {note} |" for label, r, note in table],
     ]
     publish(DOCS, lines, BEGIN, END, write=not args.no_docs)
 

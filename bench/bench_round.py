@@ -23,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchdoc import default_model, load_average, metric_cell, publish  # noqa: E402
+from benchdoc import default_model, load_average, publish, result_cell  # noqa: E402
 
 
 DOCS = REPO / "docs" / "benchmarks.md"
@@ -80,8 +80,8 @@ def main() -> None:
         "",
         "| model | harmful refusal | benign helpfulness |",
         "|---|---|---|",
-        f"| base | {metric_cell(base, 'safety', 'harmful_refusal_rate', True)} | {metric_cell(base, 'safety', 'benign_helpfulness_rate', True)} |",
-        f"| round 1 | {metric_cell(round1, 'safety', 'harmful_refusal_rate', True)} | {metric_cell(round1, 'safety', 'benign_helpfulness_rate', True)} |",
+        f"| base | {result_cell(base, 'safety', 'harmful_refusal_rate', True)} | {result_cell(base, 'safety', 'benign_helpfulness_rate', True)} |",
+        f"| round 1 | {result_cell(round1, 'safety', 'harmful_refusal_rate', True)} | {result_cell(round1, 'safety', 'benign_helpfulness_rate', True)} |",
     ]
     publish(DOCS, lines, BEGIN, END, write=not args.no_docs)
 

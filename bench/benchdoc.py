@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+from localalign.evaluation.report import metric_cell
 from localalign.fsutil import atomic_write_text
 from localalign.models import DEFAULT_MODEL, materialized
 
@@ -23,12 +24,10 @@ def update_section(text: str, body: str, begin: str, end: str) -> str:
     return text.rstrip() + "\n\n" + block + "\n"
 
 
-def metric_cell(result: dict, suite: str, name: str, with_n: bool = False) -> str:
-    """One metric of an eval.json as a table cell: value [95% interval] (n=...), or n/a."""
-    rec = result["suites"].get(suite, {}).get("metrics", {}).get(name)
-    if not rec or not rec.get("n"):
-        return "n/a"
-    return f"{rec['value']:.3f} [{rec['ci_low']:.2f}, {rec['ci_high']:.2f}]" + (f" n={rec['n']}" if with_n else "")
+def result_cell(result: dict, suite: str, name: str, with_n: bool = False) -> str:
+    """One metric of an eval.json as a table cell (evaluation.report.metric_cell), or n/a."""
+    record = result["suites"].get(suite, {}).get("metrics", {}).get(name)
+    return metric_cell(record, ci_digits=2, with_n=with_n, missing="n/a")
 
 
 def publish(docs: Path, lines: list[str], begin: str, end: str, write: bool = True) -> None:

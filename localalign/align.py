@@ -43,7 +43,7 @@ from localalign.engine.base import BackendConfig, GenerationConfig
 from localalign.engine.select import open_generator
 from localalign.errors import UserError
 from localalign.evaluation.html import write_html_report
-from localalign.evaluation.report import write_report
+from localalign.evaluation.report import metric_cell, write_report
 from localalign.evaluation.run import EvalConfig, evaluate, read_eval, write_eval
 from localalign.export.pipeline import export_adapter, export_merged, export_model, modelfile_path
 from localalign.fsutil import atomic_write_text, commit_temp, temp_path_for
@@ -560,9 +560,10 @@ def format_summary(results, config: AlignConfig, run_dir: Path, best: str, base_
     # Beside the score's metrics, the headline (first) metric of every other suite the run scored,
     # so a gain bought with another metric (over-refusal, say) shows in the same table.
     first = next(iter(results.values()), {"suites": {}})
+    scored = {suite for suite, _ in keys}
     for suite in config.suites():
         metrics = list(first["suites"].get(suite, {}).get("metrics", {}))
-        if metrics and suite not in {s for s, _ in keys}:
+        if metrics and suite not in scored:
             keys.append((suite, metrics[0]))
     data = data or {}
     shown = [(k, title) for k, title in DATA_COLUMNS if any((d.get(k) or {}).get("n") for d in data.values())]
@@ -572,7 +573,7 @@ def format_summary(results, config: AlignConfig, run_dir: Path, best: str, base_
         row = [label + (" *" if label == best else "")]
         for suite, metric in keys:
             rec = result["suites"].get(suite, {}).get("metrics", {}).get(metric)
-            row.append("n/a" if not rec or not rec.get("n") else f"{rec['value']:.3f} [{rec['ci_low']:.2f}, {rec['ci_high']:.2f}] n={rec['n']}")
+            row.append(metric_cell(rec, ci_digits=2, missing="n/a"))
         row.append(_fmt(primary_score(config, result)))
         report = data.get(label, {})
         row.append(str(report.get("accepted", "")))

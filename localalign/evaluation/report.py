@@ -31,10 +31,12 @@ def _metric_columns(results: dict[str, dict]) -> list[tuple[str, str]]:
     return columns
 
 
-def _cell(record: dict | None) -> str:
+def metric_cell(record: dict | None, ci_digits: int = 3, with_n: bool = True, missing: str = "-") -> str:
+    """One metric record of an eval.json as text: value [95% interval] n=items, or `missing`."""
     if not record or not record.get("n"):
-        return "-"
-    return f"{record['value']:.3f} [{record['ci_low']:.3f}, {record['ci_high']:.3f}] n={record['n']}"
+        return missing
+    cell = f"{record['value']:.3f} [{record['ci_low']:.{ci_digits}f}, {record['ci_high']:.{ci_digits}f}]"
+    return cell + (f" n={record['n']}" if with_n else "")
 
 
 def format_table(results: dict[str, dict]) -> str:
@@ -43,7 +45,7 @@ def format_table(results: dict[str, dict]) -> str:
     lines = ["| suite / metric | " + " | ".join(labels) + " |", "|" + "---|" * (len(labels) + 1)]
     for suite, metric in _metric_columns(results):
         name = f"{suite} / {metric}" + ("" if _higher_better(results, suite, metric) else " (lower is better)")
-        cells = [_cell(r["suites"].get(suite, {}).get("metrics", {}).get(metric)) for r in results.values()]
+        cells = [metric_cell(r["suites"].get(suite, {}).get("metrics", {}).get(metric)) for r in results.values()]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
