@@ -44,7 +44,7 @@ from localalign.engine.select import open_generator
 from localalign.errors import UserError
 from localalign.evaluation.html import write_html_report
 from localalign.evaluation.report import metric_cell, write_report
-from localalign.evaluation.run import EvalConfig, evaluate, read_eval, write_eval
+from localalign.evaluation.run import EvalConfig, check_suites, evaluate, read_eval, write_eval
 from localalign.export.pipeline import export_adapter, export_merged, export_model, modelfile_path
 from localalign.fsutil import atomic_write_text, commit_temp, temp_path_for
 from localalign.isara.data_report import data_report, format_share
@@ -124,6 +124,7 @@ class AlignConfig:
             )
         if self.domain not in DOMAINS and not self.eval_suites:
             raise UserError("a custom domain needs eval_suites (e.g. --suite safety) to score its rounds")
+        check_suites(self.suites())  # before the run writes anything
 
     def seeds_path(self) -> Path:
         return SEEDS_DIR / f"{DOMAINS[self.domain][0]}.jsonl" if self.domain in DOMAINS else Path(self.domain)

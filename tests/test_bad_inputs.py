@@ -434,8 +434,11 @@ def align_with_config(ws: Path, toml: str) -> Outcome:
         ("[train]\nlearning_rate = -1.0\n", "learning_rate"),
         ("rounds = = 2\n", "invalid TOML"),
         ('domain = "poetry"\n', "unknown domain 'poetry'"),
+        ('eval_suites = ["safety", "nope"]\n', "unknown suite 'nope'"),
+        ('eval_suites = ["safety", "safety"]\n', "a suite is named twice"),
     ],
-    ids=["unknown-key", "wrong-type", "out-of-range", "negative-lr", "syntax", "unknown-domain"],
+    ids=["unknown-key", "wrong-type", "out-of-range", "negative-lr", "syntax", "unknown-domain", "unknown-suite",
+         "suite-twice"],
 )
 def test_invalid_config(ws, toml, message):
     with unchanged(ws):

@@ -58,6 +58,17 @@ SUITES: dict[str, Callable[[EvalSession, int | None], SuiteResult]] = {
 }
 
 
+def check_suites(names) -> None:
+    """A UserError unless `names` are known suites, at least one, none twice."""
+    unknown = [s for s in names if s not in SUITES]
+    if not names:
+        raise UserError(f"no suite given; choose from: {', '.join(SUITES)}")
+    if unknown:
+        raise UserError(f"unknown suite {unknown[0]!r}; choose from: {', '.join(SUITES)}")
+    if len(set(names)) != len(names):
+        raise UserError("a suite is named twice")
+
+
 @dataclass
 class EvalConfig:
     model: Path  # the GGUF to evaluate
@@ -96,13 +107,7 @@ class EvalConfig:
         if self.icl_mode not in ICL_MODES:
             raise UserError(f"icl_mode must be one of {', '.join(ICL_MODES)}, got {self.icl_mode!r}")
         self.seeds_dir = Path(self.seeds_dir)
-        unknown = [s for s in self.suites if s not in SUITES]
-        if not self.suites:
-            raise UserError(f"no suite given; choose from: {', '.join(SUITES)}")
-        if unknown:
-            raise UserError(f"unknown suite {unknown[0]!r}; choose from: {', '.join(SUITES)}")
-        if len(set(self.suites)) != len(self.suites):
-            raise UserError("a suite is named twice")
+        check_suites(self.suites)
         if self.limit is not None and self.limit < 1:
             raise UserError(f"--limit must be at least 1, got {self.limit}")
         if self.max_tokens < 1 or self.refusal_max_tokens < 1:
