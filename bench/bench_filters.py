@@ -85,7 +85,7 @@ def filter_table(domain: str, rows: list[dict], embedder: Embedder, cfg: FilterC
     """Rows of the filter table for one labelled set, the filters applied in order."""
     seeds = read_samples(SEEDS_DIR / f"{domain}.jsonl")
     kinds = SeedKinds.of(seeds, embedder.embed([s.prompt for s in seeds]), embedder.embed([s.response for s in seeds]))
-    votes = kinds.refusal_vote(embedder.embed([r["prompt"] for r in rows]), cfg.consistency_k)
+    votes = kinds.refusal_vote(embedder.embed([r["prompt"] for r in rows]), cfg.vote_temperature)
     filters = [
         ("rules", lambda i, r: rule_reason(r, cfg)),
         ("consistency: kind", lambda i, r: check_kind(float(votes[i]), r["response"], cfg.keep_refusal_from,
@@ -108,6 +108,45 @@ def filter_table(domain: str, rows: list[dict], embedder: Embedder, cfg: FilterC
                      kept_usable=good["usable"][kept].mean() if kept.any() else None, kept=int(kept.sum()))
         out.append(entry)
     return out
+
+
+SHIPPED_VOTE = "softmax over all seeds"
+OLD_VOTE = "before: similarity-weighted, 12 nearest"
+
+
+def request_votes(embedder: Embedder, cfg: FilterConfig) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The seeds' vote as a judge of the request, on the labelled safety requests that are
+    requests: (harmful, the labeller's call; {vote name: vote}) for the shipped softmax vote
+    and the similarity-weighted vote of the 12 nearest seeds it replaced."""
+    seeds = read_samples(SEEDS_DIR / "safety.jsonl")
+    kinds = SeedKinds.of(seeds, embedder.embed([s.prompt for s in seeds]), embedder.embed([s.response for s in seeds]))
+    recs = [json.loads(line) for name in SETS if SETS[name] == "safety"
+            for line in (LABELLED / name).read_text(encoding="utf-8").splitlines()]
+    recs = [r for r in recs if r["request"] in ("harmful", "ordinary")]
+    vectors = embedder.embed([r["prompt"] for r in recs])
+    sims = vectors @ kinds.prompt_vectors.T
+    nearest = np.argsort(-sims, axis=1)[:, :12]
+    w = np.clip(np.take_along_axis(sims, nearest, axis=1), 0, None)
+    return (np.array([r["request"] == "harmful" for r in recs]),
+            {SHIPPED_VOTE: kinds.refusal_vote(vectors, cfg.vote_temperature),
+             OLD_VOTE: (w * kinds.refuses[nearest]).sum(1) / w.sum(1)})
+
+
+def request_judge_rows(embedder: Embedder, cfg: FilterConfig) -> list[str]:
+    harmful, votes = request_votes(embedder, cfg)
+    lines = [f"The seeds' vote as a judge of the request, on the {len(harmful)} labelled safety requests that are "
+             f"requests ({int(harmful.sum())} harmful): at vote >= t the request is treated as harmful (an answer to it "
+             f"is rejected at t = keep_answer_below = {cfg.keep_answer_below}; a refusal of it is kept at t = "
+             f"keep_refusal_from = {cfg.keep_refusal_from}). Shipped: softmax at temperature {cfg.vote_temperature}.", "",
+             "| vote | AUC | t | called harmful | precision | recall | ordinary requests whose answers are thrown away |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, vote in votes.items():
+        for t in (0.6, cfg.keep_answer_below, cfg.keep_refusal_from):
+            called = vote >= t
+            lines.append(f"| {name} | {fmt(auc(vote, harmful))} | {t} | {int(called.sum())} | "
+                         f"{fmt((called & harmful).sum() / max(called.sum(), 1))} | {fmt((called & harmful).sum() / harmful.sum())} | "
+                         f"{int((called & ~harmful).sum())} of {int((~harmful).sum())} |")
+    return lines
 
 
 def auc(scores, labels) -> float | None:
@@ -148,7 +187,7 @@ def main() -> None:
     lines = [
         "## Filters against the labelled development set (bench/bench_filters.py)",
         "",
-        f"Filter settings: the defaults (consistency_k={cfg.consistency_k}, keep_refusal_from={cfg.keep_refusal_from}, "
+        f"Filter settings: the defaults (vote_temperature={cfg.vote_temperature}, keep_refusal_from={cfg.keep_refusal_from}, "
         f"keep_answer_below={cfg.keep_answer_below}). Each filter sees what the ones above it kept. Precision = share of "
         "its rejects that are bad; recall = share of the bad answers (among those it sees) that it rejects.",
         "",
@@ -166,6 +205,7 @@ def main() -> None:
                 f"{fmt(e['kept_train'])} | {fmt(e['kept_usable'])} |")
         if args.rate:
             ratings[name] = rating_auc(domain, rows, args.rate)
+    lines += ["", *request_judge_rows(embedder, cfg)]
     if ratings:
         lines += ["", "Self-rating (base model, P(Yes) from one forward pass) as a score of the rule-passing answers:", "",
                   "| set | rated | AUC vs train | AUC vs usable |", "|---|---:|---:|---:|"]

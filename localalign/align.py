@@ -328,7 +328,7 @@ class AlignRun:
             with output, open_generator(generator.gguf, cfg.generation, backend, lora_path=generator.lora) as gen:
                 result = produce(gen, embedder, (done, rejected), output)
             result.index.save(index_dir)
-            report = {**data_report(result.accepted, seeds, embedder, cfg.filters.consistency_k),
+            report = {**data_report(result.accepted, seeds, embedder, cfg.filters.vote_temperature),
                       "rejected": len(result.rejected), "reasons": _count_reasons(result.rejected)}
             atomic_write_text(report_path, json.dumps(report, indent=1) + "\n")
             return {"accepted": len(result.accepted), "rejected": len(result.rejected), "reasons": report["reasons"],

@@ -72,7 +72,7 @@ class ScriptedGenerator:
         return len(inspect.signature(self.script).parameters) == 2
 
 def distinct(i):
-    topics = ["carbon monoxide alarms", "storing kitchen knives", "fireworks near dry grass", "sharing passwords",
+    topics = ["carbon monoxide alarms", "storing kitchen knives", "fireworks near dry grass", "choosing a bike helmet",
               "lithium battery fires", "swimming after eating", "ladder safety on stairs", "space heaters overnight"]
     topic = topics[i % len(topics)]
     return (f"What should I know about {topic}?", "stop",

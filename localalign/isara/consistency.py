@@ -1,8 +1,9 @@
 """Does a generated pair teach the seeds' lesson? Checks that use the seeds as the only labels.
 
 Each seed's response is a refusal or an answer (the refusal detector, judges/refusal.py), so
-the seeds say which kind of response a request of their kind gets. A generated prompt's
-nearest seeds vote on the kind its response should be (`SeedKinds.refusal_vote`); a pair
+the seeds say which kind of response a request of their kind gets. The seeds vote on the kind
+a generated prompt's response should be, each weighted by a softmax of its prompt's
+similarity to the generated one (`SeedKinds.refusal_vote`), so the closest seeds decide; a pair
 whose response is confidently the other kind teaches the wrong lesson: a harmful request
 answered ("answers_harmful"), an ordinary one refused ("refuses_ordinary"). In a domain
 whose seeds never refuse (truthfulness, instruction-following) every request expects an
@@ -47,14 +48,18 @@ class SeedKinds:
         weights = np.clip(np.take_along_axis(sims, idx, axis=1), 0.0, None)
         return idx, weights
 
-    def refusal_vote(self, prompt_vectors: np.ndarray, k: int) -> np.ndarray:
-        """For each prompt, the similarity-weighted share of its k nearest seeds that refuse (0..1)."""
+    def refusal_vote(self, prompt_vectors: np.ndarray, temperature: float) -> np.ndarray:
+        """For each prompt, the share of the seeds' vote that refuses (0..1).
+
+        Every seed votes with weight exp(similarity / temperature): at 0.1 a seed 0.1 closer
+        counts e times more. A plain similarity-weighted vote of the k nearest lets the many
+        seeds on a topic outvote the one that matches the request's intent: on the labelled
+        set it called 151 of 279 requests harmful at 0.24 precision (docs/benchmarks.md)."""
         if not self.refuses.any():
             return np.zeros(len(prompt_vectors))
-        idx, weights = self.neighbours(prompt_vectors, k)
-        total = weights.sum(axis=1)
-        votes = (weights * self.refuses[idx]).sum(axis=1)
-        return np.where(total > 0, votes / np.maximum(total, 1e-9), self.refuses.mean())
+        sims = prompt_vectors @ self.prompt_vectors.T
+        weights = np.exp((sims - sims.max(axis=1, keepdims=True)) / temperature)
+        return (weights * self.refuses).sum(axis=1) / weights.sum(axis=1)
 
     def closeness(self, prompt_vector: np.ndarray, response_vectors: np.ndarray, k: int) -> np.ndarray:
         """How like the nearest seeds' responses each candidate response is (weighted mean cosine)."""

@@ -1,8 +1,8 @@
 """What a round's accepted data teaches, measured against the seeds (the only labels there are).
 
 - kind_agreement: the share of accepted pairs whose response kind (refusal or answer, by the
-  refusal detector) is the kind their prompt's nearest seeds give (a similarity-weighted vote
-  of the `k` nearest, majority). Meaningful where the seeds hold both kinds (safety).
+  refusal detector) is the kind the seeds' vote gives their prompt (the filter's softmax
+  vote at `temperature`, majority). Meaningful where the seeds hold both kinds (safety).
 - refusals: the share of accepted responses that refuse.
 - constraints_met: of the accepted pairs whose prompt states constraints the reader
   recognises (judges/constraints.py), the share whose response meets all of them (`n` says how
@@ -33,7 +33,7 @@ def _share(hits: int, n: int) -> dict:
     return {"value": round(hits / n, 4) if n else None, "n": n}
 
 
-def data_report(accepted: list[Sample], seeds: list[Sample], embedder: Embedder, k: int) -> dict:
+def data_report(accepted: list[Sample], seeds: list[Sample], embedder: Embedder, temperature: float) -> dict:
     """The figures of the module docstring for one round's accepted samples."""
     if not accepted:
         return {"accepted": 0}
@@ -43,7 +43,7 @@ def data_report(accepted: list[Sample], seeds: list[Sample], embedder: Embedder,
     refused = np.array([is_refusal(s.response) for s in accepted])
     report = {"accepted": len(accepted), "refusals": _share(int(refused.sum()), len(accepted))}
     if kinds.refuses.any() and not kinds.refuses.all():
-        expect_refusal = kinds.refusal_vote(prompts, k) >= 0.5
+        expect_refusal = kinds.refusal_vote(prompts, temperature) >= 0.5
         report["kind_agreement"] = _share(int((expect_refusal == refused).sum()), len(accepted))
     stated = [(s, constraints_in_prompt(s.prompt)) for s in accepted]
     stated = [(s, cs) for s, cs in stated if cs]

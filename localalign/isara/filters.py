@@ -68,9 +68,15 @@ class FilterConfig:
     # Consistency with the seeds (consistency.py): the response kind the request's nearest seeds
     # give, and the constraints the request states. Thresholds measured on the labelled set.
     consistency: bool = True
-    consistency_k: int = 12  # nearest seeds that vote
-    keep_refusal_from: float = 0.9  # a refusal is kept where at least this share of the vote refuses
-    keep_answer_below: float = 0.6  # an answer is kept where less than this share of the vote refuses
+    # The seeds' vote (consistency.py): softmax over prompt similarity at this temperature.
+    vote_temperature: float = 0.1
+    # A refusal is kept where at least this share of the vote refuses, an answer where less
+    # than this does. On the labelled set (279 requests, 40 harmful) the vote is >= 0.9 for 11
+    # requests (9 harmful) and >= 0.8 for 32 (20 harmful): strict for refusals, which teach
+    # over-refusal when wrong; lenient for answers, since 5 in 6 generated requests are ordinary.
+    keep_refusal_from: float = 0.9
+    keep_answer_below: float = 0.8
+    consistency_k: int = 12  # best-of-n: nearest seeds whose responses a kept answer should resemble
     # An answer cut off by the length limit is ended at its last complete sentence instead of
     # rejected. Off for the domain data (a cut-off answer rambles); on for rehearsal, whose
     # lesson is "answer ordinary requests", not what the answer says (rehearsal.py).
@@ -85,6 +91,8 @@ class FilterConfig:
             raise UserError(f"novelty_threshold must be in [-1, 1], got {self.novelty_threshold}")
         if self.consistency_k < 1 or not (0 <= self.keep_refusal_from <= 1.01 and 0 <= self.keep_answer_below <= 1.01):
             raise UserError("consistency_k must be >= 1; keep_refusal_from and keep_answer_below in 0..1.01 (1.01: never)")
+        if not self.vote_temperature > 0:
+            raise UserError(f"vote_temperature must be > 0, got {self.vote_temperature}")
         if not 0 <= self.min_rating <= 1:
             raise UserError(f"min_rating must be in 0..1 (a probability), got {self.min_rating}")
         if self.min_prompt_chars > self.max_prompt_chars or self.min_response_chars > self.max_response_chars:

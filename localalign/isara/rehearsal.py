@@ -23,14 +23,12 @@ from localalign.isara.retrieve import Embedder
 from localalign.isara.step import IsaraConfig, IsaraResult, Listener, generate_samples
 from localalign.samples import Sample
 
-REHEARSAL_TOKENS = 256  # an answer's budget: enough to show the model answering, cheap to write
-
 
 def rehearsal_samples(generator: Generator, embedder: Embedder, seeds: list[Sample], n: int, isara: IsaraConfig,
                       filters: FilterConfig, resume: tuple[list[Sample], list[Sample]] | None = None,
                       listener: Listener | None = None) -> IsaraResult:
     """`n` requests of the model's own with its answers, each with a refusal to prefer it over."""
-    own = dataclasses.replace(isara, k=0, answers=1, max_response_tokens=min(isara.max_response_tokens, REHEARSAL_TOKENS))
+    own = dataclasses.replace(isara, k=0, answers=1)
     # The base model seldom writes a harmful request of its own, and the seeds' vote calls half
     # of its ordinary ones harmful (docs/benchmarks.md): only refusals are filtered out here.
     # Its answers run long: one cut off is ended at its last sentence.

@@ -67,7 +67,10 @@ class IsaraConfig:
     # Answers sampled per request (best-of-n); the best that passes the filters is kept.
     answers: int = 1
     max_prompt_tokens: int = 128  # the generated user turn; a longer one is cut and rejected
-    max_response_tokens: int = 384
+    # The seeds' answers are at most 158 tokens. Of hand-labelled generated answers, those over
+    # 256 tokens were coherent half as often as shorter ones; a 384 budget spent 39% of the
+    # 256-sample round's writing on answers then rejected as cut off (docs/benchmarks.md).
+    max_response_tokens: int = 256
     max_candidates_factor: float = 6.0  # give up after n * this many candidates
 
     def __post_init__(self) -> None:
@@ -313,7 +316,7 @@ class _Step:
         prompt = answers[0].prompt
         why = [check_rules(p.prompt, p.response, c.examples, self.filters, self.markers.leak, p.problem) for p in answers]
         if self.filters.consistency:
-            vote = float(self.kinds.refusal_vote(prompt_vector[None, :], self.filters.consistency_k)[0])
+            vote = float(self.kinds.refusal_vote(prompt_vector[None, :], self.filters.vote_temperature)[0])
             for m, p in enumerate(answers):
                 if why[m] is None:
                     why[m] = (check_kind(vote, p.response, self.filters.keep_refusal_from, self.filters.keep_answer_below)

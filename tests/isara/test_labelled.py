@@ -13,7 +13,7 @@ from localalign.isara.filters import FilterConfig
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "bench"))
-from bench_filters import LABELLED, SETS, answers_of, filter_table  # noqa: E402
+from bench_filters import LABELLED, OLD_VOTE, SETS, SHIPPED_VOTE, answers_of, filter_table, request_votes  # noqa: E402
 
 ALLOWED = {
     "request": {"harmful", "ordinary", "not_a_request"},
@@ -50,13 +50,26 @@ def tables(embedder):
 
 
 @pytest.mark.parametrize("name", ["safety.base.jsonl", "safety.round1.jsonl"])
-def test_the_kind_check_leaves_mostly_right_lessons(tables, name):
-    """Measured with the defaults: 0.77 (base) and 0.75 (round 1) of what survives the rules and
-    the kind check is coherent and the right kind, against 0.58 / 0.43 after the rules alone."""
+def test_the_kind_check_rejects_mostly_wrong_lessons(tables, name):
+    """Measured with the defaults: of the answers the kind check rejects, 0.74 (base) and 0.90
+    (round 1) are bad; what it keeps is 0.67 / 0.71 usable, against 0.58 / 0.43 after the rules."""
     t = tables[name]
-    assert t["consistency: kind"]["kept_usable"] >= 0.7
-    assert t["consistency: kind"]["kept_usable"] > t["rules"]["kept_usable"] + 0.15
-    assert t["consistency: kind"]["precision_usable"] >= 0.5
+    assert t["consistency: kind"]["precision_usable"] >= 0.7
+    assert t["consistency: kind"]["kept_usable"] > t["rules"]["kept_usable"] + 0.05
+
+
+def test_the_seeds_vote_rarely_throws_away_an_ordinary_request(embedder):
+    """The softmax vote against the plain vote it replaced, at the threshold where answers are
+    rejected: measured 12 of 239 ordinary requests lost at precision 0.62 (before: 24 at 0.33)."""
+    cfg = FilterConfig()
+    harmful, votes = request_votes(embedder, cfg)
+    called = {name: vote >= cfg.keep_answer_below for name, vote in votes.items()}
+    lost = {name: (c & ~harmful).sum() / (~harmful).sum() for name, c in called.items()}
+    precision = {name: (c & harmful).sum() / c.sum() for name, c in called.items()}
+    assert lost[SHIPPED_VOTE] <= 0.08 and precision[SHIPPED_VOTE] >= 0.5
+    assert precision[SHIPPED_VOTE] > precision[OLD_VOTE] + 0.15
+    refused = votes[SHIPPED_VOTE] >= cfg.keep_refusal_from  # where a refusal is kept
+    assert (refused & harmful).sum() / refused.sum() >= 0.75
 
 
 def test_rules_and_constraints_reject_almost_only_bad_answers(tables):

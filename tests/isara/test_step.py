@@ -13,8 +13,8 @@ from localalign.isara.step import IsaraConfig, generate_samples
 from localalign.samples import read_rejected, read_samples
 from scripted_model import SEEDS, ScriptedGenerator, distinct
 
-# The scripted seeds' requests are few and near each other: let the nearest seed alone vote.
-ONE_VOTER = FilterConfig(consistency_k=1, keep_refusal_from=0.5, keep_answer_below=0.5)
+# The scripted seeds' requests are few and near each other: a temperature this low lets the nearest seed decide.
+ONE_VOTER = FilterConfig(vote_temperature=0.001, keep_refusal_from=0.5, keep_answer_below=0.5)
 
 
 def test_pipeline_accepts_distinct_pairs_and_writes_files(embedder, tmp_path):
@@ -70,7 +70,7 @@ def test_the_seeds_decide_the_kind_of_response(embedder):
                                    isara=IsaraConfig(branches=1))
     assert [(s.meta["index"], s.reject_reason) for s in rej] == [(0, "answers_harmful"), (1, "refuses_ordinary")]
     assert [s.meta["index"] for s in acc] == [2, 3]
-    off = FilterConfig(consistency=False, consistency_k=1)
+    off = FilterConfig(consistency=False)
     acc, rej, _ = generate_samples(ScriptedGenerator(script), embedder, SEEDS, n=2, filters=off, isara=IsaraConfig(branches=1))
     assert [s.meta["index"] for s in acc] == [0, 1] and rej == []
 
