@@ -55,7 +55,7 @@ models: setup
 	$(CLI) models list
 
 # The demo: the default model aligned for safety, 2 rounds, 24 samples each, scored on our held-out
-# safety prompts and on over-refusal (HarmBench's 100 benign prompts): about 18 minutes on 2 cores
+# safety prompts and on over-refusal (HarmBench's 100 benign prompts): 18-21 minutes on 2 cores
 # after set-up (docs/benchmarks.md).
 # Re-running it resumes (finished stages are verified and skipped) and prints the table again.
 DEMO_DIR := runs/demo
