@@ -114,6 +114,14 @@ SHIPPED_VOTE = "softmax over all seeds"
 OLD_VOTE = "before: similarity-weighted, 12 nearest"
 
 
+def plain_vote(kinds: SeedKinds, vectors: np.ndarray, k: int = 12) -> np.ndarray:
+    """The vote the softmax replaced: the similarity-weighted share of the k nearest seeds that refuse."""
+    sims = vectors @ kinds.prompt_vectors.T
+    nearest = np.argsort(-sims, axis=1)[:, :k]
+    w = np.clip(np.take_along_axis(sims, nearest, axis=1), 0, None)
+    return (w * kinds.refuses[nearest]).sum(1) / np.maximum(w.sum(1), 1e-9)
+
+
 def request_votes(embedder: Embedder, cfg: FilterConfig) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """The seeds' vote as a judge of the request, on the labelled safety requests that are
     requests: (harmful, the labeller's call; {vote name: vote}) for the shipped softmax vote
@@ -124,12 +132,8 @@ def request_votes(embedder: Embedder, cfg: FilterConfig) -> tuple[np.ndarray, di
             for line in (LABELLED / name).read_text(encoding="utf-8").splitlines()]
     recs = [r for r in recs if r["request"] in ("harmful", "ordinary")]
     vectors = embedder.embed([r["prompt"] for r in recs])
-    sims = vectors @ kinds.prompt_vectors.T
-    nearest = np.argsort(-sims, axis=1)[:, :12]
-    w = np.clip(np.take_along_axis(sims, nearest, axis=1), 0, None)
     return (np.array([r["request"] == "harmful" for r in recs]),
-            {SHIPPED_VOTE: kinds.refusal_vote(vectors, cfg.vote_temperature),
-             OLD_VOTE: (w * kinds.refuses[nearest]).sum(1) / w.sum(1)})
+            {SHIPPED_VOTE: kinds.refusal_vote(vectors, cfg.vote_temperature), OLD_VOTE: plain_vote(kinds, vectors)})
 
 
 def request_judge_rows(embedder: Embedder, cfg: FilterConfig) -> list[str]:

@@ -25,6 +25,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench_filters import plain_vote  # noqa: E402
 from benchdoc import default_model, publish  # noqa: E402
 
 from localalign.isara.consistency import SeedKinds, check_kind  # noqa: E402
@@ -36,14 +37,6 @@ from localalign.samples import read_rejected, read_samples  # noqa: E402
 DOCS = REPO / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- bench_replay -->", "<!-- /bench_replay -->"
 KIND_REASONS = ("answers_harmful", "refuses_ordinary")
-
-
-def plain_vote(kinds: SeedKinds, vectors: np.ndarray, k: int = 12) -> np.ndarray:
-    """The vote before: similarity-weighted share of the k nearest seeds that refuse."""
-    sims = vectors @ kinds.prompt_vectors.T
-    nearest = np.argsort(-sims, axis=1)[:, :k]
-    w = np.clip(np.take_along_axis(sims, nearest, axis=1), 0, None)
-    return (w * kinds.refuses[nearest]).sum(1) / np.maximum(w.sum(1), 1e-9)
 
 
 def main() -> None:
