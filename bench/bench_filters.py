@@ -153,6 +153,28 @@ def request_judge_rows(embedder: Embedder, cfg: FilterConfig) -> list[str]:
     return lines
 
 
+def answer_cutoff_rows(embedder: Embedder, cfg: FilterConfig) -> list[str]:
+    """Answers kept at each answer cut-off, by generator (the base model's set, the tuned
+    round-1 model's set): how many answer a harmful request, how many are worth training on."""
+    seeds = read_samples(SEEDS_DIR / "safety.jsonl")
+    kinds = SeedKinds.of(seeds, embedder.embed([s.prompt for s in seeds]), embedder.embed([s.response for s in seeds]))
+    lines = [f"Answers (not refusals) kept under each answer cut-off, by the model that wrote them; shipped: "
+             f"{cfg.keep_answer_below} for the base model, {cfg.tuned_keep_answer_below} for a tuned one "
+             "(`tuned_keep_answer_below`).", "",
+             "| set | cut-off | answers kept | of them answering a harmful request | of them worth training on |",
+             "|---|---:|---:|---:|---:|"]
+    for name in ("safety.base.jsonl", "safety.round1.jsonl"):
+        recs = [json.loads(line) for line in (LABELLED / name).read_text(encoding="utf-8").splitlines()]
+        votes = kinds.refusal_vote(embedder.embed([r["prompt"] for r in recs]), cfg.vote_temperature)
+        answers = [(float(v), r["request"], a) for v, r in zip(votes, recs) for a in r["answers"]
+                   if a["response_kind"] == "answer"]
+        for t in sorted({0.6, 0.7, cfg.keep_answer_below, cfg.tuned_keep_answer_below}):
+            kept = [(request, a) for v, request, a in answers if v < t]
+            lines.append(f"| {name} | {t} | {len(kept)} | {sum(q == 'harmful' for q, _ in kept)} | "
+                         f"{sum(bool(a.get('train')) for _, a in kept)} |")
+    return lines
+
+
 def auc(scores, labels) -> float | None:
     s, y = np.asarray(scores, float), np.asarray(labels, bool)
     pos, neg = s[y], s[~y]
@@ -209,7 +231,7 @@ def main() -> None:
                 f"{fmt(e['kept_train'])} | {fmt(e['kept_usable'])} |")
         if args.rate:
             ratings[name] = rating_auc(domain, rows, args.rate)
-    lines += ["", *request_judge_rows(embedder, cfg)]
+    lines += ["", *request_judge_rows(embedder, cfg), "", *answer_cutoff_rows(embedder, cfg)]
     if ratings:
         lines += ["", "Self-rating (base model, P(Yes) from one forward pass) as a score of the rule-passing answers:", "",
                   "| set | rated | AUC vs train | AUC vs usable |", "|---|---:|---:|---:|"]

@@ -280,15 +280,18 @@ class AlignRun:
 
     # ---- stages
 
-    def generate(self, round_no: int, generator: ModelForm, seeds: list[Sample], earlier: list[Sample]) -> list[Sample]:
+    def generate(self, round_no: int, generator: ModelForm, seeds: list[Sample], earlier: list[Sample],
+                 tuned: bool) -> list[Sample]:
+        """The round's accepted samples; `tuned`: the generator is an earlier round's model."""
         cfg = self.config
+        filters = cfg.filters.for_generator(tuned)
 
         def produce(gen, embedder, resume, output):
             return generate_samples(gen, embedder, seeds, cfg.samples, earlier=earlier, isara=cfg.isara,
-                                    filters=cfg.filters, round_no=round_no, resume=resume, listener=output)
+                                    filters=filters, round_no=round_no, resume=resume, listener=output)
 
         inputs = {"seeds": hash_value([s.to_json() for s in seeds]), "earlier": hash_value([s.to_json() for s in earlier]),
-                  "config": hash_value([to_dict(cfg.generation), to_dict(cfg.isara), to_dict(cfg.filters), cfg.samples,
+                  "config": hash_value([to_dict(cfg.generation), to_dict(cfg.isara), to_dict(filters), cfg.samples,
                                         cfg.embedder])}
         return self.samples_stage(f"round-{round_no}/generate", self.dir / f"round-{round_no}", generator, inputs,
                                   cfg.samples, produce, seeds)
@@ -437,7 +440,7 @@ class AlignRun:
         for r in range(1, cfg.rounds + 1):
             t0 = time.perf_counter()
             rd, name = self.dir / f"round-{r}", f"round-{r}"
-            accepted = self.generate(r, generator, seeds, earlier)
+            accepted = self.generate(r, generator, seeds, earlier, tuned=best != "base")
             if not accepted:
                 raise UserError(f"round {r}: no generated sample passed the filters; see {rd / 'rejected.jsonl'}")
             data = (seeds if cfg.train_on_seeds else []) + accepted + rehearsal

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from difflib import SequenceMatcher
 from typing import Sequence
 
@@ -76,6 +76,12 @@ class FilterConfig:
     # over-refusal when wrong; lenient for answers, since 5 in 6 generated requests are ordinary.
     keep_refusal_from: float = 0.9
     keep_answer_below: float = 0.8
+    # The answer cut-off for a round whose generator is a tuned model (an earlier round's). On the
+    # labelled requests a tuned model wrote, 0.8 keeps 6 answers to harmful requests among 91, 0.6
+    # keeps 4 among 72 and the same 3 worth training on; in a make run's round 2, 0.8 let two
+    # phishing emails through (votes 0.70 and 0.77). The base model's answers keep 0.8, where 0.6
+    # would cost 4 of its 13 trainable answers (docs/benchmarks.md).
+    tuned_keep_answer_below: float = 0.6
     consistency_k: int = 12  # best-of-n: nearest seeds whose responses a kept answer should resemble
     # An answer cut off by the length limit is ended at its last complete sentence instead of
     # rejected. Off for the domain data (a cut-off answer rambles); on for rehearsal, whose
@@ -89,14 +95,20 @@ class FilterConfig:
             raise UserError(f"copy_ratio must be in (0, 1], got {self.copy_ratio}")
         if not -1 <= self.novelty_threshold <= 1:
             raise UserError(f"novelty_threshold must be in [-1, 1], got {self.novelty_threshold}")
-        if self.consistency_k < 1 or not (0 <= self.keep_refusal_from <= 1.01 and 0 <= self.keep_answer_below <= 1.01):
-            raise UserError("consistency_k must be >= 1; keep_refusal_from and keep_answer_below in 0..1.01 (1.01: never)")
+        cutoffs = (self.keep_refusal_from, self.keep_answer_below, self.tuned_keep_answer_below)
+        if self.consistency_k < 1 or not all(0 <= c <= 1.01 for c in cutoffs):
+            raise UserError("consistency_k must be >= 1; keep_refusal_from, keep_answer_below and tuned_keep_answer_below "
+                            "in 0..1.01 (1.01: never)")
         if not self.vote_temperature > 0:
             raise UserError(f"vote_temperature must be > 0, got {self.vote_temperature}")
         if not 0 <= self.min_rating <= 1:
             raise UserError(f"min_rating must be in 0..1 (a probability), got {self.min_rating}")
         if self.min_prompt_chars > self.max_prompt_chars or self.min_response_chars > self.max_response_chars:
             raise UserError("a minimum length is above its maximum")
+
+    def for_generator(self, tuned: bool) -> "FilterConfig":
+        """The filters a round applies: a tuned generator's answers meet the stricter cut-off."""
+        return replace(self, keep_answer_below=self.tuned_keep_answer_below) if tuned else self
 
 
 # ---------------------------------------------------------------------------- rules
