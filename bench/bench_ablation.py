@@ -4,8 +4,8 @@
 
 Rows (each one round of `align --domain safety` from the base model, the same seed):
 - base, SFT on the seeds alone, ICL-kNN, URIAL-style fixed examples (the `--baselines` of one run);
-- ISARA as before issue 15: the rule and novelty filters and the self-rating, nothing else;
-- + consistency: the seeds' vote on the response's kind instead of the rating;
+- ISARA as before issue 15: the rule and novelty filters (the self-rating of then passed everything);
+- + consistency: the seeds' vote on the response's kind;
 - + best-of-n: two answers per request, the one nearest the seeds' responses kept;
 - + rehearsal: the model's own ordinary requests and answers trained with every round;
 - + preference: the rejected answers as DPO pairs (objective sft+pref);
@@ -36,11 +36,14 @@ BEGIN, END = "<!-- bench_ablation -->", "<!-- /bench_ablation -->"
 SUITES = ["safety", "over-refusal", "truthfulness"]
 METRICS = [("safety", "harmful_refusal_rate"), ("safety", "benign_helpfulness_rate"),
            ("over-refusal", "over_refusal_rate"), ("truthfulness", "mc1")]
-BEFORE = {"filters": {"consistency": False, "rate": True, "min_rating": 0.5},
+# Before issue 15 the self-rating passed every sample (all 10/10 at 135M, issue 15's reading of
+# round 1); today's rating (P(yes) from one forward pass) at 0.5 passed none of the 89 candidates it rated.
+# So "before" is the rule and novelty filters alone, which is what the rating then let through.
+BEFORE = {"filters": {"consistency": False, "rate": False},
           "rehearsal": 0, "answers": 1, "objective": "sft"}
 ROWS = [  # name, overrides on top of BEFORE (None: the shipped defaults)
-    ("ISARA before issue 15 (rules, novelty, self-rating)", {}),
-    ("+ consistency with the seeds (instead of the rating)", {"filters": {"consistency": True, "rate": False}}),
+    ("ISARA before issue 15 (rules and novelty; the self-rating then passed everything)", {}),
+    ("+ consistency with the seeds", {"filters": {"consistency": True, "rate": False}}),
     ("+ best-of-2 answers", {"filters": {"consistency": True, "rate": False}, "answers": 2}),
     ("+ rehearsal", {"filters": {"consistency": True, "rate": False}, "answers": 2, "rehearsal": 32}),
     ("+ preference objective (DPO)", {"filters": {"consistency": True, "rate": False}, "answers": 2, "rehearsal": 32,
@@ -76,16 +79,22 @@ def main() -> None:
     work, started, t0 = Path(args.work), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.perf_counter()
     table: list[tuple[str, dict, str]] = []
     for i, (name, row) in enumerate(ROWS):
+        run = work / f"row-{i}"
         try:
-            run = run_row(work, f"row-{i}", overrides(row, args.samples), baselines=(i == 0))
+            run_row(work, f"row-{i}", overrides(row, args.samples), baselines=(i == 0))
         except UserError as e:  # a row that fails (say, its export's parity check) is a result too
-            table.append((name, {"suites": {}}, f"failed: {e}"))
-            continue
-        if i == 0:
+            failed = f"failed: {e}"
+        else:
+            failed = None
+        if i == 0:  # the baselines are evaluated before the round: they stand even if it fails
             for label, sub in (("base", "base"), ("SFT on the seeds alone", "baselines/sft-seeds"),
                                ("ICL-kNN (retrieved seeds in context)", "baselines/icl-knn"),
                                ("URIAL-style (the same seeds in context)", "baselines/urial")):
-                table.append((label, json.loads((run / sub / "eval.json").read_text()), ""))
+                if (run / sub / "eval.json").exists():
+                    table.append((label, json.loads((run / sub / "eval.json").read_text()), ""))
+        if failed:
+            table.append((name, {"suites": {}}, failed))
+            continue
         manifest = json.loads((run / "manifest.json").read_text())["stages"]
         gen = manifest["round-1/generate"]
         note = f"{gen['accepted']} accepted, {gen['rejected']} rejected"

@@ -47,6 +47,8 @@ class TrainConfig:
     # "sft": next-token loss on the chosen responses. "sft+pref": plus DPO (Rafailov et al. 2023) on
     # the samples that carry a rejected answer (best-of-n's losers, refusals of rehearsal requests):
     # the model also learns what not to say, held to its starting point by the reference term.
+    # Measured on safety at 135M: with the rehearsal pairs (the seeds' refusals rejected) it
+    # undoes every refusal (harmful refusal 0.00; docs/benchmarks.md, ablation). Not the default.
     objective: str = "sft"
     pref_beta: float = 0.1  # DPO's beta: how far the policy may move from the reference
     pref_weight: float = 1.0  # the DPO loss's weight beside the SFT loss (each a mean per step)
