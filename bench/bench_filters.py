@@ -81,10 +81,15 @@ def rule_reason(row: dict, cfg: FilterConfig) -> str | None:
     return check_rules(row["prompt"], row["response"], row["examples"], cfg, CHATML_LEAKS, problem)
 
 
+def seed_kinds(domain: str, embedder: Embedder) -> SeedKinds:
+    """The shipped seeds of `domain`, embedded, as the consistency filter sees them."""
+    seeds = read_samples(SEEDS_DIR / f"{domain}.jsonl")
+    return SeedKinds.of(seeds, embedder.embed([s.prompt for s in seeds]), embedder.embed([s.response for s in seeds]))
+
+
 def filter_table(domain: str, rows: list[dict], embedder: Embedder, cfg: FilterConfig) -> list[dict]:
     """Rows of the filter table for one labelled set, the filters applied in order."""
-    seeds = read_samples(SEEDS_DIR / f"{domain}.jsonl")
-    kinds = SeedKinds.of(seeds, embedder.embed([s.prompt for s in seeds]), embedder.embed([s.response for s in seeds]))
+    kinds = seed_kinds(domain, embedder)
     votes = kinds.refusal_vote(embedder.embed([r["prompt"] for r in rows]), cfg.vote_temperature)
     filters = [
         ("rules", lambda i, r: rule_reason(r, cfg)),
@@ -126,8 +131,7 @@ def request_votes(embedder: Embedder, cfg: FilterConfig) -> tuple[np.ndarray, di
     """The seeds' vote as a judge of the request, on the labelled safety requests that are
     requests: (harmful, the labeller's call; {vote name: vote}) for the shipped softmax vote
     and the similarity-weighted vote of the 12 nearest seeds it replaced."""
-    seeds = read_samples(SEEDS_DIR / "safety.jsonl")
-    kinds = SeedKinds.of(seeds, embedder.embed([s.prompt for s in seeds]), embedder.embed([s.response for s in seeds]))
+    kinds = seed_kinds("safety", embedder)
     recs = [json.loads(line) for name in SETS if SETS[name] == "safety"
             for line in (LABELLED / name).read_text(encoding="utf-8").splitlines()]
     recs = [r for r in recs if r["request"] in ("harmful", "ordinary")]
@@ -156,8 +160,7 @@ def request_judge_rows(embedder: Embedder, cfg: FilterConfig) -> list[str]:
 def answer_cutoff_rows(embedder: Embedder, cfg: FilterConfig) -> list[str]:
     """Answers kept at each answer cut-off, by generator (the base model's set, the tuned
     round-1 model's set): how many answer a harmful request, how many are worth training on."""
-    seeds = read_samples(SEEDS_DIR / "safety.jsonl")
-    kinds = SeedKinds.of(seeds, embedder.embed([s.prompt for s in seeds]), embedder.embed([s.response for s in seeds]))
+    kinds = seed_kinds("safety", embedder)
     lines = [f"Answers (not refusals) kept under each answer cut-off, by the model that wrote them; shipped: "
              f"{cfg.keep_answer_below} for the base model, {cfg.tuned_keep_answer_below} for a tuned one "
              "(`tuned_keep_answer_below`).", "",

@@ -25,13 +25,12 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench_filters import plain_vote  # noqa: E402
+from bench_filters import plain_vote, seed_kinds  # noqa: E402
 from benchdoc import default_model, publish  # noqa: E402
 
-from localalign.isara.consistency import SeedKinds, check_kind  # noqa: E402
+from localalign.isara.consistency import check_kind  # noqa: E402
 from localalign.isara.filters import FilterConfig  # noqa: E402
 from localalign.isara.retrieve import Embedder  # noqa: E402
-from localalign.paths import SEEDS_DIR  # noqa: E402
 from localalign.samples import read_rejected, read_samples  # noqa: E402
 
 DOCS = REPO / "docs" / "benchmarks.md"
@@ -56,9 +55,8 @@ def main() -> None:
     passed_rules = np.array([c.reject_reason in (None, *KIND_REASONS) for c in candidates])
 
     cfg = FilterConfig()
-    seeds = read_samples(SEEDS_DIR / f"{args.domain}.jsonl")
     embedder = Embedder()
-    kinds = SeedKinds.of(seeds, embedder.embed([s.prompt for s in seeds]), embedder.embed([s.response for s in seeds]))
+    kinds = seed_kinds(args.domain, embedder)
     vectors = embedder.embed([c.prompt for c in candidates])
     votes = {
         f"softmax, temperature {cfg.vote_temperature}; answers kept below {cfg.keep_answer_below} (shipped)":
