@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from localalign.align import AlignConfig, AlignRun, ModelForm
+from localalign.errors import UserError
 from localalign.isara.filters import FilterConfig
 from localalign.rundir import Manifest
 from localalign.samples import Sample
@@ -66,7 +67,5 @@ def test_the_loop_stops_after_patience_rounds_without_a_better_score(tmp_path):
 
 @pytest.mark.parametrize("value", [-0.1, 1.5])
 def test_the_tuned_cutoff_is_validated(value):
-    from localalign.errors import UserError
-
     with pytest.raises(UserError, match="tuned_keep_answer_below"):
         FilterConfig(tuned_keep_answer_below=value)

@@ -95,10 +95,12 @@ class FilterConfig:
             raise UserError(f"copy_ratio must be in (0, 1], got {self.copy_ratio}")
         if not -1 <= self.novelty_threshold <= 1:
             raise UserError(f"novelty_threshold must be in [-1, 1], got {self.novelty_threshold}")
-        cutoffs = (self.keep_refusal_from, self.keep_answer_below, self.tuned_keep_answer_below)
-        if self.consistency_k < 1 or not all(0 <= c <= 1.01 for c in cutoffs):
-            raise UserError("consistency_k must be >= 1; keep_refusal_from, keep_answer_below and tuned_keep_answer_below "
-                            "in 0..1.01 (1.01: never)")
+        if self.consistency_k < 1:
+            raise UserError(f"consistency_k must be >= 1, got {self.consistency_k}")
+        for name in ("keep_refusal_from", "keep_answer_below", "tuned_keep_answer_below"):
+            if not 0 <= getattr(self, name) <= 1.01:
+                raise UserError(f"{name} must be in 0..1.01 (a share of the seeds' vote; 1.01: never), "
+                                f"got {getattr(self, name)}")
         if not self.vote_temperature > 0:
             raise UserError(f"vote_temperature must be > 0, got {self.vote_temperature}")
         if not 0 <= self.min_rating <= 1:
