@@ -3,6 +3,8 @@
     python bench/bench_gpu.py                    # a CUDA machine: training + generation -> docs/benchmarks.md
     python bench/bench_gpu.py --round            # also a whole 256-sample round by stage -> docs/scaling.md
     python bench/bench_gpu.py --device cpu --tiny --no-docs --round   # a dry run of every path on a CPU
+    python bench/bench_gpu.py --parts train --results r.json   # a run in parts (train while llama.cpp builds),
+    python bench/bench_gpu.py --parts gen,round --results r.json   # then the rest; docs from all of r.json
 
 Needs torch (a CUDA build), transformers and peft; the generation sweep and the round also need
 llama-cpp-python built with CUDA (docs/scaling.md, "One GPU"). No model files: the model is
@@ -17,7 +19,8 @@ What it measures, each in its own process (its own CUDA context and peak memory)
   steps' wall time the GPU spends in kernels, the largest CPU costs, and (ours) the host-device
   syncs CUDA's sync-debug mode reports;
 - generation: BatchGenerator on the model's q8_0 GGUF, all layers offloaded, at several widths
-  and at parallel="auto", the same prompts each;
+  and at parallel="auto" (a setting "+fa" also turns llama.cpp's flash attention on), the same
+  prompts each;
 - `--round`: the stages of a 256-sample round (generation, training, export, evaluation) in one
   process, as `localalign align` runs them. A random model writes no usable sample, so generation
   is a proxy doing the default round's measured work: 360 candidates from 90 few-shot prompts
@@ -34,6 +37,7 @@ import argparse
 import json
 import os
 import random
+import shlex
 import shutil
 import subprocess
 import sys
@@ -58,8 +62,9 @@ STEADY_FROM = 4  # steady tokens/s counts steps 4 on (the first three set kernel
 # The round's generation proxy: the default round's last measured work (see the docstring).
 ROUND = {"candidates": 360, "branches": 4, "k": 4, "request_tokens": 48, "answer_tokens": 155, "samples": 316}
 # A dry run's settings (--device cpu or --tiny), where the command line does not set them.
-DRY = {"samples": 16, "epochs": 1, "profile_steps": "2:3", "gen_prompts": 8, "gen_tokens": 8, "widths": "2,4,auto",
+DRY = {"samples": 16, "epochs": 1, "profile_steps": "2:3", "gen_prompts": 8, "gen_tokens": 8, "widths": "2,4,auto,auto+fa",
        "eval_limit": 2}
+PARTS = ("train", "gen", "round")
 DRY_ROUND = {"candidates": 8, "branches": 2, "k": 2, "request_tokens": 8, "answer_tokens": 8, "samples": 12}
 
 
@@ -94,6 +99,14 @@ def bench_samples(n: int, domain: str | None = None):
     if not samples:
         sys.exit(f"bench_gpu: no seed files in {SEEDS_DIR}")
     return [samples[i % len(samples)] for i in range(n)]
+
+
+def width_setting(text: str) -> tuple[int | str, bool]:
+    """A sweep setting: ("auto" or a number of sequences, flash attention on) from "64", "auto+fa"."""
+    width, _, flag = text.partition("+")
+    if flag not in ("", "fa") or not (width == "auto" or width.isdigit()):
+        raise ValueError(f"--widths wants settings like 32, auto or auto+fa, got {text!r}")
+    return (width if width == "auto" else int(width)), flag == "fa"
 
 
 def profile_window(text: str) -> tuple[int, int]:
@@ -304,15 +317,16 @@ def worker_gen(args) -> dict:
                            "docs/scaling.md) or LOCALALIGN_GPU_LAYERS=0 is set"}
     requests = [s.prompt for s in bench_samples(args.gen_prompts)]
     rows = []
-    for width in args.widths.split(","):
-        cfg = GenerationConfig(parallel=width if width == "auto" else int(width), max_tokens=args.gen_tokens,
-                               n_ctx=args.gen_ctx, threads=args.threads, seed=0)
+    for setting in args.widths.split(","):
+        width, flash = width_setting(setting)
+        cfg = GenerationConfig(parallel=width, max_tokens=args.gen_tokens, n_ctx=args.gen_ctx, threads=args.threads,
+                               seed=0, flash_attn=flash)
         with BatchGenerator(args.gguf, cfg) as g:
             prompts = [g.tokenize(g.chat_prompt([{"role": "user", "content": r}])) for r in requests]
             t0 = time.perf_counter()
             done = g.run(prompts)
             seconds = time.perf_counter() - t0
-            rows.append({"setting": width, "parallel": g.parallel, "tokens": sum(c.n_generated for c in done),
+            rows.append({"setting": setting, "parallel": g.parallel, "tokens": sum(c.n_generated for c in done),
                          "seconds": seconds})
     return {"rows": rows, "prompts": len(requests)}
 
@@ -384,7 +398,8 @@ def run_worker(kind: str, args, **overrides) -> dict:
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in {**vars(args), **overrides}.items()}
     cmd = [sys.executable, __file__, "--worker", kind, "--worker-args", json.dumps(settings)]
     t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)  # keep a caller's extra folders
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=path))
     if proc.returncode != 0:
         sys.exit(f"bench_gpu: worker {kind} failed:\n{proc.stderr[-3000:]}")
     print(f"  {kind}{' (profiled)' if overrides.get('profile') else ''}: {time.perf_counter() - t:.0f} s", file=sys.stderr)
@@ -473,10 +488,18 @@ def generation_section(g: dict) -> list[str]:
     return lines
 
 
-def report(args, r: dict, started: str) -> str:
+TRAIN_RESULTS = ("ours", "hf", "ours_profile", "hf_profile")
+
+
+def runs_line(r: dict) -> str:
+    """The command(s) that measured `r`, with when each started."""
+    return "; then ".join(f"`{run['command']}` on {run['started']}" for run in r["runs"])
+
+
+def report(args, r: dict) -> str:
     dry = " (a dry run on a CPU with a tiny model: the numbers mean nothing)" if args.device != "cuda" else ""
     lines = [
-        f"`python bench/bench_gpu.py{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}` on {started}{dry}.",
+        f"{runs_line(r)}{dry}.",
         machine_line(args) + ".",
         f"Model: SmolLM2-135M's shape{' shrunk to ' + str(TINY) if args.tiny else ''}, random weights, its tokenizer; "
         f"{args.samples} seed samples x {args.epochs} epoch(s), 8 samples per optimizer step; generation on its q8_0 "
@@ -488,15 +511,16 @@ def report(args, r: dict, started: str) -> str:
         "mode reported over those steps (ours reads its summed loss once per step, by design).",
         "",
     ]
-    lines += training_section(args, r) + [""] + generation_section(r["gen"])
-    return "\n".join(lines)
+    train = training_section(args, r) if all(k in r for k in TRAIN_RESULTS) else ["Training: not measured yet."]
+    gen = generation_section(r["gen"]) if "gen" in r else ["Generation sweep: not measured yet."]
+    return "\n".join(lines + train + [""] + gen)
 
 
-def round_section(args, rnd: dict, started: str) -> str:
-    s = rnd["stages"]
+def round_section(args, r: dict) -> str:
+    s = r["round"]["stages"]
     gen, tr, ex, ev = s["generation"], s["training"], s["export"], s["evaluation"]
     return "\n".join([
-        f"`python bench/bench_gpu.py --round` on {started}; {machine_line(args)}. SmolLM2-135M's shape with random "
+        f"{runs_line(r)}; {machine_line(args)}. SmolLM2-135M's shape with random "
         "weights: generation is a proxy of the default round's work (bench/bench_gpu.py says how), an upper bound.",
         "",
         "| stage | seconds | what it did |",
@@ -507,7 +531,7 @@ def round_section(args, rnd: dict, started: str) -> str:
         f"{tr['tokens_per_s']:.0f} tokens/s |",
         f"| export | {ex['seconds']:.1f} | merge, q8_0 GGUF, parity {ex['parity']} |",
         f"| evaluation | {ev['seconds']:.1f} | held-out safety suite, {ev['items']} prompts, {ev['reply_tokens']} reply tokens |",
-        f"| **the round** | **{rnd['total_s']:.0f}** | target: under 180 s on one H100/H200-class GPU |",
+        f"| **the round** | **{r['round']['total_s']:.0f}** | target: under 180 s on one H100/H200-class GPU |",
     ])
 
 
@@ -535,10 +559,13 @@ def parse_args(argv=None):
     ap.add_argument("--gen-prompts", type=int, default=512)
     ap.add_argument("--gen-tokens", type=int, default=128)
     ap.add_argument("--gen-ctx", type=int, default=2048, help="n_ctx per sequence (\"auto\" sizes by it)")
-    ap.add_argument("--widths", default="32,64,128,auto", help="parallel settings to sweep")
+    ap.add_argument("--widths", default="32,64,128,auto,auto+fa", help="parallel settings to sweep (+fa: flash attention)")
     ap.add_argument("--eval-limit", type=int, default=None, help="round: evaluate only the first N prompts")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads [every core]")
     ap.add_argument("--no-docs", action="store_true", help="print only; leave docs/ alone")
+    ap.add_argument("--parts", help=f"what to measure, of {','.join(PARTS)} [train,gen; --round adds round; \"\": none]")
+    ap.add_argument("--results", type=Path, help="a JSON file of results, read where it exists and written after each "
+                                                 "measurement: a run in parts, the report from all of them")
     ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     ap.add_argument("--worker-args", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -550,6 +577,16 @@ def parse_args(argv=None):
             if key not in given:
                 setattr(args, key, value)
     args.round_plan, args.round_epochs = json.dumps(DRY_ROUND if dry else ROUND), 1 if dry else 3
+    parts = args.parts if args.parts is not None else "train,gen" + (",round" if args.round else "")
+    args.parts = tuple(part for part in parts.split(",") if part)  # "": measure nothing, report --results
+    unknown = sorted(set(args.parts) - set(PARTS))
+    if unknown:
+        ap.error(f"--parts: unknown {', '.join(unknown)} (known: {', '.join(PARTS)})")
+    for setting in args.widths.split(","):
+        try:
+            width_setting(setting)
+        except ValueError as e:
+            ap.error(str(e))
     return args
 
 
@@ -558,25 +595,39 @@ def main(argv=None) -> None:
     if args.worker:
         return worker_main(args.worker, args.worker_args)
     preflight(args)
-    profile_window(args.profile_steps)
-    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    last = profile_window(args.profile_steps)[1]
+    from localalign.fsutil import atomic_write_text
+
+    results: dict = json.loads(args.results.read_text()) if args.results and args.results.exists() else {}
+    command = shlex.join(["python", "bench/bench_gpu.py", *(sys.argv[1:] if argv is None else argv)])
+    results.setdefault("runs", []).append({"command": command, "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
     llama = __import__("importlib.util").util.find_spec("llama_cpp") is not None
-    results: dict = {}
+
+    def measure(key: str, kind: str, **overrides) -> None:
+        results[key] = run_worker(kind, args, **overrides)
+        if args.results:  # after each measurement: a later failure or time limit keeps what was measured
+            atomic_write_text(args.results, json.dumps(results, indent=1) + "\n")
+
     with tempfile.TemporaryDirectory(prefix="bench_gpu-") as tmp:
-        args.model = build_model_dir(args.shape, Path(tmp) / "hf", args.tiny)
-        args.gguf = write_q8_gguf(args.model) if llama else None
+        args.model = build_model_dir(args.shape, Path(tmp) / "hf", args.tiny)  # seeded: the same model every call
+        args.gguf = write_q8_gguf(args.model) if llama and {"gen", "round"} & set(args.parts) else None
         print(f"model: {args.model} ({'tiny' if args.tiny else 'full shape'}), gguf: {args.gguf}", file=sys.stderr)
-        results["ours"] = run_worker("ours", args, profile=False)
-        results["hf"] = run_worker("hf", args, profile=False)
-        last = profile_window(args.profile_steps)[1]
-        results["ours_profile"] = run_worker("ours", args, profile=True, epochs=1, samples=max(args.samples, 8 * last))
-        results["hf_profile"] = run_worker("hf", args, profile=True, epochs=1, samples=max(args.samples, 8 * last))
-        results["gen"] = run_worker("gen", args) if llama else {"skipped": "llama-cpp-python is not installed"}
-        if args.round:
-            results["round"] = run_worker("round", args) if llama else None
-    text = report(args, results, started)
+        if "train" in args.parts:
+            measure("ours", "ours", profile=False)
+            measure("hf", "hf", profile=False)
+            # The profiled runs need only reach their window: 8 samples a step, two steps past it.
+            measure("ours_profile", "ours", profile=True, epochs=1, samples=8 * (last + 2))
+            measure("hf_profile", "hf", profile=True, epochs=1, samples=8 * (last + 2))
+        if "gen" in args.parts:
+            if llama:
+                measure("gen", "gen")
+            else:
+                results.setdefault("gen", {"skipped": "llama-cpp-python is not installed"})
+        if "round" in args.parts and llama:
+            measure("round", "round")
+    text = report(args, results)
     print(text)
-    round_text = round_section(args, results["round"], started) if results.get("round") else None
+    round_text = round_section(args, results) if results.get("round") else None
     if round_text:
         print("\n" + round_text)
     if args.no_docs or args.device != "cuda":

@@ -4,6 +4,7 @@ CUDA, and its dry run (`--device cpu --tiny`), which runs every worker on a tiny
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -37,11 +38,26 @@ def test_steady_rate_leaves_out_the_first_steps(bench):
 
 def test_the_dry_run_takes_small_settings_unless_given(bench):
     args = bench.parse_args(["--device", "cpu", "--tiny", "--samples", "40"])
-    assert (args.samples, args.epochs, args.widths, args.eval_limit) == (40, 1, "2,4,auto", 2)
+    assert (args.samples, args.epochs, args.widths, args.eval_limit) == (40, 1, "2,4,auto,auto+fa", 2)
     full = bench.parse_args([])
     assert (full.device, full.samples, full.epochs, full.profile_steps) == ("cuda", 256, 3, "8:12")
     with pytest.raises(ValueError):
         bench.profile_window("3:2")
+
+
+def test_sweep_settings_and_parts_are_checked_before_anything_runs(bench):
+    assert bench.width_setting("64") == (64, False)
+    assert bench.width_setting("auto+fa") == ("auto", True)
+    for bad in ("auto+xx", "wide", "-3"):
+        with pytest.raises(ValueError):
+            bench.width_setting(bad)
+    assert bench.parse_args([]).parts == ("train", "gen")
+    assert bench.parse_args(["--round"]).parts == ("train", "gen", "round")
+    assert bench.parse_args(["--parts", "gen,round"]).parts == ("gen", "round")
+    assert bench.parse_args(["--parts", ""]).parts == ()  # measure nothing: report --results
+    for bad in (["--parts", "train,eval"], ["--widths", "32,auto+x"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(bad)
 
 
 def test_the_shape_it_builds_from_is_the_default_models(bench):
@@ -83,3 +99,18 @@ def test_a_dry_run_exercises_every_path_and_leaves_the_docs_alone():
         assert f"| {stage} |" in out
     assert "docs/ left alone (a dry run)" in proc.stderr
     assert docs == [(REPO / "docs" / n).read_text() for n in ("benchmarks.md", "scaling.md")]
+
+
+@pytest.mark.slow
+def test_a_run_in_parts_keeps_each_measurement_and_reports_them_together(tmp_path):
+    results = tmp_path / "r.json"
+    first = run("--device", "cpu", "--tiny", "--threads", "1", "--parts", "train", "--results", str(results))
+    assert first.returncode == 0, first.stderr[-3000:]
+    saved = json.loads(results.read_text())
+    assert {"ours", "hf", "ours_profile", "hf_profile"} <= set(saved) and "gen" not in saved
+    assert "Generation sweep: not measured yet." in first.stdout
+    again = run("--device", "cpu", "--tiny", "--threads", "1", "--parts", "", "--results", str(results))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "| localalign `train`, defaults" in again.stdout  # from the file: nothing was measured this time
+    assert "--parts train" in again.stdout and "then `python bench/bench_gpu.py --device cpu --tiny --threads 1 --parts '' " in again.stdout
+    assert len(json.loads(results.read_text())["runs"]) == 1  # a call that measures nothing writes nothing back
