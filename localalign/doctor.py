@@ -2,6 +2,7 @@
 
 One screen, one line per topic: the CPU and the flags llama.cpp's kernels use, the llama.cpp
 build (for which CPU, whether it offloads to a GPU), torch and the device training will use,
+whether the two can share a process where both use CUDA,
 free memory, the models home and its free disk, and each registry model (materialized? copy
 check?). Every finding is "ok", a "note" (it works, but slower, or a step will take a minute),
 or a "problem" (something needed is missing or broken); each problem, and each note a command
@@ -13,10 +14,12 @@ loaded in a child process: a build that traps on this CPU (SIGILL) ends the chil
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -125,6 +128,7 @@ def check_llama_cpp(env: Mapping[str, str] = os.environ, probe: Callable[[], dic
     return findings
 
 
+@functools.cache  # two checks read it; one child process is enough
 def probe_llama_cpp() -> dict:
     """Load llama.cpp in a child process: {version, offload, features} or {error}."""
     code = ("import json, localalign.engine.runtime as r; m = r.llama_cpp(); info = m.llama_print_system_info(); "
@@ -179,6 +183,62 @@ def check_torch(env: Mapping[str, str] = os.environ) -> list[Finding]:
                         f"{sys.executable} -m pip install --force-reinstall torch==2.13.0 "
                         "--index-url https://download.pytorch.org/whl/<cuXYZ for your driver>")]
     return [Finding("torch", "ok", text)]
+
+
+# The child of `check_llama_beside_torch`: torch starts CUDA first (as training and the embedder
+# do in align's process), then llama.cpp loads the model with `layers` offloaded.
+BESIDE_TORCH_CHILD = (
+    "import sys, torch; torch.zeros(1, device=sys.argv[2]); "
+    "import localalign.engine.runtime as r; r.load_llama(sys.argv[1], n_ctx=256, n_gpu_layers=int(sys.argv[3])); "
+    "print('loaded')"
+)
+
+
+def load_beside_torch(gguf: Path, device: str = "cuda", layers: int = -1) -> str | None:
+    """Load `gguf` with llama.cpp in a child process that has started torch on `device` first;
+    None when it loads, else why not (the signal that ended the child, or its last error line)."""
+    try:
+        done = subprocess.run([sys.executable, "-c", BESIDE_TORCH_CHILD, str(gguf), device, str(layers)],
+                              capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        return "loading took over 5 minutes"
+    if done.returncode == 0:
+        return None
+    if done.returncode < 0:
+        return f"killed by {signal.Signals(-done.returncode).name}"
+    return (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+
+
+def check_llama_beside_torch(llama_probe: Callable[[], dict] | None = None,
+                             torch_cuda: Callable[[], bool] | None = None,
+                             load: Callable[[Path], str | None] = load_beside_torch) -> list[Finding]:
+    """Where llama.cpp offloads to a GPU and torch has CUDA: can both live in one process, as they
+    do in align (generation beside the embedder, the export's parity check)? On an H200 with torch
+    2.11+cu130 a CUDA llama.cpp died with SIGSEGV loading a model once torch was imported
+    (docs/benchmarks.md, "One GPU"): better a problem here than twenty minutes into a run."""
+    loaded = (llama_probe or probe_llama_cpp)()
+    if not loaded.get("offload") or not (torch_cuda or _torch_has_cuda)():
+        return []  # one of the two runs on the CPU: nothing to share
+    gguf = materialized(DEFAULT_MODEL).gguf
+    if gguf is None:
+        return [Finding("gpu", "note", "llama.cpp and torch both use CUDA; whether they can share a process is "
+                        "checked once the default model is materialized", f"localalign models pull {DEFAULT_MODEL}")]
+    why = load(gguf)
+    if why is None:
+        return [Finding("gpu", "ok", "llama.cpp and torch share a process on CUDA: the default model loaded with "
+                        "every layer offloaded after torch started CUDA")]
+    return [Finding("gpu", "problem", f"llama.cpp's CUDA build does not load a model in a process where torch "
+                    f"uses CUDA ({why}); align runs both in one process and would stop there (docs/benchmarks.md, "
+                    "\"One GPU\"). Building llama.cpp for the CPU keeps training on the GPU",
+                    setup_fix(" LLAMA_GPU=0"))]
+
+
+def _torch_has_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
 
 
 def _nvidia_gpu(env: Mapping[str, str]) -> str | None:
@@ -257,7 +317,7 @@ def _generator_finding(entry, src: Path | None, needed: bool) -> Finding:
 
 # --------------------------------------------------------------------------- the report
 
-CHECKS = (check_cpu, check_llama_cpp, check_torch, check_memory, check_home, check_models)
+CHECKS = (check_cpu, check_llama_cpp, check_torch, check_llama_beside_torch, check_memory, check_home, check_models)
 
 
 def run_checks(checks=None) -> list[Finding]:

@@ -108,3 +108,47 @@ def test_doctor_on_this_machine():
         assert f" {topic} " in result.output
     assert ("ready to run" in result.output) == (result.exit_code == 0)
     print(result.output)
+
+
+# --------------------------------------------------------------------------- llama.cpp beside torch
+
+
+def test_llama_and_torch_sharing_cuda_is_checked_only_where_both_use_it():
+    def load(gguf):
+        raise AssertionError("no child process where one side runs on the CPU")
+
+    offloads = {**LOADED, "offload": True}
+    assert doctor.check_llama_beside_torch(lambda: LOADED, lambda: True, load) == []
+    assert doctor.check_llama_beside_torch(lambda: offloads, lambda: False, load) == []
+    assert doctor.check_llama_beside_torch(lambda: {"error": "killed by SIGILL"}, lambda: True, load) == []
+
+
+def test_a_crash_beside_torch_is_a_problem_whose_fix_builds_llama_cpp_for_the_cpu(monkeypatch, tmp_path):
+    from localalign.models import ModelFiles
+
+    offloads = {**LOADED, "offload": True}
+    gguf = tmp_path / "model.gguf"
+    monkeypatch.setattr(doctor, "materialized", lambda name: ModelFiles("m", None, None))
+    (f,) = doctor.check_llama_beside_torch(lambda: offloads, lambda: True, lambda g: None)
+    assert f.status == "note" and "models pull" in f.fix
+    monkeypatch.setattr(doctor, "materialized", lambda name: ModelFiles("m", gguf, tmp_path))
+    seen = []
+    (f,) = doctor.check_llama_beside_torch(lambda: offloads, lambda: True, lambda g: seen.append(g) or "killed by SIGSEGV")
+    assert seen == [gguf]
+    assert f.status == "problem" and "SIGSEGV" in f.text and "LLAMA_GPU=0" in f.fix
+    (f,) = doctor.check_llama_beside_torch(lambda: offloads, lambda: True, lambda g: None)
+    assert f.status == "ok" and "share a process" in f.text
+
+
+def test_the_child_loads_beside_torch_and_names_what_stopped_it(tiny_gguf, tmp_path, monkeypatch):
+    assert doctor.load_beside_torch(tiny_gguf, device="cpu", layers=0) is None  # torch imported first, then llama.cpp
+    bad = tmp_path / "not.gguf"
+    bad.write_bytes(b"not a gguf file at all")
+    why = doctor.load_beside_torch(bad, device="cpu", layers=0)
+    assert why is not None and "gguf" in why.lower()
+
+    class Killed:
+        returncode, stdout, stderr = -11, "", ""
+
+    monkeypatch.setattr(doctor.subprocess, "run", lambda *a, **k: Killed())
+    assert doctor.load_beside_torch(tiny_gguf) == "killed by SIGSEGV"
