@@ -39,6 +39,7 @@ import os
 import random
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -400,8 +401,9 @@ def run_worker(kind: str, args, **overrides) -> dict:
     t = time.perf_counter()
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)  # keep a caller's extra folders
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=path))
-    if proc.returncode != 0:
-        sys.exit(f"bench_gpu: worker {kind} failed:\n{proc.stderr[-3000:]}")
+    if proc.returncode != 0:  # a signal (a crash inside llama.cpp or CUDA) leaves no stderr: name it
+        why = f"killed by {signal.Signals(-proc.returncode).name}" if proc.returncode < 0 else f"exit code {proc.returncode}"
+        sys.exit(f"bench_gpu: worker {kind} failed ({why}):\n{proc.stderr[-3000:]}")
     print(f"  {kind}{' (profiled)' if overrides.get('profile') else ''}: {time.perf_counter() - t:.0f} s", file=sys.stderr)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -590,6 +592,19 @@ def parse_args(argv=None):
     return args
 
 
+def load_results(path: Path | None) -> dict:
+    """An earlier run's results (--results), {} where there is none yet; one line and out if unreadable."""
+    if path is None or not path.exists():
+        return {}
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        sys.exit(f"bench_gpu: --results {path} is not a results file of this script: {e}")
+    if not isinstance(results, dict) or not isinstance(results.get("runs"), list):
+        sys.exit(f"bench_gpu: --results {path} is not a results file of this script (no \"runs\" list)")
+    return results
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.worker:
@@ -598,7 +613,9 @@ def main(argv=None) -> None:
     last = profile_window(args.profile_steps)[1]
     from localalign.fsutil import atomic_write_text
 
-    results: dict = json.loads(args.results.read_text()) if args.results and args.results.exists() else {}
+    results = load_results(args.results)
+    if not args.parts and not results:
+        sys.exit("bench_gpu: --parts \"\" measures nothing: give it --results FILE of an earlier run to report")
     command = shlex.join(["python", "bench/bench_gpu.py", *(sys.argv[1:] if argv is None else argv)])
     results.setdefault("runs", []).append({"command": command, "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
     llama = __import__("importlib.util").util.find_spec("llama_cpp") is not None
@@ -609,9 +626,10 @@ def main(argv=None) -> None:
             atomic_write_text(args.results, json.dumps(results, indent=1) + "\n")
 
     with tempfile.TemporaryDirectory(prefix="bench_gpu-") as tmp:
-        args.model = build_model_dir(args.shape, Path(tmp) / "hf", args.tiny)  # seeded: the same model every call
-        args.gguf = write_q8_gguf(args.model) if llama and {"gen", "round"} & set(args.parts) else None
-        print(f"model: {args.model} ({'tiny' if args.tiny else 'full shape'}), gguf: {args.gguf}", file=sys.stderr)
+        if args.parts:  # seeded: the same model every call
+            args.model = build_model_dir(args.shape, Path(tmp) / "hf", args.tiny)
+            args.gguf = write_q8_gguf(args.model) if llama and {"gen", "round"} & set(args.parts) else None
+            print(f"model: {args.model} ({'tiny' if args.tiny else 'full shape'}), gguf: {args.gguf}", file=sys.stderr)
         if "train" in args.parts:
             measure("ours", "ours", profile=False)
             measure("hf", "hf", profile=False)

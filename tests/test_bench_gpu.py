@@ -114,3 +114,27 @@ def test_a_run_in_parts_keeps_each_measurement_and_reports_them_together(tmp_pat
     assert "| localalign `train`, defaults" in again.stdout  # from the file: nothing was measured this time
     assert "--parts train" in again.stdout and "then `python bench/bench_gpu.py --device cpu --tiny --threads 1 --parts '' " in again.stdout
     assert len(json.loads(results.read_text())["runs"]) == 1  # a call that measures nothing writes nothing back
+
+
+def test_a_report_from_nothing_or_from_a_bad_results_file_is_one_line(tmp_path):
+    nothing = run("--device", "cpu", "--tiny", "--parts", "", timeout=120)
+    assert nothing.returncode == 1 and nothing.stderr.count("\n") <= 1
+    assert "measures nothing" in nothing.stderr and "--results" in nothing.stderr
+    for text in ("{not json", '{"ours": 1}'):
+        bad = tmp_path / "r.json"
+        bad.write_text(text)
+        proc = run("--device", "cpu", "--tiny", "--parts", "", "--results", str(bad), timeout=120)
+        assert proc.returncode == 1 and proc.stderr.count("\n") <= 1, proc.stderr
+        assert "is not a results file of this script" in proc.stderr
+        assert bad.read_text() == text  # left as it was
+
+
+def test_a_worker_killed_by_a_signal_is_named(bench, monkeypatch):
+    class Killed:
+        returncode, stdout, stderr = -11, "", ""
+
+    monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: Killed())
+    args = bench.parse_args(["--device", "cpu", "--tiny"])
+    with pytest.raises(SystemExit) as e:
+        bench.run_worker("gen", args)
+    assert "worker gen failed (killed by SIGSEGV)" in str(e.value)
