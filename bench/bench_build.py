@@ -82,11 +82,11 @@ def measure(gguf: Path, site: str | None, threads: int) -> dict:
 
 
 def model_files(work: Path) -> dict[str, Path]:
-    from localalign.convert.gguf_writer import write_gguf
+    from localalign.convert.converter import convert_hf
     from localalign.convert.quantize import quantize_gguf
 
     files = default_model()
-    f16 = write_gguf(files.hf_dir, work / "model.f16.gguf", out_type="f16")
+    f16 = convert_hf(files.hf_dir, work / "model.f16.gguf", out_type="f16")
     return {
         "Q4_1 (as shipped)": files.gguf,
         "Q8_0": quantize_gguf(f16, work / "model.q8_0.gguf", "q8_0"),

@@ -80,10 +80,10 @@ def run_batched(gguf: Path, prompts: list[str], cfg: GenerationConfig) -> tuple[
 
 
 def make_q8_0(hf_dir: Path, work: Path) -> Path:
-    from localalign.convert.gguf_writer import write_gguf
+    from localalign.convert.converter import convert_hf
     from localalign.convert.quantize import quantize_gguf
 
-    f16 = write_gguf(hf_dir, work / "model.f16.gguf", out_type="f16")
+    f16 = convert_hf(hf_dir, work / "model.f16.gguf", out_type="f16")
     return quantize_gguf(f16, work / "model.q8_0.gguf", "q8_0")
 
 

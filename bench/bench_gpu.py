@@ -157,10 +157,10 @@ def build_model_dir(shape: Path, out: Path, tiny: bool, seed: int = 0) -> Path:
 
 def write_q8_gguf(hf_dir: Path) -> Path:
     """The model as llama.cpp generates from it in a round: q8_0 (localalign's export)."""
-    from localalign.convert.gguf_writer import write_gguf
+    from localalign.convert.converter import convert_hf
     from localalign.convert.quantize import quantize_gguf
 
-    f16 = write_gguf(hf_dir, hf_dir.parent / "model.f16.gguf", out_type="f16")
+    f16 = convert_hf(hf_dir, hf_dir.parent / "model.f16.gguf", out_type="f16")
     out = quantize_gguf(f16, hf_dir.parent / "model.q8_0.gguf", "q8_0")
     f16.unlink()
     return Path(out)

@@ -83,10 +83,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         gguf, label = files.gguf, "Q4_1 (as shipped)"
         if args.q8:
-            from localalign.convert.gguf_writer import write_gguf
+            from localalign.convert.converter import convert_hf
             from localalign.convert.quantize import quantize_gguf
 
-            gguf = quantize_gguf(write_gguf(files.hf_dir, Path(tmp) / "f16.gguf", out_type="f16"), Path(tmp) / "q8_0.gguf", "q8_0")
+            gguf = quantize_gguf(convert_hf(files.hf_dir, Path(tmp) / "f16.gguf", out_type="f16"), Path(tmp) / "q8_0.gguf", "q8_0")
             label = "Q8_0 (from the HF copy)"
         rows, mc = {}, {}
         with llama_cpp_server(gguf, n_ctx=2048, threads=args.threads) as url:

@@ -232,7 +232,7 @@ def report(args, peak: dict, results: dict, params: int, load_before: str, load_
     lines = [
         f"Model `{args.model.relative_to(REPO) if args.model.is_relative_to(REPO) else args.model}` "
         f"({params / 1e6:.1f}M parameters), {args.samples} seed samples x {args.epochs} epoch(s), "
-        f"LoRA r={cfg.r} on {len(cfg.target_modules)} projections, batch {cfg.batch_size} x accumulation "
+        f"LoRA r={cfg.r} on every attention and MLP projection, batch {cfg.batch_size} x accumulation "
         f"{cfg.grad_accum}, torch threads {args.threads}, "
         f"`{os.cpu_count()}` CPUs.",
         f"fp32 matmul peak (2048^3 torch.mm, best of 5): **{peak['peak_fp32_gflops']:.0f} GFLOP/s**; "

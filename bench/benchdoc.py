@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from localalign.evaluation.report import metric_cell
+from localalign.families import family_of_config
 from localalign.fsutil import atomic_write_text
 from localalign.models import DEFAULT_MODEL, materialized
 
@@ -65,6 +66,7 @@ def hf_lora_model(model_dir, samples, cfg):
     rows = [{"input_ids": e.input_ids, "attention_mask": [1] * len(e.input_ids), "labels": e.labels} for e in data]
     torch.manual_seed(cfg.seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    targets = cfg.target_modules or family_of_config(model.config.to_dict()).lora_targets
     lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                      target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
+                      target_modules=list(targets), bias="none", task_type="CAUSAL_LM")
     return tok, data, rows, get_peft_model(model, lora)

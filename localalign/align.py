@@ -35,6 +35,7 @@ from typing import Callable
 
 from tqdm import tqdm
 
+from localalign.checks.model_input import inspect_model
 from localalign.checks.parity import check_copy
 from localalign.config import from_dict, read_toml, to_dict, to_toml
 from localalign.convert.gguf_to_hf import make_hf_copy
@@ -46,6 +47,8 @@ from localalign.evaluation.html import write_html_report
 from localalign.evaluation.report import metric_cell, write_report
 from localalign.evaluation.run import EvalConfig, check_suites, evaluate, read_eval, write_eval
 from localalign.export.pipeline import export_adapter, export_merged, export_model, modelfile_path
+from localalign import fit
+from localalign.fit import available_memory, check_fits, estimate_round
 from localalign.fsutil import atomic_write_text, commit_temp, temp_path_for
 from localalign.isara.data_report import data_report, format_share
 from localalign.isara.filters import FilterConfig
@@ -227,8 +230,9 @@ class AlignRun:
 
     # ---- set-up
 
-    def check_config(self, resume: bool) -> None:
-        """Write config.toml, or check that the run directory was made with this config."""
+    def check_config(self, resume: bool, seeds: int) -> None:
+        """Write config.toml, or check that the run directory was made with this config; the model
+        is checked (check_model) before config.toml is written."""
         path = self.dir / "config.toml"
         text = to_toml(to_dict(self.config))
         if path.exists():
@@ -243,10 +247,25 @@ class AlignRun:
                     f"{self.dir} was made by a different config (differs in: {', '.join(changed)}); "
                     "use another --run-dir or the same settings"
                 )
+            self.check_model(seeds)
             return
         if resume:
             raise UserError(f"{self.dir}: nothing to resume (no config.toml); drop --resume to start a run")
+        self.check_model(seeds)
         atomic_write_text(path, text)
+
+    def check_model(self, seeds: int) -> None:
+        """The model, checked loudly (family, tokenizer, chat template, end of turn) and costed
+        for this machine before the run writes anything; refused if a round cannot fit in memory."""
+        cfg = self.config
+        files = resolve_model(cfg.model)
+        report = inspect_model(files.name, files.gguf, files.hf_dir)
+        self.log(f"model {cfg.model}:\n{report.describe()}")
+        if not fit.MEASURED:  # TEMPORARY until bench_sizes has run
+            return
+        estimate = estimate_round(report.dims, cfg.samples, seeds, cfg.rehearsal, cfg.train)
+        self.log(estimate.describe(cfg.samples))
+        check_fits(estimate, report.dims, cfg.train, available_memory())
 
     def prepare_base(self) -> tuple[Path, ModelForm]:
         """The base model's HF directory, and the base as the rounds ship it (for round 1's
@@ -258,7 +277,7 @@ class AlignRun:
             hf_dir = base_dir / "hf"
 
             def copy():
-                make_hf_copy(files.gguf, hf_dir)
+                make_hf_copy(files.gguf, hf_dir, log=self.log)
                 report = check_copy(files.gguf, hf_dir)
                 report.write(base_dir / "copy-check.json")
                 if not report.ok:
@@ -408,11 +427,11 @@ class AlignRun:
     def run(self, resume: bool = False) -> Path:
         refuse_under_launcher("align")  # generation/export/eval are one process; see docs/scaling.md
         cfg = self.config
+        seeds = load_seeds(cfg.seeds_path(), self.log)
         self.dir.mkdir(parents=True, exist_ok=True)
         with RunLock(self.dir, log=self.log):
-            self.check_config(resume)
+            self.check_config(resume, len(seeds) if cfg.train_on_seeds else 0)
             self.manifest = Manifest.load(self.dir)
-            seeds = load_seeds(cfg.seeds_path(), self.log)
             base_hf, base_form = self.prepare_base()
             results: dict[str, dict] = {"base": self.evaluate("base/eval", base_form, self.dir / "base" / "eval.json")}
             base_score = primary_score(cfg, results["base"])

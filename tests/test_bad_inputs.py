@@ -248,7 +248,7 @@ def test_gguf_of_an_unsupported_architecture(ws):
     w.close()
     with unchanged(ws):
         out = cli("align", "--domain", "safety", "--model", ws / "mamba.gguf", "--run-dir", ws / "run")
-    assert_refused(out, "architecture 'mamba' is not supported (supported: llama, qwen2)")
+    assert_refused(out, "GGUF architecture 'mamba' is not a family localalign supports; supported: llama")
 
 
 @pytest.fixture
@@ -318,13 +318,13 @@ def test_chat_template_reaching_for_os_in_an_hf_directory(ws, hf_copy):
 
 
 def test_chat_template_reaching_for_subprocess_in_a_gguf(ws, hf_copy):
-    from localalign.convert.gguf_writer import write_gguf
+    from localalign.convert.converter import convert_hf
 
     marker = ws.parent / f"{ws.name}-pwned-gguf-template"
     evil = ("{% set sp = messages.__class__.__mro__[1].__subclasses__() %}"
             "{{ sp | selectattr('__name__', 'equalto', 'Popen') | first }}{{ 'touch " + str(marker) + "' }}")
     (hf_copy / "chat_template.jinja").write_text(evil)
-    write_gguf(hf_copy, ws / "evil.gguf", "f32")
+    convert_hf(hf_copy, ws / "evil.gguf", "f32")
     with unchanged(ws):
         assert_refused(cli("chat", "--model", ws / "evil.gguf", input="hi\n"), "chat template refused by the sandbox")
     assert not marker.exists()
@@ -338,7 +338,14 @@ def align_in(run_dir: Path, *extra) -> tuple:
 
 
 def test_run_directory_made_by_a_different_config(ws):
-    assert_refused(cli(*align_in(ws / "run", "--samples", 5)), "unknown model")  # leaves config.toml
+    from localalign.align import load_config
+    from localalign.config import to_dict, to_toml
+
+    # an unknown model is refused before config.toml is written: nothing is left
+    assert_refused(cli(*align_in(ws / "run", "--samples", 5)), "unknown model")
+    assert not (ws / "run" / "config.toml").exists()
+    config = load_config(None, {"domain": "safety", "model": "nosuchmodel", "samples": 5})
+    (ws / "run" / "config.toml").write_text(to_toml(to_dict(config)))  # a run made with --samples 5
     with unchanged(ws):
         out = cli(*align_in(ws / "run", "--samples", 6))
     assert_refused(out, "was made by a different config (differs in: samples)")

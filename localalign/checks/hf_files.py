@@ -6,8 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from localalign.chat import TemplateRefused, render_chat
-from localalign.convert.hf_reader import read_chat_template
+from localalign.chat import TemplateRefused, read_hf_chat_template, render_chat
 from localalign.errors import UserError
 
 # Formats that unpickle, and so can run code on load; localalign never reads them.
@@ -33,7 +32,7 @@ def check_hf_dir(d: Path) -> None:
         check_safetensors_header(w)
     if not (d / "tokenizer.json").is_file():
         raise UserError(f"{d}: no tokenizer (tokenizer.json)")
-    template = _chat_template(d)
+    template = read_hf_chat_template(d)
     if not template:
         raise UserError(f"{d}: the tokenizer has no chat template (chat_template.jinja or tokenizer_config.json)")
     # transformers renders it in a sandbox too, but its refusal would surface as a traceback
@@ -70,16 +69,3 @@ def check_safetensors_header(path: Path) -> None:
             header = None
     if not isinstance(header, dict):
         raise UserError(f"{path}: not a safetensors file (header is not a JSON object)")
-
-
-def _chat_template(d: Path) -> str | None:
-    """The template as transformers 5 loads it (hf_reader.read_chat_template), or None."""
-    try:
-        config = json.loads((d / "tokenizer_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        config = {}
-    try:
-        template = read_chat_template(d, config if isinstance(config, dict) else {})
-    except UnicodeDecodeError:
-        raise UserError(f"{d / 'chat_template.jinja'}: not valid UTF-8") from None
-    return template if isinstance(template, str) else None

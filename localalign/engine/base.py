@@ -13,8 +13,9 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterable, Protocol, Sequence
 
-from localalign.chat import render_chat
+from localalign.chat import render_conversation
 from localalign.errors import UserError
+from localalign.families import Family, find_gguf_family
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -165,6 +166,7 @@ class GGUFText:
 
     llm: Llama
     template: str
+    family: Family | None  # from the GGUF's general.architecture; None for a family not in the table
     config: GenerationConfig
     counts: TokenCounts
 
@@ -214,18 +216,32 @@ class GGUFText:
         self.close()
 
     def tokenize(self, text: str) -> list[int]:
-        """Tokens of `text`, special tokens parsed, BOS added if the model wants one."""
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+        """Tokens of `text`, special tokens parsed, BOS added if the model wants one and the text
+        does not write it itself (a chat template that opens with {{ bos_token }})."""
+        bos = self.llm.token_bos()
+        writes_bos = bos >= 0 and text.startswith(self.llm._model.token_get_text(bos))
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=not writes_bos, special=True)
 
     def tokenize_continuation(self, text: str) -> list[int]:
         """Tokens of text that continues a sequence (no BOS)."""
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
 
     def chat_prompt(self, messages: list[dict]) -> str:
-        """`messages` in the GGUF's own chat template, ending where the assistant speaks."""
+        """`messages` in the GGUF's own chat template, ending where the assistant speaks, rendered
+        as the trainer renders them (the family's template variables, its system-role rule)."""
         bos = self.llm._model.token_get_text(self.llm.token_bos()) if self.llm.token_bos() >= 0 else ""
         eos = self.llm._model.token_get_text(self.llm.token_eos()) if self.llm.token_eos() >= 0 else ""
-        return render_chat(self.template, messages, add_generation_prompt=True, bos_token=bos, eos_token=eos)
+        return render_conversation(self.template, messages, self.family, {"bos_token": bos, "eos_token": eos})
+
+
+def chat_template_of(metadata: dict) -> tuple[str, Family | None]:
+    """The chat template a GGUF is prompted with and its family: the GGUF's own template, else
+    (a base model's GGUF) its family's (families.py), else ""."""
+    family = find_gguf_family(metadata.get("general.architecture"))
+    template = metadata.get("tokenizer.chat_template") or ""
+    if not template and family is not None and family.fallback_template:
+        template = family.fallback_template
+    return template, family
 
 
 def turn_budgets(max_tokens: int | Sequence[int] | None, n_turns: int, default: int) -> list[int]:

@@ -223,19 +223,19 @@ def python_tag(python: str) -> str:
 
 
 def ensure_wheel(spec: BuildSpec, python: str, house: Path, log: Callable[[str], None] = print) -> Path:
-    """The wheel for `spec`, built once (pip's cache off) into house/<spec.dirname>/."""
+    """The wheel for `spec`, built once (pip's cache off) into house/<spec.dirname>/, from the
+    source distribution `ensure_sdist` keeps."""
     target = house / spec.dirname
     wheels = sorted(target.glob("llama_cpp_python-*.whl"))
     if wheels:
         return wheels[0]
-    house.mkdir(parents=True, exist_ok=True)
+    sdist = ensure_sdist(python, house, log)
     tmp = Path(tempfile.mkdtemp(prefix=f".{spec.dirname}-", dir=house))
     log(f"building {LLAMA_CPP_PYTHON}=={spec.version} from source ({spec.kind}, key {spec.key}); "
         "about 6 min on a quiet 2-core box, once per CPU type")
     t0 = time.monotonic()
     env = {**os.environ, **spec.environment()}
-    cmd = [python, "-m", "pip", "wheel", "--no-deps", "--no-cache-dir", "--no-binary", LLAMA_CPP_PYTHON,
-           f"{LLAMA_CPP_PYTHON}=={spec.version}", "-w", str(tmp)]
+    cmd = [python, "-m", "pip", "wheel", "--no-deps", "--no-cache-dir", str(sdist), "-w", str(tmp)]
     try:
         subprocess.run(cmd, env=env, check=True)
         record = {**dataclasses.asdict(spec), "kind": spec.kind, "key": spec.key, "build_seconds": round(time.monotonic() - t0, 1),
@@ -247,6 +247,78 @@ def ensure_wheel(spec: BuildSpec, python: str, house: Path, log: Callable[[str],
         raise
     log(f"built in {time.monotonic() - t0:.0f} s: {target}")
     return sorted(target.glob("llama_cpp_python-*.whl"))[0]
+
+
+SDIST_DIR = f"{LLAMA_CPP_PYTHON}-{LLAMA_CPP_VERSION}-sdist"  # in the wheelhouse: the source, once per version
+CONVERTER_DIR = f"llama.cpp-converter-{LLAMA_CPP_VERSION}"  # in the wheelhouse: the converters, once per version
+# What the export needs of llama.cpp's source tree (vendor/llama.cpp/ in the source distribution):
+# its two converters, the per-family modules they import and the gguf-py they were written with.
+CONVERTER_FILES = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion", "gguf-py", "LICENSE")
+
+
+def ensure_sdist(python: str, house: Path, log: Callable[[str], None] = print) -> Path:
+    """llama-cpp-python's source distribution, downloaded once per version into the wheelhouse
+    (the wheel is built from it and the converters are taken from it)."""
+    folder = house / SDIST_DIR
+    found = sorted(folder.glob("llama_cpp_python-*.tar.gz"))
+    if found:
+        return found[0]
+    house.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{SDIST_DIR}-", dir=house))
+    log(f"downloading the {LLAMA_CPP_PYTHON}=={LLAMA_CPP_VERSION} source distribution (77 MB, once)")
+    cmd = [python, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+           f"{LLAMA_CPP_PYTHON}=={LLAMA_CPP_VERSION}", "-d", str(tmp)]
+    try:
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        if not list(tmp.glob("llama_cpp_python-*.tar.gz")):
+            raise RuntimeError(f"pip download left no source distribution of {LLAMA_CPP_PYTHON} in {tmp}")
+        os.rename(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return sorted(folder.glob("llama_cpp_python-*.tar.gz"))[0]
+
+
+def extract_converter(sdist: Path, out: Path) -> Path:
+    """CONVERTER_FILES of the source distribution's vendor/llama.cpp/ into `out` (whole or absent)."""
+    import tarfile
+
+    if (out / "convert_hf_to_gguf.py").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        with tarfile.open(sdist) as tar:
+            root = f"{LLAMA_CPP_PYTHON.replace('-', '_')}-{LLAMA_CPP_VERSION}/vendor/llama.cpp/"
+            wanted = [m for m in tar.getmembers() if m.name.startswith(root)
+                      and m.name[len(root):].split("/")[0] in CONVERTER_FILES and (m.isfile() or m.isdir())]
+            for member in wanted:
+                member.name = member.name[len(root):]
+            tar.extractall(tmp, members=wanted, filter="data")
+        if not (tmp / "convert_hf_to_gguf.py").is_file():
+            raise RuntimeError(f"{sdist} holds no vendor/llama.cpp/convert_hf_to_gguf.py")
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def converter_dir(env: Mapping[str, str] = os.environ) -> Path:
+    """Where llama.cpp's converters are: LOCALALIGN_CONVERTER if set, else the wheelhouse's copy."""
+    if env.get("LOCALALIGN_CONVERTER"):
+        return Path(env["LOCALALIGN_CONVERTER"])
+    return wheelhouse(env) / CONVERTER_DIR
+
+
+def ensure_converter(python: str, env: Mapping[str, str] = os.environ, log: Callable[[str], None] = print) -> Path:
+    """llama.cpp's converters of the pinned version, kept beside the keyed wheels (CPU-independent)."""
+    out = converter_dir(env)
+    if (out / "convert_hf_to_gguf.py").is_file():
+        return out
+    path = extract_converter(ensure_sdist(python, wheelhouse(env), log), out)
+    log(f"llama.cpp's converters ({LLAMA_CPP_VERSION}) in {path}")
+    return path
 
 
 def environment_prefix(python: str) -> Path:
@@ -267,6 +339,7 @@ def installed_record(python: str) -> dict | None:
 
 def install(python: str, env: Mapping[str, str] = os.environ, log: Callable[[str], None] = print) -> None:
     """Build (once per key) and install the llama-cpp-python wheel that fits this machine."""
+    ensure_converter(python, env, log)
     gpu = plan_gpu(env)
     spec = build_spec(gpu, python_tag(python))
     current = installed_record(python)

@@ -28,6 +28,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from localalign.engine.base import (
+    chat_template_of,
     Completion,
     Decoding,
     GenerationConfig,
@@ -84,7 +85,7 @@ class BatchGenerator(GGUFText):
         self.llm = load_llama(gguf_path, n_ctx=256, n_batch=64, threads=self._threads, lora_path=lora_path)
         self.model = self.llm._model.model
         self.vocab = self.llm._model.vocab
-        self.template = self.llm.metadata.get("tokenizer.chat_template", "")
+        self.template, self.family = chat_template_of(self.llm.metadata)
         self.n_vocab = self.lib.llama_vocab_n_tokens(self.vocab)
         self._piece_cache: dict[int, bytes] = {}
         self.lora_path = lora_path

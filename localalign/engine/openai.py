@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Sequence
 
 from localalign.engine.base import (
+    chat_template_of,
     BackendConfig,
     Completion,
     Decoding,
@@ -141,7 +142,7 @@ class OpenAIGenerator(GGUFText):
         self.counts = TokenCounts()
         self.gguf_path = Path(gguf_path)
         self.llm = load_llama(gguf_path, vocab_only=True)
-        self.template = self.llm.metadata.get("tokenizer.chat_template", "")
+        self.template, self.family = chat_template_of(self.llm.metadata)
         self.n_ctx_seq = config.n_ctx
         self.client = OpenAIClient(backend)
         self.url = self.client.root + "/v1/completions"

@@ -15,11 +15,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import gguf
+from typing import Any, Mapping
 
-from localalign.chat import Message, render_chat
-from localalign.convert.hf_reader import id_list, read_config, read_vocab, special_id
+from localalign.chat import Message, read_hf_chat_template, render_chat
 from localalign.errors import UserError
+from localalign.families import end_of_turn_ids, family_of_config, template_variables
 from localalign.fsutil import atomic_write_text
 
 ROLES = ("system", "user", "assistant")
@@ -47,11 +47,13 @@ def _tail(full: str, head: str) -> str:
     return full[len(head) :]
 
 
-def chat_affixes(template: str, bos_token: str = "", eos_token: str = "") -> ChatAffixes:
+def chat_affixes(template: str, bos_token: str = "", eos_token: str = "",
+                 variables: Mapping[str, Any] | None = None) -> ChatAffixes:
     """Measure per-role prefix/suffix of a chat template; ValueError if it is not of that shape."""
 
     def render(messages: list[Message], gen: bool = False) -> str:
-        return render_chat(template, messages, add_generation_prompt=gen, bos_token=bos_token, eos_token=eos_token)
+        return render_chat(template, messages, add_generation_prompt=gen, bos_token=bos_token, eos_token=eos_token,
+                           variables=variables)
 
     sys_msg = {"role": "system", "content": _MARK.format("S")}
     user_msg = {"role": "user", "content": _MARK.format("U")}
@@ -113,13 +115,17 @@ _CHECK_CONVERSATIONS: list[list[Message]] = [
 ]
 
 
-def translate_template(template: str, bos_token: str = "", eos_token: str = "") -> str:
-    """The Go template equivalent of a Jinja chat template; ValueError where there is none."""
-    a = chat_affixes(template, bos_token, eos_token)
+def translate_template(template: str, bos_token: str = "", eos_token: str = "",
+                       variables: Mapping[str, Any] | None = None) -> str:
+    """The Go template equivalent of a Jinja chat template rendered with `variables` (Qwen3's
+    `enable_thinking = False` becomes an empty think block in the generation prompt, as the
+    model was trained); ValueError where there is none."""
+    a = chat_affixes(template, bos_token, eos_token, variables)
     for conv in _CHECK_CONVERSATIONS:
         # Ollama treats a trailing assistant message as a reply to continue: no generation prompt.
         for gen in (True, False) if conv[-1]["role"] != "assistant" else (False,):
-            want = render_chat(template, conv, add_generation_prompt=gen, bos_token=bos_token, eos_token=eos_token)
+            want = render_chat(template, conv, add_generation_prompt=gen, bos_token=bos_token, eos_token=eos_token,
+                               variables=variables)
             if render_with_affixes(a, conv, gen) != want:
                 raise ValueError(f"prefix/suffix rebuild differs from the template on {conv!r}")
     text = go_template(a)
@@ -135,6 +141,7 @@ def modelfile_text(
     bos_token: str = "",
     eos_token: str = "",
     adapter_path: str | None = None,
+    variables: Mapping[str, Any] | None = None,
 ) -> str:
     """Modelfile text: FROM, optional ADAPTER, TEMPLATE, one `PARAMETER stop` per stop string."""
     lines = ["# Written by localalign export. Create the model with: ollama create NAME -f THIS_FILE", f"FROM {from_path}"]
@@ -142,7 +149,7 @@ def modelfile_text(
         lines.append(f"ADAPTER {adapter_path}")
     if template:
         try:
-            lines.append(f'TEMPLATE """{translate_template(template, bos_token, eos_token)}"""')
+            lines.append(f'TEMPLATE """{translate_template(template, bos_token, eos_token, variables)}"""')
         except (ValueError, UserError) as e:
             lines.append(f"# No TEMPLATE: the chat template could not be translated to Ollama's format ({e}).")
     else:
@@ -161,25 +168,48 @@ def write_modelfile(path: str | Path, text: str) -> Path:
 
 def modelfile_for(hf_dir: Path, from_path: str, adapter: str | None = None) -> str:
     """Modelfile text for an export of `hf_dir`: template and stop strings from its tokenizer."""
-    config = read_config(hf_dir)
-    vocab = read_vocab(hf_dir, config["vocab_size"])
-    gen_path = hf_dir / "generation_config.json"
-    gen = json.loads(gen_path.read_text(encoding="utf-8")) if gen_path.is_file() else {}
-    tcfg_path = hf_dir / "tokenizer_config.json"
-    tcfg = json.loads(tcfg_path.read_text(encoding="utf-8")) if tcfg_path.is_file() else {}
-    tj = json.loads((hf_dir / "tokenizer.json").read_text(encoding="utf-8"))
-    bos_id, eos_id = special_id(tj, tcfg, "bos"), special_id(tj, tcfg, "eos")
-    bos = vocab.tokens[bos_id] if bos_id is not None else ""
-    eos = vocab.tokens[eos_id] if eos_id is not None else ""
-    stop_ids = id_list(eos_id) + id_list(gen.get("eos_token_id")) + id_list(config.get("eos_token_id"))
-    stops = list(dict.fromkeys(vocab.tokens[i] for i in stop_ids))
-    if vocab.chat_template:
+    config = _json(hf_dir / "config.json")
+    family = family_of_config(config, hf_dir)
+    tokens, control = _tokenizer_tokens(hf_dir)
+    tcfg = _json(hf_dir / "tokenizer_config.json")
+    bos, eos = _special_text(tcfg, "bos_token"), _special_text(tcfg, "eos_token")
+    eos_ids = [tokens.index(eos)] if eos in tokens else []
+    for source in (_json(hf_dir / "generation_config.json"), config):
+        value = source.get("eos_token_id")
+        eos_ids += [int(v) for v in value] if isinstance(value, list) else [int(value)] if value is not None else []
+    vocab = {t: i for i, t in enumerate(tokens) if t}
+    stops = list(dict.fromkeys(tokens[i] for i in end_of_turn_ids(family, vocab, eos_ids) if i < len(tokens)))
+    template = read_hf_chat_template(hf_dir)
+    variables = template_variables(family)
+    if template:
         # The special token that opens a user turn: a model that starts writing the user's
         # next turn has finished its own (Ollama's ChatML models stop on it too).
         try:
-            user_prefix = chat_affixes(vocab.chat_template, bos, eos).prefix["user"]
-            control = [t for t, ty in zip(vocab.tokens, vocab.types) if ty == gguf.TokenType.CONTROL and t]
+            user_prefix = chat_affixes(template, bos, eos, variables).prefix["user"]
             stops += [t for t in control if user_prefix.startswith(t) and t not in stops][:1]
         except (ValueError, UserError):
             pass
-    return modelfile_text(from_path, vocab.chat_template, stops, bos, eos, adapter_path=adapter)
+    return modelfile_text(from_path, template, stops, bos, eos, adapter_path=adapter, variables=variables)
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _special_text(tokenizer_config: dict, key: str) -> str:
+    entry = tokenizer_config.get(key)
+    text = entry.get("content") if isinstance(entry, dict) else entry
+    return text if isinstance(text, str) else ""
+
+
+def _tokenizer_tokens(hf_dir: Path) -> tuple[list[str], list[str]]:
+    """(token text by id, the special added tokens) of the directory's tokenizer.json."""
+    from tokenizers import Tokenizer  # not transformers: importing it costs seconds
+
+    path = hf_dir / "tokenizer.json"
+    if not path.is_file():
+        raise UserError(f"{hf_dir}: no tokenizer.json")
+    tok = Tokenizer.from_file(str(path))
+    tokens = [tok.id_to_token(i) or "" for i in range(tok.get_vocab_size(with_added_tokens=True))]
+    added = json.loads(path.read_text(encoding="utf-8")).get("added_tokens", [])
+    return tokens, [t["content"] for t in added if t.get("special")]

@@ -22,8 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 from localalign.checks.parity import ParityReport, check_export
-from localalign.convert.gguf_writer import OUT_TYPES, write_gguf
-from localalign.convert.lora_writer import write_lora_gguf
+from localalign.convert.converter import OUT_TYPES, convert_hf, convert_lora, model_name
 from localalign.convert.quantize import QUANT_TYPES, quantize_gguf
 from localalign.errors import UserError
 from localalign.export.modelfile import modelfile_for, write_modelfile
@@ -38,9 +37,11 @@ def export_model(
     quant: str | None = None,
     out_type: str = "f16",
     check: bool = True,
+    name: str | None = None,
 ) -> ParityReport:
     """Write `out_path` (GGUF of `out_type`, quantized to `quant` if given), its Modelfile
-    and `<out>.parity.json`; returns the ParityReport.
+    and `<out>.parity.json`; returns the ParityReport. `name`: its general.name (default: the
+    model's own, converter.model_name).
 
     The file reaches `out_path` only after it passed the parity check. A file that fails is
     kept for inspection as `<stem>.parity-failed.gguf` with its report beside it, and a
@@ -54,11 +55,11 @@ def export_model(
     unchecked = out_path.with_name(f".{out_path.name}.unchecked")
     try:
         if quant is None:
-            write_gguf(hf_dir, unchecked, out_type)
+            convert_hf(hf_dir, unchecked, out_type, name)
         else:
             intermediate = out_path.with_name(f".{out_path.name}.{out_type}")
             try:
-                write_gguf(hf_dir, intermediate, out_type)
+                convert_hf(hf_dir, intermediate, out_type, name)
                 quantize_gguf(intermediate, unchecked, quant)
             finally:
                 intermediate.unlink(missing_ok=True)
@@ -79,10 +80,12 @@ def export_merged(
     out_type: str = "f16",
     check: bool = True,
 ) -> ParityReport:
-    """`export_model` of base + adapter, merged in a scratch directory beside `out_path`."""
+    """`export_model` of base + adapter, merged in a scratch directory beside `out_path`; named
+    as the base is (llama.cpp keys some behaviour on general.name)."""
     out_path = Path(out_path)
     with merged_model(base_hf_dir, adapter_dir, out_path.resolve().parent) as merged:
-        return export_model(merged, out_path, quant=quant, out_type=out_type, check=check)
+        return export_model(merged, out_path, quant=quant, out_type=out_type, check=check,
+                            name=model_name(Path(base_hf_dir)))
 
 
 def export_adapter(
@@ -99,7 +102,8 @@ def export_adapter(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     unchecked = out_path.with_name(f".{out_path.name}.unchecked")
     try:
-        write_lora_gguf(adapter_dir, base_hf_dir, unchecked)
+        check_lora_exportable(adapter_dir)
+        convert_lora(adapter_dir, base_hf_dir, unchecked)
         if check:
             with merged_model(base_hf_dir, adapter_dir, out_path.parent) as merged:
                 report = _check_or_skip(True, merged, base_gguf, lora_path=unchecked)
@@ -114,6 +118,32 @@ def export_adapter(
         unchecked.unlink(missing_ok=True)
         raise
     return report
+
+
+def check_lora_exportable(adapter_dir: Path) -> None:
+    """Refuse an adapter a GGUF LoRA cannot carry, before anything is written: each of these
+    changes what the adapter computes in a way llama.cpp's LoRA (scale alpha / r) cannot express."""
+    import json
+
+    path = adapter_dir / "adapter_config.json"
+    if not path.is_file():
+        raise UserError(f"{adapter_dir}: not a PEFT adapter directory (no adapter_config.json)")
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    if cfg.get("peft_type") != "LORA":
+        raise UserError(f"{adapter_dir}: adapter type {cfg.get('peft_type')!r} is not LoRA")
+    unsupported = {
+        "use_dora": bool(cfg.get("use_dora")),
+        "use_rslora": bool(cfg.get("use_rslora")),  # scales by alpha / sqrt(r)
+        "rank_pattern": bool(cfg.get("rank_pattern")),
+        "alpha_pattern": bool(cfg.get("alpha_pattern")),
+        "modules_to_save": bool(cfg.get("modules_to_save")),
+        "bias": cfg.get("bias", "none") != "none",
+    }
+    if bad := [k for k, v in unsupported.items() if v]:
+        raise UserError(
+            f"{adapter_dir}: adapter uses {', '.join(bad)}, which a GGUF LoRA adapter cannot carry; "
+            "export the merged model instead (drop --adapter-only)"
+        )
 
 
 @contextmanager

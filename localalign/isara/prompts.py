@@ -76,19 +76,23 @@ def chat_markers(render: Render) -> ChatMarkers:
     )
     if not all(s in text for s in _SENTINELS):
         raise ValueError("the chat template drops message contents")
-    then = text[text.index(one) + len(one) : text.index(two)]
+    between = text[text.index(one) + len(one) : text.index(two)]
     next_turn = text[text.index(two) + len(two) : text.index(three)]
     tail = text[text.index(three) + len(three) :]
-    if tail != then:
-        raise ValueError(f"the chat template closes user turns inconsistently: {then!r} vs {tail!r}")
-    found = list(_TEMPLATE_TOKEN.finditer(then))
-    # `then` is close + open ("<|im_end|>\n" + "<|im_start|>assistant\n"): the opening starts
+    if not tail.startswith(between):
+        raise ValueError(f"the chat template closes user turns inconsistently: {between!r} vs {tail!r}")
+    # What opens the reply to the last request may carry more than an earlier turn's opening:
+    # Qwen3 without thinking writes an empty think block there. The model answers after it,
+    # as it was trained (train/data.py renders the last turn the same way).
+    then = tail
+    found = list(_TEMPLATE_TOKEN.finditer(between))
+    # `between` is close + open ("<|im_end|>\n" + "<|im_start|>assistant\n"): the opening starts
     # at the second template token; a template without such tokens gets the whole separator.
     start = found[1].start() if len(found) > 1 else 0
-    assistant_open = then[start:]
+    assistant_open = between[start:]
     opener_tokens = _TEMPLATE_TOKEN.findall(assistant_open)
     turn_start = opener_tokens[0] if opener_tokens else assistant_open.strip()
-    template_tokens = set(_TEMPLATE_TOKEN.findall(then + next_turn))
+    template_tokens = set(_TEMPLATE_TOKEN.findall(between + next_turn))
     leak = tuple(dict.fromkeys([*sorted(template_tokens), *COMMON_LEAK_MARKERS]))
     return ChatMarkers(then, next_turn, assistant_open, turn_start, leak)
 

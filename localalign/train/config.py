@@ -8,9 +8,6 @@ from pathlib import Path
 from localalign.errors import UserError
 from localalign.train.data import BATCHING
 
-# Every attention and MLP projection of a Llama/Qwen2 block. Not lm_head or the embeddings:
-# with SmolLM2's tied embeddings an adapter on them cannot be exported to a GGUF LoRA.
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ROUND_POLICIES = ("from_base", "continue")
 OBJECTIVES = ("sft", "sft+pref")
 DEVICES = ("auto", "cpu", "cuda")
@@ -25,7 +22,9 @@ class TrainConfig:
     alpha: float = 32.0  # update scale alpha/r = 2, the usual peft default pairing with r=16
     dropout: float = 0.0  # peft keeps a dropped-out copy of each target's input: ~450 MB more peak
     #   memory for 135M at batch 4 (measured), and mlx-lm also defaults to 0; set 0.05 to regularize
-    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    # The linear layers LoRA trains. None: the model family's (families.py: every attention and MLP
+    # projection, fused ones for Phi-3), never lm_head or the embeddings (tied: not exportable).
+    target_modules: tuple[str, ...] | None = None
     # --- optimization
     # The lever that moves a small model. SmolLM2-135M on the 60 safety seeds + 24 generated
     # samples, held-out harmful refusal / benign helpfulness (base: 0.04 / 1.00): 2e-4 x 2 epochs
@@ -80,8 +79,8 @@ class TrainConfig:
         need(self.r >= 1, f"r must be >= 1, got {self.r}")
         need(self.alpha > 0, f"alpha must be > 0, got {self.alpha}")
         need(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
-        need(len(self.target_modules) > 0, "target_modules is empty")
-        bad = [m for m in self.target_modules if "lm_head" in m or "embed" in m]
+        need(self.target_modules is None or len(self.target_modules) > 0, "target_modules is empty")
+        bad = [m for m in self.target_modules or () if "lm_head" in m or "embed" in m]
         need(not bad, f"target_modules {bad}: adapters on embeddings/lm_head cannot be exported")
         need(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
         need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]")

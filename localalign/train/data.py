@@ -28,6 +28,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from localalign.errors import UserError
+from localalign.chat import render_conversation
+from localalign.families import Family
+from localalign.families import end_of_turn_ids as family_end_of_turn_ids
 from localalign.samples import Sample
 
 IGNORE = -100  # label of a position without loss (PyTorch's cross_entropy ignore_index)
@@ -49,13 +52,15 @@ class Encoded:
         return sum(1 for x in self.labels if x != IGNORE)
 
 
-def end_of_turn_ids(tokenizer, hf_dir: str | Path | None = None) -> set[int]:
-    """Token ids that end an assistant turn: the tokenizer's eos plus generation_config's eos ids."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+def end_of_turn_ids(tokenizer, hf_dir: str | Path | None = None, family: Family | None = None) -> set[int]:
+    """Token ids that end an assistant turn: the tokenizer's eos, generation_config's eos ids and
+    the family's end-of-turn tokens (families.end_of_turn_ids)."""
+    eos: list[int | None] = [tokenizer.eos_token_id]
     gen = Path(hf_dir) / "generation_config.json" if hf_dir is not None else None
     if gen is not None and gen.exists():
-        eos = json.loads(gen.read_text()).get("eos_token_id")
-        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        value = json.loads(gen.read_text()).get("eos_token_id")
+        eos += value if isinstance(value, list) else [value]
+    ids = set(family_end_of_turn_ids(family, tokenizer.get_vocab(), eos))
     if not ids:
         raise UserError("the tokenizer has no eos token; cannot tell where an assistant turn ends")
     return ids
@@ -66,21 +71,22 @@ def chat_messages(sample: Sample) -> list[dict[str, str]]:
     return messages + [{"role": "user", "content": sample.prompt}]
 
 
-def encode_sample(tokenizer, sample: Sample, eot_ids: set[int]) -> Encoded:
+def encode_sample(tokenizer, sample: Sample, eot_ids: set[int], family: Family | None = None) -> Encoded:
     """Render `sample` with the chat template and mark the response tokens as labels.
 
     The prompt is the template's rendering with the generation prompt (exactly what the
-    model sees at inference); the response is the rest of the full conversation's rendering
-    up to and including the last end-of-turn token. Tokenized once, as a whole, without
-    adding special tokens: the template already writes BOS where the model wants one.
+    model sees at inference: chat.render_conversation, the engine's renderer);
+    the response is the rest of the full conversation's rendering up to and including the last
+    end-of-turn token. Tokenized once, as a whole, without adding special tokens: the template
+    already writes BOS where the model wants one.
     """
     if not getattr(tokenizer, "chat_template", None):
         raise UserError("the model's tokenizer has no chat template; the trainer needs one to format samples")
     messages = chat_messages(sample)
-    prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    full_text = tokenizer.apply_chat_template(
-        messages + [{"role": "assistant", "content": sample.response}], tokenize=False
-    )
+    special = tokenizer.special_tokens_map
+    prompt_text = render_conversation(tokenizer.chat_template, messages, family, special)
+    full_text = render_conversation(tokenizer.chat_template, messages + [{"role": "assistant", "content": sample.response}],
+                                    family, special, add_generation_prompt=False)
     if not full_text.startswith(prompt_text):
         raise UserError(
             "the chat template renders the prompt differently with and without the reply; "
@@ -105,17 +111,17 @@ def encode_sample(tokenizer, sample: Sample, eot_ids: set[int]) -> Encoded:
 
 
 def encode_samples(tokenizer, samples: list[Sample], eot_ids: set[int], max_len: int,
-                   pairs: bool = False) -> tuple[list[Encoded], int]:
+                   pairs: bool = False, family: Family | None = None) -> tuple[list[Encoded], int]:
     """Encode all samples; those longer than `max_len` tokens are dropped. Returns (kept, n_dropped).
 
     `pairs`: a sample whose meta holds a "rejected_response" also gets it encoded as its
     `rejected` side (dropped, not the sample, if that side is too long)."""
     encoded = []
     for s in samples:
-        e = encode_sample(tokenizer, s, eot_ids)
+        e = encode_sample(tokenizer, s, eot_ids, family)
         other = s.meta.get("rejected_response") if pairs else None
         if isinstance(other, str) and other.strip() and other.strip() != s.response.strip():
-            r = encode_sample(tokenizer, Sample(s.prompt, other, system=s.system), eot_ids)
+            r = encode_sample(tokenizer, Sample(s.prompt, other, system=s.system), eot_ids, family)
             e = Encoded(e.input_ids, e.labels, r if len(r.input_ids) <= max_len else None)
         encoded.append(e)
     kept = [e for e in encoded if len(e.input_ids) <= max_len]

@@ -34,12 +34,13 @@ import math
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from localalign.engine.runtime import default_threads
 from localalign.errors import UserError
+from localalign.families import family_of_config
 from localalign.fsutil import atomic_write_text
 from localalign.samples import Sample
 from localalign.train.checkpoint import (
@@ -211,9 +212,12 @@ def _setup(base_hf_dir: Path, samples: list[Sample], out_dir: Path, config: Trai
     if device.type == "cuda" and precision == "fp32":
         log("this GPU has no bf16: training in fp32 (fp16 would need loss scaling; fp32 LoRA on a small model fits)")
 
+    family = family_of_config(json.loads((base_hf_dir / "config.json").read_text(encoding="utf-8")), base_hf_dir)
+    if config.target_modules is None:  # the family's: every projection (Phi-3's are fused)
+        config = replace(config, target_modules=family.lora_targets)
     tokenizer = load_tokenizer(base_hf_dir)
-    data, dropped = encode_samples(tokenizer, samples, end_of_turn_ids(tokenizer, base_hf_dir), config.max_seq_len,
-                                   pairs=config.objective == "sft+pref")
+    data, dropped = encode_samples(tokenizer, samples, end_of_turn_ids(tokenizer, base_hf_dir, family),
+                                   config.max_seq_len, pairs=config.objective == "sft+pref", family=family)
     if dropped:
         log(f"dropped {dropped} of {len(samples)} samples longer than max_seq_len={config.max_seq_len} tokens")
     if not data:

@@ -4,9 +4,11 @@ adapter, and the loss computed on response positions only."""
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 from localalign.errors import UserError
+from localalign.families import family_of_config
 from localalign.train.config import TrainConfig
 from localalign.train.data import IGNORE, response_index
 from localalign.train.layout import LOGIT_CHUNK
@@ -230,6 +232,8 @@ def build_model(base_hf_dir: Path, config: TrainConfig, device, init_adapter, lo
     # peft 0.21 still calls transformers' deprecated is_gradient_checkpointing (noise, not a problem).
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     base = _load_base(base_hf_dir, register_causal_attention() if causal else "sdpa")
+    if config.target_modules is None:  # the family's (train.lora._setup resolves it before this, for its log)
+        config = replace(config, target_modules=family_of_config(base.config.to_dict(), base_hf_dir).lora_targets)
     present = {name.rsplit(".", 1)[-1] for name, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
     missing = [t for t in config.target_modules if t not in present]
     if missing:

@@ -62,7 +62,7 @@ def test_copy_of_an_unsupported_architecture_is_refused_and_leaves_nothing(tiny_
     assert data[i : i + len(arch)] == arch.encode()
     fake = tmp_path / "m.gguf"
     fake.write_bytes(data[:i] + b"gpt2!"[: len(arch)].ljust(len(arch), b"x") + data[i + len(arch) :])
-    with pytest.raises(UserError, match="not supported"):
+    with pytest.raises(UserError, match="is not a family localalign supports"):
         make_hf_copy(fake, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"]

@@ -184,9 +184,9 @@ def test_answers_share_the_first_turn_and_answer_zero_is_the_plain_run(chat_gen)
     prompts = isara_like_prompts(chat_gen)
     then = chat_gen.tokenize_continuation(THEN)
     seeds = tuple(derive_seed(5, i) for i in range(2))
-    got = collect(chat_gen, [Job(p, seeds, answers=3) for p in prompts], max_tokens=[24, 24], then=then)
+    got = collect(chat_gen, [Job(p, seeds, answers=3) for p in prompts], max_tokens=[48, 24], then=then)
     assert set(got) == {Leaf(j, b, m) for j in range(3) for b in range(2) for m in range(3)}
-    plain = chat_gen.run([p for p in prompts for _ in seeds], max_tokens=[24, 24], seeds=list(seeds) * 3, then=then)
+    plain = chat_gen.run([p for p in prompts for _ in seeds], max_tokens=[48, 24], seeds=list(seeds) * 3, then=then)
     answered = 0
     for j in range(3):
         for b in range(2):
