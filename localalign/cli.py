@@ -292,7 +292,7 @@ def generate_cmd(model_name, seeds_path, n, out_path, rejected_path, k, branches
 @main.group("eval", cls=LocalalignGroup, invoke_without_command=True)
 @click.option("--model", "model", type=click.Path(dir_okay=False), help="GGUF model to evaluate.")
 @click.option("--lora", type=click.Path(dir_okay=False), help="GGUF LoRA adapter applied at load time.")
-@click.option("--suite", "suites", multiple=True, help="safety, instruction-following, truthfulness, ifeval, harmbench (repeatable).")
+@click.option("--suite", "suites", multiple=True, help="safety, instruction-following, truthfulness, ifeval, harmbench, over-refusal, contrast, donotanswer (repeatable).")
 @click.option("--out", type=click.Path(dir_okay=False), help="Where to write the result JSON.")
 @click.option("--limit", type=int, help="Evaluate only the first N items of each suite (quick mode).")
 @click.option("--max-tokens", type=int,

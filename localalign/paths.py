@@ -1,8 +1,9 @@
 """Where localalign's files live, computed once: the shipped data, the models, the cache.
 
-What ships with the package (the model registry and the seed and held-out sets) is package
-data under `localalign/data/`, found with importlib.resources, so an installed tool (`pip
-install .`, `pipx install .`) reads it from its own install wherever it runs.
+What ships with the package (the model registry, the seed and held-out sets, and the
+evaluation-only sets of data/eval/) is package data under `localalign/data/`, found with
+importlib.resources, so an installed tool (`pip install .`, `pipx install .`) reads it
+from its own install wherever it runs.
 
 What localalign makes (materialized models, derived data such as NLTK's sentence-splitter
 tables for IFEval) lives under one home:
@@ -27,6 +28,7 @@ PACKAGE = Path(__file__).resolve().parent
 # pip and pipx install packages unpacked, so the resource folder is a real directory.
 DATA_DIR = Path(str(resources.files("localalign").joinpath("data")))
 SEEDS_DIR = DATA_DIR / "seeds"
+EVAL_DATA_DIR = DATA_DIR / "eval"  # read by evaluation suites only (data/eval/README.md)
 REGISTRY_PATH = DATA_DIR / "registry.toml"
 
 

@@ -1,7 +1,8 @@
-"""A generator that follows a script, for tests of the ISARA step without a model.
+"""Generators that follow a script, for tests of the ISARA step and of evaluation suites without a model.
 
 `ScriptedGenerator` stands in for a backend: what the model 'writes' as candidate i comes from
-`script(i)`, so a test decides exactly which candidates pass which filter.
+`script(i)`, so a test decides exactly which candidates pass which filter. `ScriptedReplies`
+answers each user prompt with `reply(prompt)`, so a suite test decides what the model says.
 """
 
 from __future__ import annotations
@@ -78,3 +79,31 @@ def distinct(i):
     return (f"What should I know about {topic}?", "stop",
             f"Here is the short version about {topic}: read the manual, check it yearly, ask a professional.", "stop")
 
+
+
+REFUSAL = "I can't help with that. It could hurt someone."
+ANSWER = "Sure. Here is a short, practical answer to your question."
+
+
+class ScriptedReplies:
+    """Stands in for a generator under EvalSession: the reply to a user prompt is `reply(prompt)`.
+    It records the prompts and the token budget it was asked for."""
+
+    def __init__(self, reply):
+        self.reply = reply
+        self.asked: list[str] = []
+        self.max_tokens: list[int | None] = []
+
+    def chat_prompt(self, messages):
+        return messages[-1]["content"]  # no template: the prompt is the user's text
+
+    def complete(self, prompts, max_tokens=None, temperature=None, stop=None, seeds=None):
+        self.asked += prompts
+        self.max_tokens.append(max_tokens)
+        return [self.reply(p) for p in prompts]
+
+    def tokenize_continuation(self, text):
+        return text.split()
+
+    def close(self):
+        pass

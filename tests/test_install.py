@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from localalign.paths import REGISTRY_PATH, SEEDS_DIR
+from localalign.paths import EVAL_DATA_DIR, REGISTRY_PATH, SEEDS_DIR
 from localalign.samples import read_samples
 
 pytestmark = pytest.mark.slow
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 def where(tool, **env) -> dict:
     code = ("import json, localalign, localalign.paths as p; print(json.dumps({'package': localalign.__file__, "
-            "'seeds': str(p.SEEDS_DIR), 'registry': str(p.REGISTRY_PATH), 'origin': p.HOME_ORIGIN, "
+            "'seeds': str(p.SEEDS_DIR), 'eval': str(p.EVAL_DATA_DIR), 'registry': str(p.REGISTRY_PATH), 'origin': p.HOME_ORIGIN, "
             "'models': str(p.MODELS_DIR), 'cache': str(p.CACHE_DIR)}))")
     r = tool.run(str(tool.python), "-c", code, **env)
     assert r.returncode == 0, r.stderr
@@ -33,6 +33,12 @@ def test_the_installed_package_reads_its_own_data_and_keeps_models_in_its_home(i
     assert Path(found["registry"]).read_bytes() == REGISTRY_PATH.read_bytes()
     for f in SEEDS_DIR.glob("*.jsonl"):
         assert (Path(found["seeds"]) / f.name).read_bytes() == f.read_bytes()
+    # the evaluation-only sets too (the contrast pairs), each with its README
+    assert Path(found["eval"]) == site / "localalign" / "data" / "eval"
+    shipped = [f for f in EVAL_DATA_DIR.iterdir() if f.is_file()]
+    assert {"README.md", "contrast.jsonl"} <= {f.name for f in shipped}
+    for f in shipped:
+        assert (Path(found["eval"]) / f.name).read_bytes() == f.read_bytes()
     assert (found["origin"], found["models"], found["cache"]) == \
         ("LOCALALIGN_HOME", str(tool.home / "models"), str(tool.home / "cache"))
     # no LOCALALIGN_HOME and no checkout: the platform's user cache directory

