@@ -36,10 +36,12 @@ parity check), behind `Probe` (`open_probe`).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import multiprocessing
 import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
@@ -142,7 +144,8 @@ class EngineProcess:
         self._conn, child_end = context.Pipe(duplex=True)
         self._proc = context.Process(target=_engine_main, args=(child_end, host, args), daemon=True,
                                      name=f"localalign-engine ({what})")
-        self._proc.start()
+        with _interrupts_ignored():  # inherited from the child's first instruction on: Ctrl-C is the parent's
+            self._proc.start()
         child_end.close()  # the child now holds the only other end: its death is EOF here
         self.pid = self._proc.pid
         self.what = what
@@ -152,6 +155,9 @@ class EngineProcess:
         self._unanswered += 1  # the child's first reply answers its start: what it loaded
         try:
             self.info: dict = self._reply(None)
+        except BaseException:  # it could not load, or an interrupt came first: no process left behind
+            self.close()
+            raise
         finally:
             self._doing = None
 
@@ -221,6 +227,20 @@ class EngineProcess:
                 proc.kill()
                 proc.join()
             self._conn.close()
+
+
+@contextlib.contextmanager
+def _interrupts_ignored():
+    """SIGINT ignored while the engine process is started, so that it starts ignoring it (a
+    Ctrl-C reaches the whole process group; the parent handles it and ends the engine)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers; the engine process then ignores it itself
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class ProcessGenerator(Decoder):
@@ -356,8 +376,7 @@ def open_probe(gguf: str | Path, lora: str | Path | None = None, n_ctx: int = PR
 
 def _engine_main(conn, host: str, args: tuple) -> None:
     """The engine process: open the engine, then serve the parent until it says close."""
-    # Ctrl-C reaches the whole process group; the parent handles it and ends this process.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as inherited, unless started from another thread
     server = _Server(conn)
     try:
         server.reply(lambda: server.open(host, args))

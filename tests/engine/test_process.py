@@ -9,6 +9,8 @@ import resource
 import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -228,6 +230,49 @@ def test_the_cli_prints_a_crash_as_one_error_line(tiny_chat_gguf, tmp_path):
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert len(errors) == 1 and "killed by SIGILL while decoding" in errors[0] and setup_fix() in errors[0]
+
+
+def engine_children(pid: int) -> list[int]:
+    """The live engine processes started by process `pid` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z" and b"spawn_main" in cmdline:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_ctrl_c_while_the_engine_decodes_is_one_line_and_leaves_no_engine_behind(tiny_chat_gguf, tmp_path):
+    from localalign.paths import SEEDS_DIR
+
+    out = tmp_path / "s.jsonl"
+    p = subprocess.Popen([sys.executable, "-m", "localalign", "generate", "--model", str(tiny_chat_gguf), "--seeds",
+                          str(SEEDS_DIR / "safety.jsonl"), "--n", "50", "--out", str(out), "--quiet"],
+                         stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         env={**os.environ, "LOCALALIGN_THREADS": "1"}, preexec_fn=_sigint_default)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out.exists() and engine_children(p.pid)):  # decided samples on disk: it is decoding
+            assert p.poll() is None and time.monotonic() < deadline, p.stderr.read()[-3000:] if p.poll() else "no start"
+            time.sleep(0.2)
+        engine = engine_children(p.pid)
+        os.killpg(p.pid, signal.SIGINT)  # as a terminal's Ctrl-C: to the parent and the engine alike
+        err = p.communicate(timeout=120)[1]
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == "interrupted; everything written so far is kept"
+    assert engine and not any(Path(f"/proc/{pid}").exists() for pid in engine)  # ended and reaped
+
+
+def _sigint_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a suite run in the background inherits SIGINT ignored
 
 
 # ---------------------------------------------------------------------------- the probe
