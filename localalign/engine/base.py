@@ -1,10 +1,11 @@
 """What every generation backend shares: its settings, its interface and its results.
 
-The embedded backend decodes in this process (llamacpp.BatchGenerator), the other asks an
-OpenAI-compatible server (openai.OpenAIGenerator); `select.open_generator` picks one.
-Both satisfy `Generator`, tokenize and template prompts with the same GGUF (`GGUFText`), and
-complete `run`'s arguments the same way (`decoding`), so a prompt is the same text and
-the same tokens whichever backend decodes it.
+The embedded backend decodes with llama.cpp (llamacpp.BatchGenerator), the other asks an
+OpenAI-compatible server (openai.OpenAIGenerator); `select.open_generator` picks one and runs
+it in an engine process of its own (process.ProcessGenerator). All satisfy `Generator` and
+build `run` and `complete` on `run_jobs` the same way (`Decoder`); the two backends tokenize and
+template prompts with the same GGUF (`GGUFText`) and complete `run`'s arguments the same way
+(`decoding`), so a prompt is the same text and the same tokens whichever backend decodes it.
 """
 
 from __future__ import annotations

@@ -150,9 +150,9 @@ class EngineProcess:
         self.pid = self._proc.pid
         self.what = what
         self.counts = TokenCounts()
-        self._unanswered = 0  # Calls sent whose Result or Failure has not come back
+        # Calls sent whose Result or Failure has not come back; the first reply answers the start.
+        self._unanswered = 1
         self._doing: str | None = "loading it"
-        self._unanswered += 1  # the child's first reply answers its start: what it loaded
         try:
             self.info: dict = self._reply(None)
         except BaseException:  # it could not load, or an interrupt came first: no process left behind
