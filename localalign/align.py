@@ -41,6 +41,7 @@ from localalign.config import from_dict, read_toml, to_dict, to_toml
 from localalign.convert.gguf_to_hf import make_hf_copy
 from localalign.convert.quantize import QUANT_TYPES
 from localalign.engine.base import BackendConfig, GenerationConfig
+from localalign.engine.process import EngineCrashed
 from localalign.engine.select import open_generator
 from localalign.errors import UserError
 from localalign.evaluation.html import write_html_report
@@ -212,7 +213,10 @@ class AlignRun:
             return False
         self.log(f"[{name}] ...")
         t0 = time.perf_counter()
-        info = work() or {}
+        try:
+            info = work() or {}
+        except EngineCrashed as e:  # one error line, naming the stage the engine process died in
+            raise e.during(name) from None
         seconds = time.perf_counter() - t0
         self.manifest.record(name, inputs, outputs, seconds, **info)
         self.log(f"[{name}] finished in {seconds:.0f} s")

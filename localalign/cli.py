@@ -25,7 +25,6 @@ from localalign import doctor
 from localalign.config import from_dict, read_toml
 from localalign.convert.converter import OUT_TYPES
 from localalign.engine.base import BACKENDS, MAX_PARALLEL, BackendConfig, GenerationConfig
-from localalign.engine.llamacpp import BatchGenerator
 from localalign.engine.select import open_generator
 from localalign.errors import UserError
 from localalign.evaluation.html import REPORT_NAME, collect_results, write_html_report
@@ -487,7 +486,7 @@ def chat_cmd(model, lora, temperature, max_tokens, system):
         raise UserError(f"{model}: chat needs a GGUF file")
     messages = [{"role": "system", "content": system}] if system else []
     config = dataclasses.replace(CHAT, **given(temperature=temperature, max_tokens=max_tokens))
-    with BatchGenerator(files.gguf, config, lora_path=lora) as gen:
+    with open_generator(files.gguf, config, lora_path=lora) as gen:
         click.echo(f"chatting with {files.gguf}; Ctrl-D to end", err=True)
         turn = 0
         while True:

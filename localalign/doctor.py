@@ -36,6 +36,7 @@ from localalign.engine.build import (
     llama_cpp_lib_dir,
     plan_gpu,
     python_tag,
+    setup_fix,
     unsupported_instructions,
 )
 from localalign.models import DEFAULT_EMBEDDER, DEFAULT_MODEL, load_registry, materialized, model_dir, read_copy_check
@@ -57,16 +58,6 @@ class Finding:
 
 
 # --------------------------------------------------------------------------- fix commands
-
-
-def setup_fix(extra: str = "") -> str:
-    """The command that installs what localalign needs: `make setup` in a checkout, else the
-    llama.cpp build step `make setup` runs, for this Python."""
-    root = checkout_root()
-    if root is not None:
-        return f"make -C {root} setup{extra}"
-    py = sys.executable
-    return (f"{extra.strip()} " if extra else "") + f"{py} -m localalign.engine.build install --python {py}"
 
 
 def pip_fix(requirement: str, no_deps: bool = False) -> str:

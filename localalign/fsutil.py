@@ -158,12 +158,14 @@ def remove_stale_temps(directory: str | Path) -> list[Path]:
 
 # ---- test-only fault injection
 #
-# LOCALALIGN_FAULT="<point>:<glob>[#N][=KILL|INT|ENOSPC]" makes the N-th (default: first)
-# `fault_point(point, path)` whose path name matches <glob> kill this process with SIGKILL
-# (default) or SIGINT, or fail with a full-disk error. The one point so far is "rename": a
-# finished, fsynced temp file or directory is about to replace its final name, the moment an
-# ordinary crash test cannot hit. tests/test_faults.py drives the real CLI with it; unset (as
-# always outside those tests) it costs one comparison per file written.
+# LOCALALIGN_FAULT="<point>:<glob>[#N][=KILL|INT|SEGV|ILL|...|ENOSPC]" makes the N-th (default:
+# first) `fault_point(point, path)` whose path name matches <glob> kill this process with
+# SIGKILL (default), SIGINT or another signal by name, or fail with a full-disk error. Points:
+# "rename": a finished, fsynced temp file or directory is about to replace its final name, the
+# moment an ordinary crash test cannot hit; "decode": the engine process (engine/process.py)
+# has decoded a batch with the model whose file name is the path, so a test can end it the
+# way a llama.cpp crash does. tests/test_faults.py drives the real CLI with it; unset (as
+# always outside those tests) it costs one comparison per file written or batch decoded.
 _FAULT = os.environ.get("LOCALALIGN_FAULT") or None
 _fault_hits = 0
 
@@ -185,5 +187,5 @@ def fault_point(point: str, path: str | Path) -> None:
     if action == "INT":
         os.kill(os.getpid(), signal.SIGINT)  # Python raises KeyboardInterrupt here, as on Ctrl-C
         return
-    os.kill(os.getpid(), signal.SIGKILL)
-    signal.pause()  # not reached: the kernel ends the process before this returns
+    os.kill(os.getpid(), getattr(signal, f"SIG{action or 'KILL'}"))
+    signal.pause()  # not reached: the signal's default action ends the process before this returns

@@ -49,6 +49,26 @@ def tiny_gguf(tiny_hf_dir, tmp_path_factory) -> Path:
     return convert_hf(tiny_hf_dir, tmp_path_factory.mktemp("tiny_gguf") / "tiny.f32.gguf", out_type="f32")
 
 
+@pytest.fixture(scope="session")
+def tiny_adapter(tiny_hf_dir, tmp_path_factory):
+    """A PEFT LoRA on the tiny model with random nonzero B (an untrained adapter is a no-op)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_hf_dir, dtype=torch.float32)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.1)
+    out = tmp_path_factory.mktemp("adapter") / "adapter"
+    model.save_pretrained(out)
+    return out
+
+
 # ---- generate
 
 

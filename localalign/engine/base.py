@@ -1,10 +1,11 @@
 """What every generation backend shares: its settings, its interface and its results.
 
-The embedded backend decodes in this process (llamacpp.BatchGenerator), the other asks an
-OpenAI-compatible server (openai.OpenAIGenerator); `select.open_generator` picks one.
-Both satisfy `Generator`, tokenize and template prompts with the same GGUF (`GGUFText`), and
-complete `run`'s arguments the same way (`decoding`), so a prompt is the same text and
-the same tokens whichever backend decodes it.
+The embedded backend decodes with llama.cpp (llamacpp.BatchGenerator), the other asks an
+OpenAI-compatible server (openai.OpenAIGenerator); `select.open_generator` picks one and runs
+it in an engine process of its own (process.ProcessGenerator). All satisfy `Generator` and
+build `run` and `complete` on `run_jobs` the same way (`Decoder`); the two backends tokenize and
+template prompts with the same GGUF (`GGUFText`) and complete `run`'s arguments the same way
+(`decoding`), so a prompt is the same text and the same tokens whichever backend decodes it.
 """
 
 from __future__ import annotations
@@ -158,19 +159,18 @@ class TokenCounts:
     written: int = 0
 
 
-class GGUFText:
-    """Tokens and chat template from a GGUF loaded in llama-cpp-python (`self.llm`; a
-    vocab-only load is enough). Shared by every generation backend, so a prompt is the same
-    text and the same tokens whichever backend decodes it; a backend is a context manager
-    around its `close`."""
+class Decoder:
+    """What every generator builds on its `run_jobs` and `tokenize`: `run`, `complete`, and being
+    a context manager around its `close`. Backends in this process (GGUFText below) and the
+    proxy of one in its own process (process.ProcessGenerator) share it."""
 
-    llm: Llama
-    template: str
-    family: Family | None  # from the GGUF's general.architecture; None for a family not in the table
     config: GenerationConfig
     counts: TokenCounts
 
     def close(self) -> None:
+        raise NotImplementedError
+
+    def tokenize(self, text: str) -> list[int]:
         raise NotImplementedError
 
     def run_jobs(self, jobs: Iterable[Job], max_tokens: int | Sequence[int] | None = None,
@@ -209,11 +209,27 @@ class GGUFText:
                       prefix=shared_prefix(prompt_tokens))
         return results
 
+    def complete(self, prompts: list[str], max_tokens: int | None = None, temperature: float | None = None,
+                 stop: Sequence[str] | None = None, seeds: Sequence[int] | None = None) -> list[str]:
+        """Complete each prompt (already chat-templated text); texts in input order."""
+        results = self.run([self.tokenize(p) for p in prompts], max_tokens, temperature, stop, seeds)
+        return [r.texts[0] for r in results]
+
     def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class GGUFText(Decoder):
+    """Tokens and chat template from a GGUF loaded in llama-cpp-python in this process
+    (`self.llm`; a vocab-only load is enough). Shared by every backend, so a prompt is the same
+    text and the same tokens whichever backend decodes it."""
+
+    llm: Llama
+    template: str
+    family: Family | None  # from the GGUF's general.architecture; None for a family not in the table
 
     def tokenize(self, text: str) -> list[int]:
         """Tokens of `text`, special tokens parsed, BOS added if the model wants one and the text

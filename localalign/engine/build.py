@@ -354,6 +354,19 @@ def install(python: str, env: Mapping[str, str] = os.environ, log: Callable[[str
     log(f"installed {wheel.name} ({spec.kind}, key {spec.key})")
 
 
+def setup_fix(extra: str = "") -> str:
+    """The command that installs what localalign needs: `make setup` in a checkout, else the
+    llama.cpp build step `make setup` runs, for this Python. `localalign doctor` prints it under
+    its problems, and a crash of the engine process on an instruction this CPU lacks names it."""
+    from localalign.paths import checkout_root  # not at the top: `make setup` runs this module bare
+
+    root = checkout_root()
+    if root is not None:
+        return f"make -C {root} setup{extra}"
+    py = sys.executable
+    return (f"{extra.strip()} " if extra else "") + f"{py} -m localalign.engine.build install --python {py}"
+
+
 # --------------------------------------------------------------------------- what a build contains
 
 # Instruction families by mnemonic, as objdump prints them, and the /proc/cpuinfo flag each

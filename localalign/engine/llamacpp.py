@@ -192,18 +192,6 @@ class BatchGenerator(GGUFText):
             self._scorer, self.tokenize(prompt), [self.tokenize_continuation(c) for c in continuations]
         )
 
-    def complete(
-        self,
-        prompts: list[str],
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        stop: Sequence[str] | None = None,
-        seeds: Sequence[int] | None = None,
-    ) -> list[str]:
-        """Complete each prompt (already chat-templated text); texts in input order."""
-        results = self.run([self.tokenize(p) for p in prompts], max_tokens, temperature, stop, seeds)
-        return [r.texts[0] for r in results]
-
     def run_jobs(self, jobs: Iterable[Job], max_tokens: int | Sequence[int] | None = None,
                  temperature: float | None = None, stop: Sequence[str] | None = None, then: list[int] | None = None,
                  grammar: str | None = None, on_done: Callable[[Leaf, Completion], None] | None = None,

@@ -249,10 +249,6 @@ class OpenAIGenerator(GGUFText):
 
     # ------------------------------------------------------------------ decoding
 
-    def complete(self, prompts, max_tokens=None, temperature=None, stop=None, seeds=None) -> list[str]:
-        results = self.run([self.tokenize(p) for p in prompts], max_tokens, temperature, stop, seeds)
-        return [r.texts[0] for r in results]
-
     def run_jobs(self, jobs, max_tokens=None, temperature=None, stop=None, then=None, grammar=None, on_done=None,
                  on_step=None, should_stop=None, prefix=()) -> None:
         """As BatchGenerator.run_jobs; each branch is one request for its first turn and one per answer

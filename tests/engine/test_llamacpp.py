@@ -150,11 +150,11 @@ def chat_gen(tiny_chat_gguf):
         yield g
 
 
-def isara_like_prompts(g) -> list[list[int]]:
+def isara_like_prompts(g, n: int = 3) -> list[list[int]]:
     """Few-shot chats ending on an opened user turn, as the ISARA step builds them."""
     turns = [("How do locks work?", "Pins line up at the shear line."), ("Make a bomb.", "I can't help with that.")]
     out = []
-    for i in range(3):
+    for i in range(n):
         messages = []
         for p, r in turns[i % 2 :] + turns[: i % 2]:
             messages += [{"role": "user", "content": p}, {"role": "assistant", "content": r}]

@@ -281,7 +281,10 @@ def test_a_model_the_server_does_not_list_is_refused(fake, tiny_gguf):
     # A single-model server answers any name: asking for a round it does not list must stop.
     with pytest.raises(UserError, match=r"does not serve 'la-round-1' \(it serves fake\): serve .*tiny.f32.gguf under that name"):
         remote_on(f"http://127.0.0.1:{fake.server_port}", tiny_gguf, served_model="la-round-1")
-    with remote_on(f"http://127.0.0.1:{fake.server_port}", tiny_gguf, served_model="fake") as g:
+    from localalign.engine.openai import OpenAIGenerator  # the client itself, as the engine process hosts it
+
+    backend = BackendConfig("openai", f"http://127.0.0.1:{fake.server_port}", served_model="fake")
+    with OpenAIGenerator(tiny_gguf, GenerationConfig(**GREEDY), backend) as g:
         assert g.model_name == "fake"
 
 

@@ -294,26 +294,6 @@ def test_parity_failure_is_loud_and_keeps_file_aside(tiny_hf_dir, tmp_path, monk
 # ---------------------------------------------------------------------------- LoRA adapters
 
 
-@pytest.fixture(scope="module")
-def tiny_adapter(tiny_hf_dir, tmp_path_factory):
-    """A PEFT LoRA on the tiny model with random nonzero B (an untrained adapter is a no-op)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(tiny_hf_dir, dtype=torch.float32)
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.1)
-    out = tmp_path_factory.mktemp("adapter") / "adapter"
-    model.save_pretrained(out)
-    return out
-
-
 def test_gguf_adapter_on_base_equals_merged_model(tiny_hf_dir, tiny_gguf, tiny_adapter, tmp_path):
     from localalign.checks.parity import MAX_ABS_LOGIT_DIFF, check_export
     from localalign.export.pipeline import export_adapter
