@@ -18,7 +18,7 @@ import numpy as np
 
 from localalign.chat import render_conversation
 from localalign.convert.quantize import QUANT_TYPES
-from localalign.engine.runtime import llama_cpp, load_llama
+from localalign.engine.process import open_probe
 from localalign.families import Family, end_of_turn_ids, family_of_config, fold_system, template_variables
 from localalign.fsutil import atomic_write_text
 from localalign.gguf_header import read_gguf_header
@@ -112,20 +112,19 @@ def hf_token_ids(hf_tokenizer, text: str) -> list[int]:
     return list(hf_tokenizer(text, add_special_tokens=add)["input_ids"])
 
 
-def gguf_token_ids(llm, text: str, bos_text: str | None = None) -> list[int]:
+def gguf_token_ids(probe, text: str, bos_text: str | None = None) -> list[int]:
     # add_bos=True means "add the special tokens the vocab asks for"; llama.cpp consults the
     # GGUF's add_bos flag itself, exactly as it will when the model is used for real.
-    add = not opens_with_bos(text, bos_text)
-    return list(llm.tokenize(text.encode("utf-8"), add_bos=add, special=True))
+    return probe.tokenize(text, add_bos=not opens_with_bos(text, bos_text), special=True)
 
 
-def compare_tokenizers(hf_tokenizer, llm, report: ParityReport, family: Family | None = None) -> None:
+def compare_tokenizers(hf_tokenizer, probe, report: ParityReport, family: Family | None = None) -> None:
     mismatches = []
     double_bos = []
     bos = hf_tokenizer.bos_token_id
     texts = probe_texts(hf_tokenizer, family)
     for text in texts:
-        a, b = hf_token_ids(hf_tokenizer, text), gguf_token_ids(llm, text, hf_tokenizer.bos_token)
+        a, b = hf_token_ids(hf_tokenizer, text), gguf_token_ids(probe, text, hf_tokenizer.bos_token)
         if a != b:
             mismatches.append({"text": text, "hf": a[:40], "gguf": b[:40]})
         if bos is not None and len(b) >= 2 and b[0] == bos and b[1] == bos:
@@ -159,7 +158,8 @@ def compare_special_tokens(hf_tokenizer, gguf_meta: dict[str, Any], report: Pari
     )
 
 
-def compare_renderings(hf_tokenizer, gguf_meta: dict[str, Any], family: Family | None, report: ParityReport) -> None:
+def compare_renderings(hf_tokenizer, probe, gguf_meta: dict[str, Any], family: Family | None,
+                       report: ParityReport) -> None:
     """The probe conversations rendered by our renderer (chat.render_conversation, which every
     stage uses) and by transformers' apply_chat_template must agree: ours is the sandboxed
     environment transformers renders in, and this holds it to that. Not compared for a template
@@ -181,32 +181,13 @@ def compare_renderings(hf_tokenizer, gguf_meta: dict[str, Any], family: Family |
         report.record("chat_rendering", not differ,
                       f"our renderer and transformers render {differ} probe conversation(s) differently")
     gguf_template = gguf_meta.get("tokenizer.chat_template") or ""
-    builtin = [llama_builtin_chat(gguf_template, fold_system(conv, family)) if gguf_template else None
+    builtin = [probe.apply_chat_template(gguf_template, fold_system(conv, family)) if gguf_template else None
                for conv in PROBE_CONVERSATIONS]
     if any(b is None for b in builtin):
         report.details["llama_cpp_builtin_template"] = "not recognised (llama.cpp programs need --jinja)"
     else:
         same = sum(a == b for a, b in zip(ours, builtin))
         report.details["llama_cpp_builtin_template"] = f"same on {same} of {len(ours)} probe conversations"
-
-
-def llama_builtin_chat(template: str, messages: list[dict[str, str]]) -> str | None:
-    """`messages` in llama.cpp's built-in chat format for `template` (llama_chat_apply_template,
-    which recognises well-known templates by their text), or None where it knows none."""
-    import ctypes
-
-    module = llama_cpp()
-    keep = [(m["role"].encode(), m["content"].encode()) for m in messages]
-    chat = (module.llama_chat_message * len(keep))(*[module.llama_chat_message(r, c) for r, c in keep])
-    size = 8 * sum(len(r) + len(c) for r, c in keep) + 1024
-    buf = ctypes.create_string_buffer(size)
-    n = module.llama_chat_apply_template(template.encode(), chat, len(keep), True, buf, size)
-    if n < 0:
-        return None
-    if n > size:
-        buf = ctypes.create_string_buffer(n + 1)
-        n = module.llama_chat_apply_template(template.encode(), chat, len(keep), True, buf, n + 1)
-    return buf.raw[:n].decode("utf-8", "replace")
 
 
 def probe_prompts(hf_tokenizer, family: Family | None = None) -> list[str]:
@@ -219,7 +200,7 @@ def probe_prompts(hf_tokenizer, family: Family | None = None) -> list[str]:
 def compare_logits(
     hf_model,
     hf_tokenizer,
-    llm,
+    probe,
     report: ParityReport,
     max_abs_tol: float | None,
     min_top1: float,
@@ -239,7 +220,7 @@ def compare_logits(
         ids = hf_token_ids(hf_tokenizer, text)
         with torch.no_grad():
             hf_logits = hf_model(torch.tensor([ids])).logits[0].float().numpy()
-        gguf_logits = gguf_logits_for(llm, ids)
+        gguf_logits = probe.logits(ids)
         diff = np.abs(hf_logits - gguf_logits)
         worst = max(worst, float(diff.max()))
         abs_sum += float(diff.mean(axis=-1).sum())
@@ -265,13 +246,6 @@ def compare_logits(
         )
     report.details["min_top1_agreement"] = min_top1
     report.record("top1_agreement", top1 >= min_top1, f"top-1 agreement {top1:.3f} < {min_top1}")
-
-
-def gguf_logits_for(llm, ids: list[int]) -> np.ndarray:
-    """Logits at every position for `ids` (the Llama must be made with logits_all=True)."""
-    llm.reset()
-    llm.eval(ids)
-    return np.array(llm.scores[: len(ids)], dtype=np.float32)
 
 
 def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
@@ -337,16 +311,14 @@ def check_export(
     family = family_of_config(json.loads((Path(hf_dir) / "config.json").read_text(encoding="utf-8")), hf_dir)
     tokenizer = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=False)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, trust_remote_code=False).eval()
-    llm = load_llama(gguf_path, n_ctx=512, logits_all=True, lora_path=lora_path)
-    try:
-        compare_tokenizers(tokenizer, llm, report, family)
+    # llama.cpp runs in an engine process of its own (engine/process.py), never beside torch.
+    with open_probe(gguf_path, lora=lora_path, n_ctx=512) as probe:
+        compare_tokenizers(tokenizer, probe, report, family)
         compare_special_tokens(tokenizer, meta, report, family)
-        compare_renderings(tokenizer, meta, family, report)
-        compare_stop_tokens(model, tokenizer, llm, report, family)
-        compare_logits(model, tokenizer, llm, report, max_abs_tol=max_abs_tol, min_top1=min_top1, family=family,
+        compare_renderings(tokenizer, probe, meta, family, report)
+        compare_stop_tokens(model, tokenizer, probe, report, family)
+        compare_logits(model, tokenizer, probe, report, max_abs_tol=max_abs_tol, min_top1=min_top1, family=family,
                        max_mean_ratio=max_mean_ratio)
-    finally:
-        llm.close()
     report.details["gguf"] = str(gguf_path)
     report.details["hf_dir"] = str(hf_dir)
     if lora_path is not None:
@@ -354,20 +326,18 @@ def check_export(
     return report
 
 
-def compare_stop_tokens(hf_model, hf_tokenizer, llm, report: ParityReport, family: Family | None = None) -> None:
+def compare_stop_tokens(hf_model, hf_tokenizer, probe, report: ParityReport, family: Family | None = None) -> None:
     """Every id HF stops generation on (and the family's end-of-turn tokens) must end
     generation in llama.cpp too.
 
     An exported model that "never stops" is one whose end-of-turn token llama.cpp does not
     treat as end-of-generation.
     """
-    module = llama_cpp()
     gen = hf_model.generation_config.eos_token_id if hf_model.generation_config else None
     hf_stops = set(end_of_turn_ids(family, hf_tokenizer.get_vocab(),
                                    [hf_tokenizer.eos_token_id, *(gen if isinstance(gen, list) else [gen])]))
-    vocab = module.llama_model_get_vocab(llm.model)
-    not_eog = sorted(i for i in hf_stops if not module.llama_vocab_is_eog(vocab, i))
-    report.details["stop_ids"] = {"hf": sorted(hf_stops), "gguf_eos": llm.token_eos()}
+    not_eog = sorted(i for i in hf_stops if not probe.is_eog(i))
+    report.details["stop_ids"] = {"hf": sorted(hf_stops), "gguf_eos": probe.token_eos()}
     report.record(
         "stop_tokens",
         bool(hf_stops) and not not_eog,

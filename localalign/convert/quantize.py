@@ -1,7 +1,9 @@
-"""Quantizing a float GGUF with llama.cpp's own quantizer, in-process (no external binary)."""
+"""Quantizing a float GGUF with llama.cpp's own quantizer, in a child process (no external binary)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf
@@ -22,27 +24,40 @@ QUANT_TYPES: dict[str, int] = {
 
 
 def quantize_gguf(in_path: str | Path, out_path: str | Path, qtype: str = "q8_0") -> Path:
-    """Quantize a float GGUF with llama.cpp's own quantizer, in-process (no external binary)."""
+    """Quantize a float GGUF with llama.cpp's own quantizer, in a child process: llama.cpp never
+    loads beside torch (a CUDA build's libraries and torch's can clash, engine/process.py)."""
     in_path, out_path = Path(in_path), Path(out_path)
     if qtype not in QUANT_TYPES:
         raise UserError(f"quantization type {qtype!r} is not one of {', '.join(QUANT_TYPES)}")
     check_gguf_file(in_path)
-    module = llama_cpp()
-    params = module.llama_model_quantize_default_params()
-    params.ftype = QUANT_TYPES[qtype]
-    params.nthread = default_threads()
     tmp = temp_path_for(out_path)
     try:
-        rc = module.llama_model_quantize(str(in_path).encode(), str(tmp).encode(), params)
-        if rc != 0 and (full := disk_full_error(None, out_path.parent)) is not None:
+        done = subprocess.run([sys.executable, "-m", "localalign.convert.quantize", str(in_path), str(tmp), qtype],
+                              capture_output=True, text=True)
+        if done.returncode != 0 and (full := disk_full_error(None, out_path.parent)) is not None:
             raise full
-        if rc != 0:
-            raise UserError(
-                f"llama.cpp could not quantize {in_path} to {qtype} (code {rc}; "
-                "set LOCALALIGN_LLAMA_LOG=1 to see its log)"
-            )
+        if done.returncode != 0:
+            why = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+            raise UserError(f"llama.cpp could not quantize {in_path} to {qtype} ({why}; "
+                            "set LOCALALIGN_LLAMA_LOG=1 to see its log)")
         commit_temp(tmp, out_path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return out_path
+
+
+def _quantize_here(in_path: str, out_path: str, qtype: str) -> int:
+    """The child's side: llama.cpp's quantizer in this process; its return code."""
+    module = llama_cpp()
+    params = module.llama_model_quantize_default_params()
+    params.ftype = QUANT_TYPES[qtype]
+    params.nthread = default_threads()
+    return int(module.llama_model_quantize(in_path.encode(), out_path.encode(), params))
+
+
+if __name__ == "__main__":
+    rc = _quantize_here(*sys.argv[1:4])
+    if rc != 0:
+        print(f"llama_model_quantize returned {rc}", file=sys.stderr)
+    sys.exit(1 if rc else 0)

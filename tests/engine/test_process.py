@@ -216,7 +216,7 @@ def test_a_generate_stage_whose_engine_crashed_resumes_to_the_uninterrupted_resu
 
 # A decode of the stage's engine process past its first decisions and before its sixth accepted
 # sample (the test checks both).
-CRASH_AT_DECODE = 500
+CRASH_AT_DECODE = 150
 
 
 def test_the_cli_prints_a_crash_as_one_error_line(tiny_chat_gguf, tmp_path):
@@ -279,7 +279,6 @@ def _sigint_default() -> None:
 
 
 def test_the_probe_answers_what_the_parity_check_asks(tiny_gguf):
-    from localalign.checks.parity import gguf_logits_for, gguf_token_ids
     from localalign.engine.runtime import load_llama
 
     text = "<|im_start|>user\nWater boils at<|im_end|>\n"
@@ -290,10 +289,13 @@ def test_the_probe_answers_what_the_parity_check_asks(tiny_gguf):
             meta = probe.metadata()
             assert meta == llm.metadata and meta["tokenizer.chat_template"] == CHATML_TEMPLATE
             ids = probe.tokenize(text)
-            assert ids == gguf_token_ids(llm, text) and probe.tokenize(text, add_bos=False, special=False) != ids
+            assert ids == llm.tokenize(text.encode(), add_bos=True, special=True)
+            assert probe.tokenize(text, add_bos=False, special=False) != ids
             logits = probe.logits(ids)
             assert logits.dtype == np.float32 and logits.shape == (len(ids), probe.n_vocab)
-            assert np.array_equal(logits, gguf_logits_for(llm, ids))
+            llm.reset()
+            llm.eval(ids)
+            assert np.array_equal(logits, np.array(llm.scores[: len(ids)], dtype=np.float32))
             end = ids[-2]  # <|im_end|>
             assert probe.is_eog(end) and not probe.is_eog(ids[-3])
             assert probe.token_eos() == int(meta["tokenizer.ggml.eos_token_id"]) == llm.token_eos()
@@ -311,10 +313,10 @@ def test_the_probe_answers_what_the_parity_check_asks(tiny_gguf):
 
 
 def test_the_probe_applies_a_lora_adapter(tiny_hf_dir, tiny_gguf, tiny_adapter, tmp_path):
-    from localalign.convert.lora_writer import write_lora_gguf
+    from localalign.convert.converter import convert_lora
     from localalign.engine.runtime import load_llama
 
-    adapter = write_lora_gguf(tiny_adapter, tiny_hf_dir, tmp_path / "adapter.gguf")
+    adapter = convert_lora(tiny_adapter, tiny_hf_dir, tmp_path / "adapter.gguf")
     ids = [1, 20, 30, 40, 50]
     llm = load_llama(tiny_gguf, n_ctx=512, threads=1, logits_all=True, lora_path=adapter)
     try:

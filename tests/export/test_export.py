@@ -255,12 +255,13 @@ def test_q4_0_quantizes_and_tokenizes_identically(tiny_hf_dir, tiny_gguf, tmp_pa
 
     from localalign.checks.parity import ParityReport, compare_tokenizers
     from localalign.convert.quantize import quantize_gguf
-    from localalign.engine.runtime import load_llama
+    from localalign.engine.process import open_probe
 
     out = quantize_gguf(tiny_gguf, tmp_path / "tiny.q4_0.gguf", "q4_0")
     assert _tensors(out)["blk.0.attn_q.weight"].tensor_type == Q.Q4_0
     report = ParityReport()
-    compare_tokenizers(AutoTokenizer.from_pretrained(tiny_hf_dir), load_llama(out, n_ctx=256), report)
+    with open_probe(out, n_ctx=256) as probe:
+        compare_tokenizers(AutoTokenizer.from_pretrained(tiny_hf_dir), probe, report)
     assert report.ok, report.summary()
 
 
