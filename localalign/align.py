@@ -46,8 +46,8 @@ from localalign.errors import UserError
 from localalign.evaluation.html import write_html_report
 from localalign.evaluation.report import (PAIRED_HEADER, compare, default_pairs, difference_cell, metric_cell,
                                          paired_cells, paired_rows, write_report)
-from localalign.evaluation.stats import min_flips
 from localalign.evaluation.run import EvalConfig, check_suites, evaluate, read_eval, write_eval
+from localalign.evaluation.stats import min_flips
 from localalign.export.pipeline import export_adapter, export_merged, export_model, modelfile_path
 from localalign.fsutil import atomic_write_text, commit_temp, temp_path_for
 from localalign.isara.data_report import data_report, format_share
