@@ -1,8 +1,9 @@
 """Benchmark: the ablation of issue 15, one alignment round per row, on the held-out suites.
 
-    .venv/bin/python bench/bench_ablation.py [--samples 64] [--work runs/ablation] [--no-docs]
+    .venv/bin/python bench/bench_ablation.py [--samples 64] [--work runs/ablation] [--seed 0] [--repeats K] [--no-docs]
 
-Rows (each one round of `align --domain safety` from the base model, the same seed):
+Rows (each one round of `align --domain safety` from the base model, the same seed; with
+`--repeats K`, K runs per row with seeds seed, seed+1, ... and each metric's mean, sd and range):
 - base, SFT on the seeds alone, ICL-kNN, URIAL-style fixed examples (the `--baselines` of one run);
 - ISARA as before issue 15: the rule and novelty filters (the self-rating of then passed everything);
 - + consistency: the seeds' vote on the response's kind;
@@ -12,7 +13,9 @@ Rows (each one round of `align --domain safety` from the base model, the same se
 - the shipped defaults (whatever `AlignConfig()` is when the script runs).
 Every row reports harmful refusal and benign helpfulness (our held-out safety prompts),
 over-refusal (HarmBench's 100 benign IFEval prompts) and truthfulness MC1, so a gain bought with
-another metric shows. Runs resume: an interrupted ablation picks up where it stopped.
+another metric shows. A second table pairs each ISARA row with the base and with the row above
+it, item by item (the first seed's runs). Runs resume: an interrupted ablation picks up where it
+stopped (seed 0's runs are in row-N/, as before repeats existed; seed S's in row-N-seed-S/).
 """
 
 from __future__ import annotations
@@ -21,15 +24,18 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchdoc import default_model, load_average, publish, result_cell  # noqa: E402
+from benchdoc import default_model, load_average, parse_repeated, publish, range_text, spread_cell  # noqa: E402
 
 from localalign.align import AlignRun, load_config  # noqa: E402
 from localalign.errors import UserError  # noqa: E402
+from localalign.evaluation.report import PAIRED_NOTE, format_paired_table, paired_rows  # noqa: E402
 
 DOCS = REPO / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- bench_ablation -->", "<!-- /bench_ablation -->"
@@ -41,19 +47,23 @@ METRICS = [("safety", "harmful_refusal_rate"), ("safety", "benign_helpfulness_ra
 # So "before" is the rule and novelty filters alone, which is what the rating then let through.
 BEFORE = {"filters": {"consistency": False, "rate": False},
           "rehearsal": 0, "answers": 1, "objective": "sft"}
-ROWS = [  # name, overrides on top of BEFORE (None: the shipped defaults)
-    ("ISARA before issue 15 (rules and novelty; the self-rating then passed everything)", {}),
-    ("+ consistency with the seeds", {"filters": {"consistency": True, "rate": False}}),
-    ("+ best-of-2 answers", {"filters": {"consistency": True, "rate": False}, "answers": 2}),
-    ("+ rehearsal", {"filters": {"consistency": True, "rate": False}, "answers": 2, "rehearsal": 32}),
-    ("+ preference objective (DPO)", {"filters": {"consistency": True, "rate": False}, "answers": 2, "rehearsal": 32,
-                                      "objective": "sft+pref"}),
-    ("shipped defaults", None),
+ROWS = [  # name, short label (the paired table's), overrides on top of BEFORE (None: the shipped defaults)
+    ("ISARA before issue 15 (rules and novelty; the self-rating then passed everything)", "before", {}),
+    ("+ consistency with the seeds", "+consistency", {"filters": {"consistency": True, "rate": False}}),
+    ("+ best-of-2 answers", "+best-of-2", {"filters": {"consistency": True, "rate": False}, "answers": 2}),
+    ("+ rehearsal", "+rehearsal", {"filters": {"consistency": True, "rate": False}, "answers": 2, "rehearsal": 32}),
+    ("+ preference objective (DPO)", "+DPO", {"filters": {"consistency": True, "rate": False}, "answers": 2,
+                                              "rehearsal": 32, "objective": "sft+pref"}),
+    ("shipped defaults", "shipped", None),
 ]
+# The baselines, run beside the first row: name, short label, folder in that row's run directory.
+BASELINES = [("base", "base", "base"), ("SFT on the seeds alone", "sft-seeds", "baselines/sft-seeds"),
+             ("ICL-kNN (retrieved seeds in context)", "icl-knn", "baselines/icl-knn"),
+             ("URIAL-style (the same seeds in context)", "urial", "baselines/urial")]
 
 
-def overrides(row: dict | None, samples: int) -> dict:
-    base = {"domain": "safety", "rounds": 1, "samples": samples, "eval_suites": SUITES}
+def overrides(row: dict | None, samples: int, seed: int = 0) -> dict:
+    base = {"domain": "safety", "rounds": 1, "samples": samples, "eval_suites": SUITES, "seed": seed}
     if row is None:
         return base
     merged = json.loads(json.dumps(BEFORE))
@@ -63,52 +73,112 @@ def overrides(row: dict | None, samples: int) -> dict:
             "isara": {"answers": merged["answers"]}, "train": {"objective": merged["objective"]}}
 
 
-def run_row(work: Path, slug: str, values: dict, baselines: bool = False) -> Path:
+def run_row(run_dir: Path, values: dict, baselines: bool = False) -> Path:
     config = load_config(None, {**values, "baselines": baselines or None})
-    AlignRun(config, work / slug, log=lambda m: print(m, file=sys.stderr, flush=True)).run()
-    return work / slug
+    AlignRun(config, run_dir, log=lambda m: print(m, file=sys.stderr, flush=True)).run()
+    return run_dir
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--samples", type=int, default=64)
-    ap.add_argument("--work", default=str(REPO / "runs" / "ablation"))
-    ap.add_argument("--no-docs", action="store_true")
-    args = ap.parse_args()
+def row_dir(work: Path, i: int, seed: int) -> Path:
+    """row-i for seed 0 (where the runs made before --repeats are, so they resume), row-i-seed-S else."""
+    return work / (f"row-{i}" if seed == 0 else f"row-{i}-seed-{seed}")
+
+
+@dataclass
+class Row:
+    """One line of the tables: a configuration's eval.json per seed that finished, and notes."""
+
+    name: str
+    label: str
+    results: list[dict] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)  # the seed of each result
+    accepted: list[int] = field(default_factory=list)
+    rejected: list[int] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    def note(self) -> str:
+        parts = [f"{range_text(self.accepted)} accepted, {range_text(self.rejected)} rejected"] if self.accepted else []
+        return "; ".join(parts + self.failures)
+
+
+def collect(work: Path, samples: int, seeds: list[int], run: Callable[[Path, dict, bool], Path] = run_row) -> list[Row]:
+    """Run (or resume) every row for every seed and read back what each left: the baselines
+    (from the first row's runs), then the ISARA rows. A run that fails is a result too."""
+    baselines = [Row(name, label) for name, label, _ in BASELINES]
+    rows = [Row(name, label) for name, label, _ in ROWS]
+    for i, (_, _, change) in enumerate(ROWS):
+        for seed in seeds:
+            d = row_dir(work, i, seed)
+            try:
+                run(d, overrides(change, samples, seed), i == 0)
+                failed = False
+            except UserError as e:  # say, an export's parity check
+                rows[i].failures.append(f"seed {seed} failed: {e}")
+                failed = True
+            if i == 0:  # the baselines are evaluated before the round: they stand even if it fails
+                for row, (_, _, sub) in zip(baselines, BASELINES):
+                    if (d / sub / "eval.json").exists():
+                        row.results.append(json.loads((d / sub / "eval.json").read_text()))
+                        row.seeds.append(seed)
+            if not failed:
+                gen = json.loads((d / "manifest.json").read_text())["stages"]["round-1/generate"]
+                rows[i].results.append(json.loads((d / "round-1" / "eval.json").read_text()))
+                rows[i].seeds.append(seed)
+                rows[i].accepted.append(gen["accepted"])
+                rows[i].rejected.append(gen["rejected"])
+    return baselines + rows
+
+
+def table_lines(rows: list[Row]) -> list[str]:
+    """Each metric of every row: value and Wilson interval for one seed, mean +- sd (min-max) for several."""
+    return [
+        "| model | harmful refusal | benign helpfulness | over-refusal (lower is better) | truthfulness MC1 | data |",
+        "|---|---|---|---|---|---|",
+        *[f"| {r.name} | " + " | ".join(spread_cell(r.results, s, m) if r.results else "n/a" for s, m in METRICS)
+          + f" | {r.note()} |" for r in rows],
+    ]
+
+
+def paired_lines(rows: list[Row]) -> list[str]:
+    """The first seed's runs paired item by item: each ISARA row against the base and against the
+    row above it (the one it adds a component to)."""
+    first = {r.label: r.results[0] for r in rows if r.results}
+    isara = [label for _, label, _ in ROWS if label in first]
+    pairs = [(label, "base") for label in isara] + [(b, a) for a, b in zip(isara, isara[1:])]
+    paired = paired_rows(first, pairs, METRICS)
+    if not paired:
+        return []
+    seed = next((r.seeds[0] for r in rows if r.seeds), 0)
+    return ["", f"Paired, item by item, on the runs of seed {seed}: each row against the base and against the "
+                "row above it. " + PAIRED_NOTE, "", format_paired_table(paired)]
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[int]]:
+    def own(ap: argparse.ArgumentParser) -> None:
+        ap.add_argument("--samples", type=int, default=64)
+        ap.add_argument("--work", default=str(REPO / "runs" / "ablation"))
+
+    args, seeds, _ = parse_repeated(__doc__, argv, own)
+    return args, seeds
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, seeds = parse_args(argv)
     default_model()
-    work, started, t0 = Path(args.work), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.perf_counter()
-    table: list[tuple[str, dict, str]] = []
-    for i, (name, row) in enumerate(ROWS):
-        run = work / f"row-{i}"
-        try:
-            run_row(work, f"row-{i}", overrides(row, args.samples), baselines=(i == 0))
-        except UserError as e:  # a row that fails (say, its export's parity check) is a result too
-            failed = f"failed: {e}"
-        else:
-            failed = None
-        if i == 0:  # the baselines are evaluated before the round: they stand even if it fails
-            for label, sub in (("base", "base"), ("SFT on the seeds alone", "baselines/sft-seeds"),
-                               ("ICL-kNN (retrieved seeds in context)", "baselines/icl-knn"),
-                               ("URIAL-style (the same seeds in context)", "baselines/urial")):
-                if (run / sub / "eval.json").exists():
-                    table.append((label, json.loads((run / sub / "eval.json").read_text()), ""))
-        if failed:
-            table.append((name, {"suites": {}}, failed))
-            continue
-        manifest = json.loads((run / "manifest.json").read_text())["stages"]
-        gen = manifest["round-1/generate"]
-        note = f"{gen['accepted']} accepted, {gen['rejected']} rejected"
-        table.append((name, json.loads((run / "round-1" / "eval.json").read_text()), note))
+    started, t0 = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.perf_counter()
+    rows = collect(Path(args.work), args.samples, seeds)
+    repeats = (f"{len(seeds)} seeds ({', '.join(map(str, seeds))}; generation, data order and LoRA init), each cell "
+               "mean ± sd (min-max) over them" if len(seeds) > 1 else f"seed {seeds[0]}")
     lines = [
         "## Ablation (bench/bench_ablation.py)",
         "",
         f"Started {started}, {(time.perf_counter() - t0) / 60:.0f} min in all, load average at the end {load_average()}. "
         f"Each ISARA row is one round of `align --domain safety --samples {args.samples}` from the base model; "
-        "95% Wilson intervals in brackets (safety: 24 harmful, 20 benign prompts; over-refusal: 100; MC1: 43).",
+        f"{repeats}; 95% Wilson intervals in brackets for one seed (safety: 24 harmful, 20 benign prompts; "
+        "over-refusal: 100; MC1: 43).",
         "",
-        "| model | harmful refusal | benign helpfulness | over-refusal (lower is better) | truthfulness MC1 | data |",
-        "|---|---|---|---|---|---|",
-        *[f"| {label} | " + " | ".join(result_cell(r, s, m) for s, m in METRICS) + f" | {note} |" for label, r, note in table],
+        *table_lines(rows),
+        *paired_lines(rows),
     ]
     publish(DOCS, lines, BEGIN, END, write=not args.no_docs)
 

@@ -26,6 +26,7 @@ uninterrupted one does.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 import time
@@ -45,8 +46,10 @@ from localalign.engine.process import EngineCrashed
 from localalign.engine.select import open_generator
 from localalign.errors import UserError
 from localalign.evaluation.html import write_html_report
-from localalign.evaluation.report import metric_cell, write_report
+from localalign.evaluation.report import (PAIRED_HEADER, compare, default_pairs, difference_cell, metric_cell,
+                                         paired_cells, paired_rows, write_report)
 from localalign.evaluation.run import EvalConfig, check_suites, evaluate, read_eval, write_eval
+from localalign.evaluation.stats import min_flips
 from localalign.export.pipeline import export_adapter, export_merged, export_model, modelfile_path
 from localalign import fit
 from localalign.fit import available_memory, check_fits, estimate_round
@@ -154,19 +157,122 @@ def load_config(path: str | Path | None, overrides: dict) -> AlignConfig:
     return config
 
 
+def score_metrics(config: AlignConfig, eval_result: dict) -> list[tuple[str, str]]:
+    """The (suite, metric) pairs the score averages: the domain's key metrics, or for a custom
+    domain the first metric of its suites."""
+    if config.domain in DOMAINS:
+        return list(DOMAINS[config.domain][1])
+    return [(s, m) for s in config.suites() for m in eval_result["suites"].get(s, {}).get("metrics", {})][:1]
+
+
 def primary_score(config: AlignConfig, eval_result: dict) -> float | None:
     """The held-out score that ranks rounds: the mean of the domain's key metrics."""
-    if config.domain in DOMAINS:
-        keys = DOMAINS[config.domain][1]
-    else:
-        keys = [(s, m) for s in config.suites() for m in eval_result["suites"].get(s, {}).get("metrics", {})][:1]
     values = []
-    for suite, metric in keys:
+    for suite, metric in score_metrics(config, eval_result):
         record = eval_result["suites"].get(suite, {}).get("metrics", {}).get(metric)
         if record is None or not record.get("n"):
             return None
         values.append(record["value"])
     return sum(values) / len(values)
+
+
+# --------------------------------------------------------------------------- which round is kept
+
+
+@dataclass
+class Verdict:
+    """Whether a round replaces the best so far (`keep_round`), and why, in one line."""
+
+    kept: bool
+    reason: str
+    # the score's metrics on which the round is significantly worse than the best so far or
+    # the base, one line each (computed whatever the score says)
+    losses: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoopChoice:
+    """The rule replayed over a run's rounds in order (`choose_rounds`)."""
+
+    best: str = "base"  # the best so far after the last round: what the next round generates with
+    judged_against: dict[str, str] = field(default_factory=dict)  # round -> the best so far before it
+    verdicts: dict[str, Verdict] = field(default_factory=dict)
+
+
+def keep_round(config: AlignConfig, candidate: dict, best_label: str, best: dict | None, base: dict | None) -> Verdict:
+    """The loop's rule. A round replaces the best so far only if
+      1. its score (primary_score) is higher than the best so far's, and
+      2. on none of the score's metrics is it significantly worse, item by item (two-sided
+         exact McNemar, p < 0.05), than the best so far or than the base model.
+    The score still ranks: at n = 24 a significant gain needs 6 flips all one way, so asking
+    for one would keep almost nothing. The veto stops a trade that the average hides (more
+    harmful requests refused by refusing benign ones too) once the loss is clearly real, and
+    judging against the base as well stops losses too small to show in one round from adding
+    up over several."""
+    score = primary_score(config, candidate)
+    best_score = primary_score(config, best) if best is not None else None
+    references = {label: r for label, r in ((best_label, best), ("base", base)) if r is not None}
+    losses = significant_losses(config, candidate, references)
+    above = f"its score {_fmt(score)} is above {best_label}'s {_fmt(best_score)}"
+    if score is None:
+        return Verdict(False, "it has no score", losses)
+    if best_score is not None and score <= best_score:
+        return Verdict(False, f"its score {score:.3f} is not above {best_label}'s {best_score:.3f}", losses)
+    if losses:
+        return Verdict(False, f"{above}, but it is significantly worse on {'; '.join(losses)}", losses)
+    return Verdict(True, f"{above} and significantly worse on none of the score's metrics")
+
+
+def significant_losses(config: AlignConfig, candidate: dict, references: dict[str, dict]) -> list[str]:
+    """The score's metrics on which `candidate` is significantly worse than a reference (paired, exact McNemar)."""
+    keys = score_metrics(config, candidate)
+    out = []
+    for label, reference in references.items():
+        for row in compare(reference, candidate):
+            if (row.suite, row.metric) in keys and row.verdict() == "worse":
+                out.append(f"{row.suite}/{row.metric} against {label} "
+                           f"({difference_cell(row.paired)}, p={row.paired.p_value:.3f})")
+    return out
+
+
+def choose_rounds(config: AlignConfig, results: dict[str, dict]) -> LoopChoice:
+    """`keep_round` replayed over the rounds of `results` (labels round-N, in order) from the
+    base: the loop's choices, recomputed from the evaluations alone."""
+    choice = LoopChoice()
+    for label in (k for k in results if k.startswith("round-")):
+        verdict = keep_round(config, results[label], choice.best, results.get(choice.best), results.get("base"))
+        choice.judged_against[label], choice.verdicts[label] = choice.best, verdict
+        if verdict.kept:
+            choice.best = label
+    return choice
+
+
+def ship_choice(choice: LoopChoice, scores: dict[str, float | None]) -> str:
+    """The round final.gguf ships: the loop's best; where that is still the base, the
+    highest-scoring round among those not significantly worse than the base (of all rounds
+    where every one is)."""
+    if choice.best in scores:
+        return choice.best
+
+    def rank(label: str) -> tuple[bool, float]:
+        verdict = choice.verdicts.get(label)
+        return not (verdict and verdict.losses), -math.inf if scores[label] is None else scores[label]
+
+    return max(scores, key=rank)
+
+
+def comparison_pairs(results: dict[str, dict], choice: LoopChoice) -> list[tuple[str, str]]:
+    """(model, reference) pairs of the paired tables: every model against the base, and each
+    round against the best so far it was judged against, where that is not the base."""
+    if "base" not in results:
+        return default_pairs(results)
+    pairs = []
+    for label in results:
+        if label != "base":
+            pairs.append((label, "base"))
+        if choice.judged_against.get(label, "base") != "base":
+            pairs.append((label, choice.judged_against[label]))
+    return pairs
 
 
 # --------------------------------------------------------------------------- the run
@@ -185,6 +291,8 @@ class ModelForm:
 
 class AlignRun:
     """One run directory, driven stage by stage (see the module docstring)."""
+
+    choice: LoopChoice | None = None  # what `rounds` decided, round by round; `ship_final` ships its best
 
     def __init__(self, config: AlignConfig, run_dir: Path, log: Callable[[str], None] = print, quiet: bool = False):
         self.config = config
@@ -451,14 +559,17 @@ class AlignRun:
 
     def rounds(self, seeds: list[Sample], rehearsal: list[Sample], base_hf: Path, base_form: ModelForm,
                base_score: float | None, results: dict[str, dict]):
-        """Round after round, each generating with the best model so far (a round that scores lower
-        is kept on disk but generates nothing); stop after `patience` rounds in a row without a
-        better score. Returns the scores and the models by round."""
+        """Round after round, each generating with the best model so far. A round replaces it only
+        by `keep_round`'s rule (a higher score, and significantly worse on none of the score's
+        metrics than the best so far or the base); a round not kept stays on disk but generates
+        nothing. Stop after `patience` rounds in a row not kept. Returns the scores and the models
+        by round; the choices are left in `self.choice` for ship_final."""
         cfg = self.config
-        best, best_score, generator, best_adapter = "base", base_score, base_form, None
+        best, generator, best_adapter = "base", base_form, None
         earlier: list[Sample] = []
         scores: dict[str, float | None] = {}
         forms: dict[str, ModelForm] = {}
+        self.choice = LoopChoice()
         stale = 0
         for r in range(1, cfg.rounds + 1):
             t0 = time.perf_counter()
@@ -474,14 +585,16 @@ class AlignRun:
             self.write_report(results, seeds)
             self.log(self.round_summary(r, accepted, results, base_score, scores, time.perf_counter() - t0))
             earlier = earlier + accepted
-            if scores[name] is not None and (best_score is None or scores[name] > best_score):
-                best, best_score, generator, best_adapter, stale = name, scores[name], forms[name], adapter, 0
+            self.choice = choose_rounds(cfg, results)
+            verdict = self.choice.verdicts[name]
+            if verdict.kept:
+                self.log(f"round {r} kept: {verdict.reason}")
+                best, generator, best_adapter, stale = name, forms[name], adapter, 0
                 continue
             stale += 1
-            self.log(f"round {r} scored {_fmt(scores[name])}, not above {best} ({_fmt(best_score)}): kept on disk; "
-                     f"the next round generates with {best}")
+            self.log(f"round {r} not kept: {verdict.reason}; it stays on disk and the next round generates with {best}")
             if stale >= cfg.patience and r < cfg.rounds:
-                self.log(f"{stale} rounds in a row without a better score: stopping early")
+                self.log(f"{stale} rounds in a row not kept: stopping early")
                 break
         return scores, forms
 
@@ -504,26 +617,35 @@ class AlignRun:
     def round_summary(self, r, accepted, results, base_score, scores, seconds) -> str:
         gen = self.manifest.stages.get(f"round-{r}/generate", {})
         tr = self.manifest.stages.get(f"round-{r}/train", {})
-        score = scores[f"round-{r}"]
+        name = f"round-{r}"
+        score = scores[name]
         delta = "" if score is None or base_score is None else f" ({score - base_score:+.3f} vs base)"
+        paired = paired_rows(results, [(name, "base")], score_metrics(self.config, results[name]))
+        against = "; ".join(f"{p.row.metric} {difference_cell(p.row.paired)} p={p.row.paired.p_value:.3f}" for p in paired)
         return (
             f"round {r}: accepted {gen.get('accepted', len(accepted))}, rejected {gen.get('rejected', '?')}, "
             f"train loss {tr.get('final_loss', '?')}, score {_fmt(score)}{delta}, {seconds:.0f} s"
+            + (f"\n  paired vs base: {against}" if against else "")
         )
 
     def write_report(self, results: dict[str, dict], seeds: list[Sample], best: str | None = None) -> None:
         """report.md with its plots, and report.html; after every round, and once more with the chosen one."""
-        write_report(results, self.dir, data_reports=self.data_reports())
+        pairs = comparison_pairs(results, choose_rounds(self.config, results))
+        write_report(results, self.dir, data_reports=self.data_reports(), pairs=pairs)
         if self._embedder is None:
             self._embedder = Embedder(self.config.embedder)
-        write_html_report(self.dir, results, seeds, self._embedder, best=best)
+        write_html_report(self.dir, results, seeds, self._embedder, best=best, pairs=pairs)
 
     def ship_final(self, scores: dict[str, float | None], forms: dict[str, ModelForm], base_hf: Path, base_score) -> str:
-        """Copy the best round's model to final.gguf (merging an adapter round first)."""
-        ranked = [k for k in scores if scores[k] is not None]
-        best = max(ranked, key=lambda k: scores[k]) if ranked else list(scores)[-1]
-        if base_score is not None and scores.get(best) is not None and scores[best] < base_score:
-            self.log(f"warning: no round beat the base model (best {best}: {scores[best]:.3f} < base {base_score:.3f})")
+        """Copy the loop's best round (`self.choice`, left by `rounds`) to final.gguf, merging an
+        adapter round first. Where no round was kept over the base, the highest-scoring round
+        among those not significantly worse than the base (of all rounds if none is), with a warning."""
+        choice = self.choice or LoopChoice()
+        best = ship_choice(choice, scores)
+        if best != choice.best:
+            verdict = choice.verdicts.get(best)
+            self.log(f"warning: no round was kept over the base model (score {_fmt(base_score)}); final.gguf is {best} "
+                     f"all the same, not kept because {verdict.reason if verdict else 'it was never judged'}")
         form = forms[best]
         final = self.dir / "final.gguf"
         inputs = {**form.hashes(self.hash), "best": best}
@@ -606,11 +728,31 @@ def format_summary(results, config: AlignConfig, run_dir: Path, best: str, base_
         row.append(str(report.get("accepted", "")))
         row += [format_share(report.get(k)) if report else "" for k, _ in shown]
         rows.append(row)
+    lines = ["", *_text_table(header, rows), ""]
+    lines.append(f"* = shipped as {run_dir / 'final.gguf'}  (report: {run_dir / 'report.html'})")
+    return "\n".join(lines + format_paired_summary(results, config, keys))
+
+
+def format_paired_summary(results: dict[str, dict], config: AlignConfig, keys: list[tuple[str, str]]) -> list[str]:
+    """The printed table's second part: each model against the base and each round against the
+    best so far it was judged against, on the metrics of the first table, and what the loop
+    decided about each round."""
+    choice = choose_rounds(config, results)
+    paired = paired_rows(results, comparison_pairs(results, choice), keys)
+    if not paired:
+        return []
+    lines = ["", "paired, item by item: difference = model - vs, with its 95% interval (Newcombe); p: exact McNemar;",
+             f"MDD: the smallest difference the test can declare at that n ({min_flips()} flips all one way)",
+             *_text_table(PAIRED_HEADER, [paired_cells(r) for r in paired]), ""]
+    lines += [f"{label} {'kept' if v.kept else 'not kept'}: {v.reason}" for label, v in choice.verdicts.items()]
+    return lines
+
+
+def _text_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """Columns padded to their widest cell, a rule under the header."""
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
-    lines = ["", fmt(header), fmt(["-" * w for w in widths]), *map(fmt, rows), ""]
-    lines.append(f"* = shipped as {run_dir / 'final.gguf'}  (report: {run_dir / 'report.html'})")
-    return "\n".join(lines)
+    return [fmt(header), fmt(["-" * w for w in widths]), *map(fmt, rows)]
 
 
 class GenerationOutput(Listener):

@@ -321,7 +321,7 @@ def eval_(ctx, model, lora, suites, out, limit, max_tokens, threads, **backend) 
 @click.argument("a", type=click.Path(dir_okay=False))
 @click.argument("b", type=click.Path(dir_okay=False))
 def eval_compare(a: str, b: str) -> None:
-    """Differences B - A per metric on shared items, with exact McNemar p-values."""
+    """Differences B - A per metric on shared items: Newcombe 95% interval, exact McNemar p, MDD."""
     rows = compare(read_eval(a), read_eval(b))
     if not rows:
         raise UserError(f"{a} and {b} share no scored items")

@@ -1,6 +1,6 @@
 """report.html: what a run made, on one self-contained page (inline CSS and script, no network).
 
-    write_html_report(run_dir, results=None, seeds=None, embedder=None) -> RUN/report.html
+    write_html_report(run_dir, results=None, seeds=None, embedder=None, best=None, pairs=None) -> RUN/report.html
 
 Everything on the page is read from the run directory as the stages left it, so the page can
 be written at any point of a run and written again as it goes:
@@ -8,6 +8,9 @@ be written at any point of a run and written again as it goes:
 - the round table: every eval.json (base, baselines, rounds, in that order), each cell the
   value with its 95% interval and n, drawn as a bar too; the chosen round (manifest.json,
   stage "final", its "best") is marked;
+- the paired comparisons (report.paired_rows): each model against a reference on the same
+  items, the difference with its interval, the exact McNemar p and the smallest difference
+  the test could declare at that n;
 - the plots report.py wrote beside report.md, inlined as base64 PNGs;
 - per-stage seconds and throughput from manifest.json (generation: decided samples per
   minute; training: tokens/s; evaluation: items and reply tokens per second);
@@ -38,7 +41,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from localalign.evaluation.report import _higher_better, _metric_columns, _slug
+from localalign.evaluation.report import (PAIRED_HEADER, PAIRED_NOTE, _higher_better, _metric_columns, _slug,
+                                         default_pairs, paired_cells, paired_rows)
 from localalign.fsutil import atomic_write_text
 from localalign.isara.step import _example_ref as example_ref
 from localalign.samples import Sample, read_rejected
@@ -49,11 +53,13 @@ BASELINE_ORDER = ("sft-seeds", "icl-knn", "urial")  # as align runs them
 
 
 def write_html_report(run_dir: str | Path, results: dict[str, dict] | None = None, seeds: list[Sample] | None = None,
-                      embedder=None, best: str | None = None) -> Path:
+                      embedder=None, best: str | None = None, pairs: list[tuple[str, str]] | None = None) -> Path:
     """Write RUN/report.html from what the run directory holds (see the module docstring).
     `results`: the eval results by label, in table order (read from the run when None);
     `seeds`: the run's seeds (read from a round's index/ when None); `embedder`: an
-    isara.retrieve.Embedder for the nearest seeds; `best`: the chosen label (else the manifest's)."""
+    isara.retrieve.Embedder for the nearest seeds; `best`: the chosen label (else the manifest's);
+    `pairs`: the (model, reference) comparisons of the paired table (every label against the
+    first when None)."""
     d = Path(run_dir)
     results = collect_results(d) if results is None else results
     manifest = _read_json(d / "manifest.json") or {}
@@ -64,6 +70,7 @@ def write_html_report(run_dir: str | Path, results: dict[str, dict] | None = Non
     body = [
         _header(d, config, best, (d / "final.gguf").exists()),
         _section("Held-out evaluation", _results_table(results, best)),
+        _section("Paired comparisons", _paired_table(results, default_pairs(results) if pairs is None else pairs)),
         _section("Plots", _plots(d, results)) if results else "",
         _section("Stages", _stage_table(stages, results)),
         _section("Data per round", _data_table(d)),
@@ -238,6 +245,19 @@ def _results_table(results: dict[str, dict], best: str | None) -> str:
     return f'<table id="results"><tr><th>suite / metric</th>{head}</tr>{"".join(rows)}</table>{note}'
 
 
+def _paired_table(results: dict[str, dict], pairs: list[tuple[str, str]]) -> str:
+    rows = paired_rows(results, pairs)
+    if not rows:
+        return "<p>No two models to compare yet.</p>"
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in PAIRED_HEADER)
+    body = []
+    for r in rows:
+        verdict = r.row.verdict()
+        cells = "".join(f"<td>{html.escape(c)}</td>" for c in paired_cells(r))
+        body.append(f'<tr class="{verdict}">{cells}</tr>')
+    return f'<table id="paired"><tr>{head}</tr>{"".join(body)}</table><p class=note>{html.escape(PAIRED_NOTE)}</p>'
+
+
 def _metric_cell(record: dict | None) -> str:
     if not record or not record.get("n"):
         return "-"
@@ -388,7 +408,7 @@ h1{font-size:1.4em}h2{font-size:1.15em;margin-top:1.8em;border-bottom:1px solid 
 code{font-size:.92em;background:#f3f4f6;padding:0 .2em;border-radius:3px}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #dde1e6;padding:.3em .6em;text-align:left;vertical-align:top}
 th{background:#f6f8fa}#stages td:first-child,td.num{white-space:nowrap}td.num{text-align:right}.chosen{background:#fff6d6}th.chosen{background:#ffe9a6}
-tr.total td{font-weight:bold}.note{color:#57606a;font-size:.9em}ul.facts{display:flex;flex-wrap:wrap;gap:.4em 1.5em;padding:0;list-style:none}
+tr.total td{font-weight:bold}#paired tr.better td{background:#e6f6ea}#paired tr.worse td{background:#fde8e7}.note{color:#57606a;font-size:.9em}ul.facts{display:flex;flex-wrap:wrap;gap:.4em 1.5em;padding:0;list-style:none}
 .ci{position:relative;height:6px;background:#eef0f3;margin-top:3px;min-width:110px}
 .ci span{position:absolute;top:0;height:6px;background:#9cc3f5}.ci i{position:absolute;top:-2px;width:2px;height:10px;background:#0b4fa8}
 img{max-width:100%;margin:.3em .5em .3em 0;border:1px solid #eee}

@@ -2,10 +2,12 @@
 
 - `format_table(results)`: one Markdown table, a row per suite metric, a column per model
   (base, baselines, rounds in the order given): value with its 95% interval and n.
-- `write_report(results, out_dir)`: report.md (that table, wall times, what each suite
-  measures) and one PNG per metric, value and interval over the labels in order.
+- `write_report(results, out_dir)`: report.md (that table, the paired comparisons, wall times,
+  what each suite measures) and one PNG per metric, value and interval over the labels in order.
 - `compare(a, b)`: every metric both results share, paired on the items both scored,
-  with the exact McNemar p-value.
+  with the exact McNemar p-value and Newcombe's interval of the difference;
+  `paired_rows(results, pairs)`: the same for chosen (model, reference) pairs, the paired table
+  of report.md, report.html and align's printed summary.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from localalign.evaluation.stats import PairedComparison, compare_paired
+from localalign.evaluation.stats import (ALPHA, PairedComparison, compare_paired, detectable_difference,
+                                        min_detectable_difference, min_flips)
 from localalign.fsutil import atomic_write, atomic_write_text
 
-ALPHA = 0.05
 
 
 def _metric_columns(results: dict[str, dict]) -> list[tuple[str, str]]:
@@ -128,11 +130,14 @@ def format_data_reports(data: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def write_report(results: dict[str, dict], out_dir: str | Path, data_reports: dict[str, dict] | None = None) -> Path:
+def write_report(results: dict[str, dict], out_dir: str | Path, data_reports: dict[str, dict] | None = None,
+                 pairs: list[tuple[str, str]] | None = None) -> Path:
     """report.md + one PNG per metric under `out_dir`; labels keep the order of `results`.
-    `data_reports`: each round's data report (isara/data_report.py), shown as its own table."""
+    `data_reports`: each round's data report (isara/data_report.py), shown as its own table;
+    `pairs`: the (model, reference) comparisons of the paired table (`default_pairs` when None)."""
     if not results:
         raise ValueError("no results to report")
+    paired = paired_rows(results, default_pairs(results) if pairs is None else pairs)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = []
@@ -153,6 +158,7 @@ def write_report(results: dict[str, dict], out_dir: str | Path, data_reports: di
         "",
         format_table(results),
         "",
+        *(["## Paired comparisons", "", PAIRED_NOTE, "", format_paired_table(paired), ""] if paired else []),
         *(["## Data", "",
            "What each round's accepted pairs teach, against the seeds (isara/data_report.py): the share "
            "whose response is the kind their nearest seeds give, that meet the constraints their prompt "
@@ -191,16 +197,24 @@ class MetricComparison:
     paired: PairedComparison
     higher_is_better: bool
 
+    def verdict(self, alpha: float = ALPHA) -> str:
+        """'better' or 'worse' (B against A, by the metric's direction) where the exact McNemar
+        test is significant at `alpha`; '' where it is not."""
+        if not self.paired.significant(alpha):
+            return ""
+        return "better" if (self.paired.diff > 0) == self.higher_is_better else "worse"
+
 
 def compare(a: dict, b: dict) -> list[MetricComparison]:
-    """Every metric present in both results, paired on shared items (exact McNemar)."""
+    """Every metric present in both results, paired on shared items (exact McNemar, Newcombe's
+    interval); items only one side was scored on are counted in each comparison, not paired."""
     rows = []
     for suite, data_a in a["suites"].items():
         data_b = b["suites"].get(suite)
         if data_b is None:
             continue
-        for metric, outcomes_a in data_a["outcomes"].items():
-            outcomes_b = data_b["outcomes"].get(metric)
+        for metric, outcomes_a in data_a.get("outcomes", {}).items():
+            outcomes_b = data_b.get("outcomes", {}).get(metric)
             if not outcomes_b or not (set(outcomes_a) & set(outcomes_b)):
                 continue
             higher = data_a["metrics"][metric].get("higher_is_better", True)
@@ -208,19 +222,110 @@ def compare(a: dict, b: dict) -> list[MetricComparison]:
     return rows
 
 
+def difference_cell(p: PairedComparison) -> str:
+    """B - A with its 95% interval: '+0.208 [+0.04, +0.37]' (a bound that rounds to zero reads 0.00)."""
+    bound = lambda x: "0.00" if abs(x) < 0.005 else f"{x:+.2f}"  # noqa: E731
+    return f"{p.diff:+.3f} [{bound(p.ci_low)}, {bound(p.ci_high)}]"
+
+
+def p_cell(p: float) -> str:
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _mdd_cell(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def _n_cell(p: PairedComparison) -> str:
+    unpaired = p.a_unpaired + p.b_unpaired
+    return f"{p.n}" + (f" (+{unpaired} unpaired)" if unpaired else "")
+
+
 def format_comparison(rows: list[MetricComparison], alpha: float = ALPHA) -> str:
+    """`eval compare`'s table: B against A per metric, with the interval, the test and what the test could see."""
     lines = [
-        "| suite / metric | n paired | A | B | B - A | A only | B only | p (McNemar exact) | significant |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| suite / metric | n paired | A | B | B - A [95% CI] | A only | B only | p (McNemar exact) | significant "
+        "| MDD | 80% power at this discordance |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         p = r.paired
-        verdict = "no"
-        if p.significant(alpha):
-            better = (p.diff > 0) == r.higher_is_better
-            verdict = "yes, B better" if better else "yes, B worse"
+        verdict = f"yes, B {r.verdict(alpha)}" if r.verdict(alpha) else "no"
+        discordance = (p.a_only + p.b_only) / p.n
+        power = detectable_difference(p.n, discordance, alpha=alpha) if discordance else None
         lines.append(
-            f"| {r.suite} / {r.metric} | {p.n} | {p.a_value:.3f} | {p.b_value:.3f} | {p.diff:+.3f} | "
-            f"{p.a_only} | {p.b_only} | {p.p_value:.4f} | {verdict} |"
+            f"| {r.suite} / {r.metric} | {_n_cell(p)} | {p.a_value:.3f} | {p.b_value:.3f} | {difference_cell(p)} | "
+            f"{p.a_only} | {p.b_only} | {p.p_value:.4f} | {verdict} | {_mdd_cell(min_detectable_difference(p.n, alpha))} | "
+            f"{'none' if power is None else f'{power:.2f}'} |"
         )
+    lines += ["", COMPARISON_NOTE,
+              "80% power at this discordance: the true difference the test would declare 4 times in 5 if the "
+              "share of items the two disagree on were the one seen here; 'none': not even with every "
+              "disagreement one way."]
+    return "\n".join(lines)
+
+
+COMPARISON_NOTE = (
+    f"Paired on the items both were scored on (items only one side has are counted as unpaired and left out). "
+    f"Difference with Newcombe's 95% interval for paired proportions; p: two-sided exact McNemar test, "
+    f"significant below {ALPHA}. MDD: the smallest difference that test can declare at that n, reached only "
+    f"when all {min_flips()} or more disagreements go one way ({min_flips()}/n); a smaller difference is never "
+    f"significant there."
+)
+
+
+# --------------------------------------------------------------------------- paired tables
+
+
+def default_pairs(results: dict[str, dict]) -> list[tuple[str, str]]:
+    """(model, reference) pairs to compare: every label after the first against the first (the base)."""
+    labels = list(results)
+    return [(label, labels[0]) for label in labels[1:]]
+
+
+@dataclass
+class PairedRow:
+    """One model against one reference on one metric."""
+
+    label: str
+    reference: str
+    row: MetricComparison
+
+
+def paired_rows(results: dict[str, dict], pairs: list[tuple[str, str]],
+                metrics: list[tuple[str, str]] | None = None) -> list[PairedRow]:
+    """Each (model, reference) pair compared item by item (`compare`: A = the reference, B = the
+    model), on `metrics` (suite, metric) when given, else on every metric both hold."""
+    out = []
+    for label, reference in pairs:
+        if label not in results or reference not in results:
+            continue
+        for row in compare(results[reference], results[label]):
+            if metrics is None or (row.suite, row.metric) in metrics:
+                out.append(PairedRow(label, reference, row))
+    if metrics is not None:  # in the order the caller's table shows the metrics
+        out.sort(key=lambda r: (pairs.index((r.label, r.reference)), metrics.index((r.row.suite, r.row.metric))))
+    return out
+
+
+PAIRED_HEADER = ["model", "vs", "suite/metric", "n", "difference [95% CI]", "0->1", "1->0", "p", "verdict", "MDD"]
+PAIRED_NOTE = (
+    "Each model against a reference on the same items: difference = model - reference; 0->1 and 1->0: items whose "
+    "outcome went from 0 to 1 and from 1 to 0; verdict: better or worse (by the metric's direction: a lower "
+    "over-refusal rate is better) where the test is significant. "
+    + COMPARISON_NOTE
+)
+
+
+def paired_cells(r: PairedRow) -> list[str]:
+    """One row of the paired table as text, in the order of PAIRED_HEADER."""
+    p = r.row.paired
+    return [r.label, r.reference, f"{r.row.suite}/{r.row.metric}", _n_cell(p), difference_cell(p), str(p.b_only),
+            str(p.a_only), p_cell(p.p_value), r.row.verdict(), _mdd_cell(p.mdd)]
+
+
+def format_paired_table(rows: list[PairedRow]) -> str:
+    """The paired rows as a Markdown table."""
+    lines = ["| " + " | ".join(PAIRED_HEADER) + " |", "|" + "---|" * len(PAIRED_HEADER)]
+    lines += ["| " + " | ".join(paired_cells(r)) + " |" for r in rows]
     return "\n".join(lines)

@@ -111,3 +111,21 @@ def test_a_run_without_results_or_samples_still_gets_a_page(tmp_path):
     (tmp_path / "config.toml").write_text('domain = "safety"\n')
     page = write_html_report(tmp_path).read_text()
     assert "No evaluation yet." in page and "No stage has finished yet." in page
+
+
+def test_the_page_holds_the_paired_comparisons(tmp_path):
+    def paired(k: int) -> dict:
+        result = eval_json(k / 10)
+        result["suites"]["safety"]["outcomes"] = {"harmful_refusal_rate": {f"i{i}": int(i < k) for i in range(10)}}
+        return result
+
+    run = make_run(tmp_path)
+    results = {"base": paired(0), "round-1": paired(7), "round-2": paired(8)}
+    page = write_html_report(run, results, pairs=[("round-1", "base"), ("round-2", "round-1")])
+    table = re.search(r'<table id="paired">(.*?)</table>', page.read_text(), re.S).group(1)
+    rows = re.findall(r'<tr class="(\w*)">(.*?)</tr>', table)
+    assert [re.findall(r"<td>(.*?)</td>", cells)[:2] for _, cells in rows] == [["round-1", "base"], ["round-2", "round-1"]]
+    assert rows[0][0] == "better" and "+0.700" in rows[0][1] and "0.016" in rows[0][1]  # 7 flips one way: 2 / 2**7
+    assert rows[1][0] == "" and "<td>0.60</td>" in rows[1][1]  # MDD at n = 10: 6 / 10
+    # without outcomes to pair (the hand-made run above), the section says so
+    assert "No two models to compare yet" in write_html_report(run).read_text()
