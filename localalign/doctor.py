@@ -162,11 +162,12 @@ def check_torch(env: Mapping[str, str] = os.environ) -> list[Finding]:
     except ImportError:
         return [Finding("torch", "problem", "torch is not installed (training needs it)", pip_fix("torch==2.13.0"))]
     from localalign.train.config import TrainConfig
-    from localalign.train.model import choose_precision
+    from localalign.train.model import choose_precision, cpu_has_native_bf16
 
     cuda = torch.cuda.is_available()
     device = f"cuda ({torch.cuda.get_device_name(0)})" if cuda else "cpu"
-    precision = choose_precision("cuda" if cuda else "cpu", TrainConfig().cpu_bf16, cuda and torch.cuda.is_bf16_supported())
+    precision = choose_precision("cuda" if cuda else "cpu", TrainConfig().cpu_bf16, cuda and torch.cuda.is_bf16_supported(),
+                                 cpu_has_native_bf16())
     text = f"torch {torch.__version__}; training runs on {device} in {precision}"
     gpu = _nvidia_gpu(env)
     if gpu and not cuda:

@@ -19,6 +19,7 @@ from localalign.checks.model_input import ModelDims
 from localalign.errors import UserError
 from localalign.train.config import TrainConfig
 from localalign.train.layout import activation_bytes_per_token, model_dims
+from localalign.train.model import cpu_has_native_bf16
 
 # bench_sizes.py, 2026-12-03, AMD EPYC 2 cores: (parameters, generation tokens/s read + written at
 # 32 sequences, of which written, training tokens/s, merge + export + parity s).
@@ -69,14 +70,15 @@ def _rate(params: float, column: int) -> float:
 
 
 def training_bytes(dims: ModelDims, train: TrainConfig) -> int:
-    """Training's resident memory: frozen projections as training stores them (bf16 on a CPU unless
-    turned off), embeddings and LoRA weights with their Adam state in fp32, and the activations of
+    """Training's resident memory: frozen projections as training stores them (bf16 on a CPU with
+    native bf16 unless turned off, else fp32), embeddings and LoRA weights with their Adam state in fp32, and the activations of
     the widest micro-batch (train.layout's bound per token)."""
+    bf16 = train.cpu_bf16 and cpu_has_native_bf16()
     embed = dims.vocab * dims.hidden * (1 if dims.tied else 2)
-    frozen = (dims.params - embed) * (2 if train.cpu_bf16 else 4) + embed * 4
+    frozen = (dims.params - embed) * (2 if bf16 else 4) + embed * 4
     lora = dims.layers * train.r * 2 * (4 * dims.hidden + 3 * dims.intermediate) * 16
     rows = min(LONGEST_ROW, train.max_seq_len) * train.batch_size
-    return frozen + lora + rows * activation_bytes_per_token(*model_dims(dims.config()), bf16=train.cpu_bf16)
+    return frozen + lora + rows * activation_bytes_per_token(*model_dims(dims.config()), bf16=bf16)
 
 
 def estimate_round(dims: ModelDims, samples: int, seeds: int, rehearsal: int, train: TrainConfig) -> RoundEstimate:

@@ -57,7 +57,9 @@ class TrainConfig:
     #   block-diagonal mask, O(L^2) instead of the sum of per-sample squares
     # --- devices
     device: str = "auto"  # "auto" (CUDA if present, else CPU), "cpu" or "cuda"
-    cpu_bf16: bool = True  # CPU: bf16 autocast with bf16-stored frozen weights (measured faster here, see docs)
+    # CPU: bf16 autocast with bf16-stored frozen weights where the CPU has native bf16 (AVX512-BF16,
+    # AMX; measured faster there, see docs); fp32 elsewhere, where torch emulates bf16 (40x slower)
+    cpu_bf16: bool = True
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
     # Padded tokens per micro-batch. None: on a GPU from its free memory (train/layout.py), on a
     # CPU `batch_size` samples per micro-batch. Set it to cap a GPU shared with other work, or to

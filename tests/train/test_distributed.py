@@ -84,6 +84,11 @@ def test_precision_choice():
     assert choose_precision("cuda", cpu_bf16=True, cuda_bf16_supported=False) == "fp32"
     assert choose_precision("cpu", cpu_bf16=True, cuda_bf16_supported=False) == "bf16"
     assert choose_precision("cpu", cpu_bf16=False, cuda_bf16_supported=True) == "fp32"
+    # a CPU without native bf16 (AVX2 only) is given fp32 whatever cpu_bf16 says: torch emulates bf16 there
+    assert choose_precision("cpu", cpu_bf16=True, cuda_bf16_supported=False, cpu_native_bf16=False) == "fp32"
+    from localalign.train.model import cpu_has_native_bf16
+
+    assert cpu_has_native_bf16(["avx2", "avx512_bf16"]) and not cpu_has_native_bf16(["avx2", "fma", "f16c"])
 
 
 def test_device_choice_with_a_pretend_gpu(monkeypatch):
