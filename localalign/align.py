@@ -51,7 +51,6 @@ from localalign.evaluation.report import (PAIRED_HEADER, compare, default_pairs,
 from localalign.evaluation.run import EvalConfig, check_suites, evaluate, read_eval, write_eval
 from localalign.evaluation.stats import min_flips
 from localalign.export.pipeline import export_adapter, export_merged, export_model, modelfile_path
-from localalign import fit
 from localalign.fit import available_memory, check_fits, estimate_round
 from localalign.fsutil import atomic_write_text, commit_temp, temp_path_for
 from localalign.isara.data_report import data_report, format_share
@@ -373,8 +372,6 @@ class AlignRun:
         files = resolve_model(cfg.model)
         report = inspect_model(files.name, files.gguf, files.hf_dir)
         self.log(f"model {cfg.model}:\n{report.describe()}")
-        if not fit.MEASURED:  # TEMPORARY until bench_sizes has run
-            return
         estimate = estimate_round(report.dims, cfg.samples, seeds, cfg.rehearsal, cfg.train)
         self.log(estimate.describe(cfg.samples))
         check_fits(estimate, report.dims, cfg.train, available_memory())

@@ -5,8 +5,9 @@ Both come from bench/bench_sizes.py (docs/benchmarks.md, "What fits this machine
 models at the real shapes of SmolLM2-135M/360M, Qwen3-0.6B, Llama-3.2-1B and Qwen2.5-1.5B,
 every stage measured on a 2-core box of this project's kind. Rates between and beyond those
 sizes are interpolated on a log-log line through the two nearest measurements (on a CPU both
-generation and training are bound by the bytes of weights each token moves), and peak memory
-per parameter is the largest measured. Another machine differs; the estimate says so.
+generation and training are bound by the bytes of weights each token moves), and so is the peak
+resident memory of the hungriest stage (training, at every measured size: its fixed part, torch
+and the logits, weighs more in a small model). Another machine differs; the estimate says so.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ from localalign.train.layout import activation_bytes_per_token, model_dims
 from localalign.train.model import cpu_has_native_bf16
 
 # bench_sizes.py, 2026-12-03, AMD EPYC 2 cores: (parameters, generation tokens/s read + written at
-# 32 sequences, of which written, training tokens/s, merge + export + parity s).
-MEASURED: tuple[tuple[float, float, float, float, float], ...] = ()
-# Peak resident bytes per parameter of the stages that hold the whole model in float32
-# (the HF copy, training's load, merge, the parity check), the most measured.
-PEAK_BYTES_PER_PARAM = 0.0
+# 32 sequences, of which written, training tokens/s, merge + export + parity s, peak bytes of
+# any stage). bench_sizes prints this tuple.
+MEASURED: tuple[tuple[float, float, float, float, float, float], ...] = (
+    (134515008, 103.5, 71.7, 47.5, 64.4, 3351e6),
+    (361821120, 29.0, 20.1, 24.8, 41.5, 5887e6),
+)
+PEAK_COLUMN = 5
 # What a round puts through the model, measured on the default model (bench_sizes.ROUND_TOKENS).
 READ_PER_SAMPLE, WRITTEN_PER_SAMPLE, TRAIN_TOKENS_PER_SAMPLE = 290, 372, 160
 EVAL_READ, EVAL_WRITTEN = 144 * 60, 144 * 80
@@ -88,7 +91,7 @@ def estimate_round(dims: ModelDims, samples: int, seeds: int, rehearsal: int, tr
     training = (seeds + samples + rehearsal) * TRAIN_TOKENS_PER_SAMPLE * train.epochs / train_tps
     evaluation = EVAL_WRITTEN / written + EVAL_READ / mixed
     need_train = training_bytes(dims, train)
-    peak = max(int(p * PEAK_BYTES_PER_PARAM), need_train)
+    peak = max(int(_rate(p, PEAK_COLUMN)), need_train)
     return RoundEstimate(dims.params, generation, training, export_s, evaluation, peak, need_train)
 
 
@@ -106,13 +109,21 @@ def available_memory(meminfo: str | None = None) -> int | None:
     return None
 
 
+def largest_that_fits(available: int) -> float:
+    """The most parameters whose measured-curve peak memory is within `available` (bisected in log)."""
+    lo, hi = math.log(1e6), math.log(1e12)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _rate(math.exp(mid), PEAK_COLUMN) <= available else (lo, mid)
+    return math.exp(lo)
+
+
 def check_fits(estimate: RoundEstimate, dims: ModelDims, train: TrainConfig, available: int | None) -> None:
     """A UserError, saying what would fit, when a round's peak memory exceeds what is available."""
     if available is None or estimate.peak_bytes <= available:
         return
     need, have = estimate.peak_bytes / 2**30, available / 2**30
-    fits = int(available / max(PEAK_BYTES_PER_PARAM, 1e-9) / 1e6)
-    hints = [f"a model of at most ~{fits} M parameters fits"]
+    hints = [f"a model of at most ~{largest_that_fits(available) / 1e6:.0f} M parameters fits"]
     if estimate.training_bytes > available:
         for rows in (256, 128):
             smaller = TrainConfig(**{**train.__dict__, "max_seq_len": rows, "batch_size": 1})

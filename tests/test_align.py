@@ -169,11 +169,11 @@ def test_a_run_directory_refuses_another_config(tiny_hf_dir, tmp_path):
     from localalign.errors import UserError
 
     run_dir = tmp_path / "run"
-    AlignRun(load_config(None, {"model": str(tiny_hf_dir), "samples": 5}), run_dir).check_config(resume=False)
+    AlignRun(load_config(None, {"model": str(tiny_hf_dir), "samples": 5}), run_dir).check_config(resume=False, seeds=60)
     with pytest.raises(UserError, match=r"different config \(differs in: samples\)"):
-        AlignRun(load_config(None, {"model": str(tiny_hf_dir), "samples": 6}), run_dir).check_config(resume=False)
+        AlignRun(load_config(None, {"model": str(tiny_hf_dir), "samples": 6}), run_dir).check_config(resume=False, seeds=60)
     with pytest.raises(UserError, match="nothing to resume"):
-        AlignRun(load_config(None, {"model": str(tiny_hf_dir)}), tmp_path / "new").check_config(resume=True)
+        AlignRun(load_config(None, {"model": str(tiny_hf_dir)}), tmp_path / "new").check_config(resume=True, seeds=60)
 
 
 @pytest.mark.parametrize(

@@ -237,7 +237,12 @@ def _dims(tok, name: str, **extra) -> dict:
     GGUF's general.name, which llama.cpp reads: a name with "phi3" in it gets Phi-3's rules)."""
     return dict(name_or_path=f"tiny-random/{name.split('/')[-1]}", vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **extra)
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id) | extra
+
+
+# Qwen's embeddings have more rows than its tokenizer has tokens (151936 for 151669): the
+# converter pads the token list to the rows, and so must the donor vocabulary's copy.
+QWEN_SPARE_ROWS = 64
 
 
 def _llama(out):
@@ -275,7 +280,8 @@ def _qwen2(out):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     tok = qwen_tokenizer(out, CHATML)
-    return Qwen2ForCausalLM, Qwen2Config(**_dims(tok, "Qwen/Qwen2.5-0.5B-Instruct", tie_word_embeddings=True))
+    return Qwen2ForCausalLM, Qwen2Config(**_dims(tok, "Qwen/Qwen2.5-0.5B-Instruct", tie_word_embeddings=True,
+                                                   vocab_size=len(tok) + QWEN_SPARE_ROWS))
 
 
 def _qwen3(out):
@@ -283,7 +289,8 @@ def _qwen3(out):
 
     tok = qwen_tokenizer(out, QWEN3_TEMPLATE, ("<think>", "</think>"))
     # head_dim 128, as every Qwen3 has (not hidden / heads).
-    return Qwen3ForCausalLM, Qwen3Config(**_dims(tok, "Qwen/Qwen3-0.6B", head_dim=128, tie_word_embeddings=True))
+    return Qwen3ForCausalLM, Qwen3Config(**_dims(tok, "Qwen/Qwen3-0.6B", head_dim=128, tie_word_embeddings=True,
+                                                   vocab_size=len(tok) + QWEN_SPARE_ROWS))
 
 
 def _gemma2(out):

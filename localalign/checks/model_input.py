@@ -143,8 +143,11 @@ def inspect_hf(name: str, hf_dir: Path) -> ModelReport:
         layers=int(config["num_hidden_layers"]), heads=heads,
         kv_heads=int(config.get("num_key_value_heads") or heads), head_dim=int(config.get("head_dim") or hidden // heads),
         vocab=int(config["vocab_size"]), tied="lm_head.weight" not in shapes)
-    if not read_hf_chat_template(hf_dir):
+    template = read_hf_chat_template(hf_dir)
+    if not template:
         raise UserError(f"{hf_dir}: the tokenizer has no chat template (chat_template.jinja or tokenizer_config.json)")
+    origin = ("the " + family.name + " family's (localalign/families.py: the model came without one)"
+              if template == family.fallback_template else "its own")
     tj = json.loads((hf_dir / "tokenizer.json").read_text(encoding="utf-8"))
     vocab = {t["content"] for t in tj.get("added_tokens", [])} | set((tj.get("model") or {}).get("vocab") or {})
     eot = [t for t in family.end_of_turn if t in vocab]
@@ -156,7 +159,7 @@ def inspect_hf(name: str, hf_dir: Path) -> ModelReport:
         eot.append(eos)
     if not eot:
         raise UserError(f"{hf_dir}: no end-of-turn token ({', '.join(family.end_of_turn)}) and no eos token in the tokenizer")
-    return ModelReport(name, "HF folder", family, dims, "its own", eot)
+    return ModelReport(name, "HF folder", family, dims, origin, eot)
 
 
 def _safetensors_shapes(hf_dir: Path) -> dict[str, list[int]]:

@@ -25,15 +25,31 @@ from pathlib import Path
 CHAT_TEMPLATE_KEY = "tokenizer.chat_template"
 
 
-def copy_tokenizer_fields(reader, writer, value_types) -> int:
-    """Every `tokenizer.*` key of a GGUFReader but the chat template into a GGUFWriter; how many."""
+# Per-token arrays, and what a padding token gets in each: the converter's own padding
+# (`[PAD{i}]`, unused, score -1000) for a model whose embedding has more rows than tokens.
+PER_TOKEN = {"tokenizer.ggml.tokens": lambda i: f"[PAD{i}]", "tokenizer.ggml.token_type": lambda i: 5,
+             "tokenizer.ggml.scores": lambda i: -1000.0}
+
+
+def copy_tokenizer_fields(reader, writer, value_types, rows: int | None = None) -> int:
+    """Every `tokenizer.*` key of a GGUFReader but the chat template into a GGUFWriter; how many.
+
+    `rows`: the model's embedding rows. A vocabulary with fewer tokens is padded to it, as the
+    converter pads an HF vocabulary (llama.cpp refuses a token list shorter than the embedding);
+    one with more tokens than rows belongs to another model and is refused."""
     n = 0
     for field in reader.fields.values():
         if not field.name.startswith("tokenizer.") or field.name == CHAT_TEMPLATE_KEY:
             continue
         main = field.types[0]
         sub = field.types[-1] if main == value_types.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), main, sub_type=sub)
+        value = field.contents()
+        if rows is not None and field.name in PER_TOKEN:
+            if len(value) > rows:
+                raise ValueError(f"the tokenizer has {len(value)} tokens but the model's embedding only "
+                                 f"{rows} rows: it belongs to another model")
+            value = list(value) + [PER_TOKEN[field.name](i) for i in range(len(value), rows)]
+        writer.add_key_value(field.name, value, main, sub_type=sub)
         n += 1
     return n
 
@@ -52,7 +68,8 @@ def use_vocab_from(donor: Path) -> None:
             model_arch = cls.model_arch  # the converter checks that every model class names one
 
             def set_vocab(self):
-                n = copy_tokenizer_fields(gguf.GGUFReader(donor), self.gguf_writer, gguf.GGUFValueType)
+                rows = self.hparams.get("vocab_size")
+                n = copy_tokenizer_fields(gguf.GGUFReader(donor), self.gguf_writer, gguf.GGUFValueType, rows)
                 if n == 0:
                     raise ValueError(f"{donor} holds no tokenizer keys")
                 from localalign.chat import read_hf_chat_template  # jinja2 only: safe beside this gguf
