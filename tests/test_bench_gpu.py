@@ -209,3 +209,59 @@ def test_a_spent_budget_skips_each_measurement_and_says_so(tmp_path):
     for key in ("ours", "hf", "ours_profile", "hf_profile"):
         assert saved[key] == {"skipped": "out of time: this call's --budget of 0.001 s was spent before it began"}
     assert "Training: ours out of time" in proc.stdout
+
+
+# --------------------------------------------------------------------------- bench/gpu_session.sh
+
+SESSION = REPO / "bench" / "gpu_session.sh"
+
+
+def session(tmp_path: Path, *args: str, timeout: int = 120, **env: str) -> subprocess.CompletedProcess:
+    """The session script with its state, venv and files under tmp_path."""
+    settings = {"OUT": str(tmp_path / "out"), "STATE": str(tmp_path / "state"), "VENV": str(tmp_path / "venv"),
+                "CARRY": str(tmp_path / "carry"), "PYTHON": sys.executable, **env}
+    return subprocess.run(["bash", str(SESSION), *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **settings}, cwd=REPO)
+
+
+def test_the_session_takes_no_argument_but_prepare(tmp_path):
+    proc = session(tmp_path, "--round")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert "takes no argument but 'prepare', got '--round'" in proc.stderr
+
+
+def test_the_session_stops_in_one_line_without_a_gpu_or_without_its_carried_source(tmp_path):
+    import shutil
+
+    if shutil.which("nvidia-smi"):
+        pytest.skip("this machine has nvidia-smi")
+    proc = session(tmp_path)
+    assert proc.returncode == 1 and "error: no nvidia-smi here" in proc.stdout
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text("#!/bin/sh\necho 'NVIDIA H200, 9.0, 580.159.04, 143771 MiB'\n")
+    (fake / "nvidia-smi").chmod(0o755)
+    proc = session(tmp_path, PATH=f"{fake}:{os.environ['PATH']}")
+    assert proc.returncode == 1
+    assert "has no llama_cpp_python-0.3.36.tar.gz: run 'bash bench/gpu_session.sh prepare'" in proc.stdout
+    assert not (tmp_path / "venv").exists()  # stopped before it made anything
+
+
+@pytest.mark.slow
+def test_a_dry_session_makes_its_venv_measures_within_its_budget_and_reports(tmp_path):
+    """DEVICE=cpu: the session's own steps (the venv over this Python's packages, a part under its
+    budget, doctor, the report and the files it returns) with bench_gpu's dry run, the sweep alone."""
+    proc = session(tmp_path, DEVICE="cpu", PARTS="gen", SESSION_SECONDS="300", timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "out"
+    assert {p.name for p in out.iterdir()} == {"session.log", "doctor.txt", "results.json", "report.md",
+                                               "benchmarks.md", "scaling.md"}
+    log = (out / "session.log").read_text()
+    assert "bench_gpu --parts gen, at most 75 s" in log and "the gen part ended with exit code 0" in log
+    assert "--budget 75" in (out / "report.md").read_text() and "| auto | 32 |" in (out / "report.md").read_text()
+    results = json.loads((out / "results.json").read_text())
+    assert [row["setting"] for row in results["gen"]["rows"]] == ["2", "4", "auto", "auto+fa"]
+    assert "--parts train" not in log and "--parts round" not in log  # PARTS chose the parts
+    venv_python = tmp_path / "venv" / "bin" / "python"
+    check = subprocess.run([str(venv_python), "-c", "import sys, torch; print(sys.prefix)"], capture_output=True, text=True)
+    assert check.returncode == 0 and check.stdout.strip() == str(tmp_path / "venv")  # this Python's torch, seen from the venv
