@@ -132,6 +132,9 @@ else
     BENCH=(--device cpu --tiny --threads 1)
 fi
 mkdir -p "$OUT" "$STATE"
+# Built wheels, and the source beside them where localalign keeps it (a copy of the carried one:
+# nothing to download for the build or for llama.cpp's converters the export may take from it).
+export LOCALALIGN_WHEELHOUSE=$STATE/wheels
 
 left() { echo $((END - $(date +%s))); }
 say() { echo "[gpu_session +$(($(date +%s) - T0)) s] $*" | tee -a "$LOG"; }
@@ -172,6 +175,8 @@ if [ "$DEVICE" = cuda ]; then
     logged cmake --version
     [ -f "$CARRY/wheels/llama_cpp_python-$LLAMA_VERSION.tar.gz" ] ||
         stop "$CARRY/wheels has no llama_cpp_python-$LLAMA_VERSION.tar.gz: run 'bash bench/gpu_session.sh prepare' where PyPI is reachable, and carry $CARRY"
+    mkdir -p "$LOCALALIGN_WHEELHOUSE/llama-cpp-python-$LLAMA_VERSION-sdist"
+    cp "$CARRY/wheels/llama_cpp_python-$LLAMA_VERSION.tar.gz" "$LOCALALIGN_WHEELHOUSE/llama-cpp-python-$LLAMA_VERSION-sdist/"
 fi
 
 # 1. The venv: python3's own packages (torch with CUDA) seen through a .pth file, since python3 is
@@ -194,7 +199,7 @@ if [ "$DEVICE" = cuda ]; then
     limit=$(($(left) - GEN_LEAST - REPORT_RESERVE))
     say "llama-cpp-python $LLAMA_VERSION with CUDA, in the background, at most $limit s: $OUT/build.log"
     LLAMA_GPU=1 PIP_NO_INDEX=1 PIP_FIND_LINKS="$CARRY/wheels" PIP_DISABLE_PIP_VERSION_CHECK=1 \
-        CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) LOCALALIGN_WHEELHOUSE="$STATE/wheels" PYTHONPATH="$REPO" \
+        CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) PYTHONPATH="$REPO" \
         nice -n 19 timeout --kill-after=10 "$limit" "$PY" -m localalign.engine.build install --python "$PY" \
         > "$OUT/build.log" 2>&1 &
     BUILD_PID=$!
