@@ -197,6 +197,7 @@ say "venv $VENV: $("$PY" -c 'import torch, transformers, peft; print("torch", to
 BUILD_PID=
 if [ "$DEVICE" = cuda ]; then
     limit=$(($(left) - GEN_LEAST - REPORT_RESERVE))
+    [ "$limit" -ge "$PART_MINIMUM" ] || stop "SESSION_SECONDS=$SESSION_SECONDS leaves the build no time"
     say "llama-cpp-python $LLAMA_VERSION with CUDA, in the background, at most $limit s: $OUT/build.log"
     LLAMA_GPU=1 PIP_NO_INDEX=1 PIP_FIND_LINKS="$CARRY/wheels" PIP_DISABLE_PIP_VERSION_CHECK=1 \
         CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) PYTHONPATH="$REPO" \
