@@ -5,6 +5,12 @@
     python bench/bench_gpu.py --device cpu --tiny --no-docs --round   # a dry run of every path on a CPU
     python bench/bench_gpu.py --parts train --results r.json   # a run in parts (train while llama.cpp builds),
     python bench/bench_gpu.py --parts gen,round --results r.json   # then the rest; docs from all of r.json
+    python bench/bench_gpu.py --parts round --results r.json --budget 120   # stopped at 120 s, what ran kept
+    bash bench/gpu_session.sh                    # all of it in one 8-minute call on a fresh GPU machine
+
+A worker stopped at --budget, or one that crashes, leaves what it finished: each width of the sweep,
+each stage of the round (results "timed_out" / "failed", with the end of its stderr); the report says
+what was not measured.
 
 Needs torch (a CUDA build), transformers and peft; the generation sweep and the round also need
 llama-cpp-python built with CUDA (docs/scaling.md, "One GPU"). No model files: the model is
@@ -329,6 +335,7 @@ def worker_gen(args) -> dict:
             seconds = time.perf_counter() - t0
             rows.append({"setting": setting, "parallel": g.parallel, "tokens": sum(c.n_generated for c in done),
                          "seconds": seconds})
+        save_progress(args, {"rows": rows, "prompts": len(requests)})
     return {"rows": rows, "prompts": len(requests)}
 
 
@@ -371,17 +378,20 @@ def worker_round(args) -> dict:
     try:
         t0 = time.perf_counter()
         stages["generation"] = {**generation_proxy(args.gguf, plan, args.threads), "seconds": time.perf_counter() - t0}
+        save_progress(args, {"stages": stages})
         t0 = time.perf_counter()
         cfg = TrainConfig(progress=False, device=args.device, threads=args.threads, epochs=args.round_epochs)
         res = train(args.model, bench_samples(plan["samples"], "safety"), work / "train", cfg, log=lambda m: None)
         stages["training"] = {"seconds": time.perf_counter() - t0, "samples": plan["samples"], "steps": res.steps,
                               "tokens_per_s": res.tokens_per_s, "epochs": cfg.epochs}
+        save_progress(args, {"stages": stages})
         t0, out = time.perf_counter(), work / "round.gguf"
         try:
             parity = "passed" if export_merged(args.model, res.adapter_dir, out, quant="q8_0").ok else "failed"
         except UserError as e:  # random weights can fail the q8_0 parity tolerances; the file is kept
             parity, out = f"failed ({str(e)[:120]})", out.with_name(out.stem + ".parity-failed" + out.suffix)
         stages["export"] = {"seconds": time.perf_counter() - t0, "parity": parity}
+        save_progress(args, {"stages": stages})
         t0 = time.perf_counter()
         result = evaluate(EvalConfig(model=out, suites=("safety",), limit=args.eval_limit, threads=args.threads))
         stages["evaluation"] = {"seconds": time.perf_counter() - t0, "items": result["suites"]["safety"]["n_items"],
@@ -394,18 +404,47 @@ def worker_round(args) -> dict:
 WORKERS = {"ours": worker_ours, "hf": worker_hf, "gen": worker_gen, "round": worker_round}
 
 
-def run_worker(kind: str, args, **overrides) -> dict:
-    """One measurement in a fresh interpreter; its JSON result (the last line it prints)."""
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in {**vars(args), **overrides}.items()}
-    cmd = [sys.executable, __file__, "--worker", kind, "--worker-args", json.dumps(settings)]
-    t = time.perf_counter()
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)  # keep a caller's extra folders
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=path))
+def save_progress(args, partial: dict) -> None:
+    """What a worker has finished so far (a width, a stage), where `run_worker` reads it back if
+    the worker is stopped or dies before it ends."""
+    if getattr(args, "progress", None):
+        from localalign.fsutil import atomic_write_text
+
+        atomic_write_text(Path(args.progress), json.dumps(partial))
+
+
+def run_worker(kind: str, args, timeout: float | None = None, **overrides) -> dict:
+    """One measurement in a fresh interpreter: its JSON result (the last line it prints). A worker
+    stopped at `timeout` seconds, or one that fails, gives what it had finished (`save_progress`)
+    with "timed_out" or "failed" saying why, and the end of its stderr."""
+    with tempfile.TemporaryDirectory(prefix="bench_gpu-progress-") as tmp:
+        progress = Path(tmp) / "progress.json"
+        settings = {k: str(v) if isinstance(v, Path) else v
+                    for k, v in {**vars(args), **overrides, "progress": str(progress)}.items()}
+        cmd = [sys.executable, __file__, "--worker", kind, "--worker-args", json.dumps(settings)]
+        t = time.perf_counter()
+        path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)  # keep a caller's extra folders
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=path), timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            stderr = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+            print(f"  {kind}: stopped at its time limit ({timeout:.0f} s)", file=sys.stderr)
+            return {**_read_progress(progress), "timed_out": f"stopped at the time limit, {timeout:.0f} s",
+                    "stderr": stderr[-2000:]}
+        partial = _read_progress(progress)
     if proc.returncode != 0:  # a signal (a crash inside llama.cpp or CUDA) leaves no stderr: name it
         why = f"killed by {signal.Signals(-proc.returncode).name}" if proc.returncode < 0 else f"exit code {proc.returncode}"
-        sys.exit(f"bench_gpu: worker {kind} failed ({why}):\n{proc.stderr[-3000:]}")
+        print(f"  {kind}: failed ({why})", file=sys.stderr)
+        return {**partial, "failed": why, "stderr": proc.stderr[-3000:]}
     print(f"  {kind}{' (profiled)' if overrides.get('profile') else ''}: {time.perf_counter() - t:.0f} s", file=sys.stderr)
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _read_progress(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def worker_main(kind: str, settings: str) -> None:
@@ -443,21 +482,35 @@ def machine_line(args) -> str:
             f"llama-cpp-python {llama}")
 
 
+def why_not(entry: dict | None) -> str:
+    """Why a measurement has no whole result: not run, skipped, stopped at its time limit, failed."""
+    if entry is None:
+        return "not measured yet"
+    if "failed" in entry:
+        return f"failed ({entry['failed']})"
+    return entry.get("skipped") or entry.get("timed_out") or "no result"
+
+
 def training_section(args, r: dict) -> list[str]:
-    ours, hf, po, ph = r["ours"], r["hf"], r["ours_profile"]["profile"], r["hf_profile"]["profile"]
+    ours, hf = r.get("ours", {}), r.get("hf", {})
+    if "tokens" not in ours or "tokens" not in hf:
+        return [f"Training: ours {why_not(r.get('ours')) if 'tokens' not in ours else 'measured'}; "
+                f"transformers.Trainer {why_not(r.get('hf')) if 'tokens' not in hf else 'measured'}."]
+    profiles = {key: (r.get(f"{key}_profile") or {}).get("profile") for key in ("ours", "hf")}
     lines = [
         "| trainer | whole-run tokens/s | steady tokens/s (steps 4+) | first 3 steps | peak GPU memory | "
         "GPU busy (profiled steady steps) | host syncs per step |",
         "|---|---:|---:|---|---:|---:|---:|",
     ]
-    for name, res, prof in (("localalign `train`, defaults (4 x 2 samples per step)", ours, po),
-                            ("transformers.Trainer + peft, bf16, 4 x 2", hf, ph)):
+    for name, res, prof in (("localalign `train`, defaults (4 x 2 samples per step)", ours, profiles["ours"] or {}),
+                            ("transformers.Trainer + peft, bf16, 4 x 2", hf, profiles["hf"] or {})):
+        busy = prof.get("gpu_busy_share")
         lines.append(
             f"| {name} | {res['tokens'] / res['loop_s']:.0f} | {fmt(res['steady_tokens_per_s'])} | "
             f"{', '.join(f'{s:.2f}' for s in res['first_steps_s'])} s | {fmt(res['peak_gpu_gb'], '.2f')} GB | "
-            f"{fmt(prof['gpu_busy_share'] and 100 * prof['gpu_busy_share'], '.0f')}% | {fmt(prof['syncs_per_step'], '.1f')} |")
+            f"{fmt(busy and 100 * busy, '.0f')}% | {fmt(prof.get('syncs_per_step'), '.1f')} |")
     ratio = (ours["tokens"] / ours["loop_s"]) / (hf["tokens"] / hf["loop_s"])
-    busy = po["gpu_busy_share"]
+    busy = (profiles["ours"] or {}).get("gpu_busy_share")
     lines += [
         "",
         f"Whole-run tokens/s, ours / transformers.Trainer: **{ratio:.2f}x** (target: at least 2x); the GPU busy "
@@ -466,31 +519,36 @@ def training_section(args, r: dict) -> list[str]:
         f"`train` call with model loading); transformers: {hf['steps']} steps in {hf['loop_s']:.1f} s of `Trainer.train`.",
     ]
     lines += [f"Our trainer said: {line}" for line in ours["log"] if "GPU layout" in line]
-    for name, prof in (("ours", po), ("transformers.Trainer", ph)):
+    for key, name in (("ours", "ours"), ("hf", "transformers.Trainer")):
+        prof = profiles[key]
+        if prof is None:
+            lines.append(f"Profile of {name}: {why_not(r.get(f'{key}_profile'))}.")
+            continue
         top = ", ".join(f"`{t['op']}` {t['cpu_ms']:.0f} ms ({t['calls']})" for t in prof["top_cpu"][:6])
         lines.append(f"Largest CPU costs over {prof['steps']} profiled steps ({prof['wall_s']:.2f} s), {name}: {top}.")
     return lines
 
 
-def generation_section(g: dict) -> list[str]:
-    if "skipped" in g:
-        return [f"Generation sweep: skipped: {g['skipped']}."]
-    base = next((row for row in g["rows"] if row["setting"] == "32"), g["rows"][0])
+def generation_section(g: dict, widths: str) -> list[str]:
+    rows = g.get("rows") or []
+    if not rows:
+        return [f"Generation sweep: {why_not(g)}."]
+    base = next((row for row in rows if row["setting"] == "32"), rows[0])
     lines = ["| `parallel` | sequences | generated tokens | seconds | tokens/s | vs. the first row |",
              "|---|---:|---:|---:|---:|---:|"]
-    for row in g["rows"]:
+    for row in rows:
         rate = row["tokens"] / row["seconds"]
         lines.append(f"| {row['setting']} | {row['parallel']} | {row['tokens']} | {row['seconds']:.2f} | {rate:.0f} | "
                      f"{rate / (base['tokens'] / base['seconds']):.2f}x |")
-    auto = next((row for row in g["rows"] if row["setting"] == "auto"), None)
+    auto = next((row for row in rows if row["setting"] == "auto"), None)
     if auto is not None:
         ratio = (auto["tokens"] / auto["seconds"]) / (base["tokens"] / base["seconds"])
         lines += ["", f"`parallel = \"auto\"` ({auto['parallel']} sequences) against {base['parallel']}: "
                       f"**{ratio:.2f}x** (target: at least 3x)."]
+    left = [w for w in widths.split(",") if w not in {row["setting"] for row in rows}]
+    if left:
+        lines += ["", f"The sweep ended early ({why_not(g)}): {', '.join(left)} not measured."]
     return lines
-
-
-TRAIN_RESULTS = ("ours", "hf", "ours_profile", "hf_profile")
 
 
 def runs_line(r: dict) -> str:
@@ -513,28 +571,35 @@ def report(args, r: dict) -> str:
         "mode reported over those steps (ours reads its summed loss once per step, by design).",
         "",
     ]
-    train = training_section(args, r) if all(k in r for k in TRAIN_RESULTS) else ["Training: not measured yet."]
-    gen = generation_section(r["gen"]) if "gen" in r else ["Generation sweep: not measured yet."]
-    return "\n".join(lines + train + [""] + gen)
+    gen = generation_section(r["gen"], args.widths) if "gen" in r else ["Generation sweep: not measured yet."]
+    return "\n".join(lines + training_section(args, r) + [""] + gen)
+
+
+ROUND_STAGES = ("generation", "training", "export", "evaluation")
 
 
 def round_section(args, r: dict) -> str:
-    s = r["round"]["stages"]
-    gen, tr, ex, ev = s["generation"], s["training"], s["export"], s["evaluation"]
-    return "\n".join([
-        f"{runs_line(r)}; {machine_line(args)}. SmolLM2-135M's shape with random "
-        "weights: generation is a proxy of the default round's work (bench/bench_gpu.py says how), an upper bound.",
-        "",
-        "| stage | seconds | what it did |",
-        "|---|---:|---|",
-        f"| generation | {gen['seconds']:.1f} | {gen['candidates']} candidates from {gen['prompts']} few-shot prompts, "
-        f"{gen['parallel']} sequences at a time (`parallel = \"auto\"`); {gen['read']} tokens read, {gen['written']} written |",
-        f"| training | {tr['seconds']:.1f} | {tr['samples']} samples x {tr['epochs']} epochs, {tr['steps']} steps, "
-        f"{tr['tokens_per_s']:.0f} tokens/s |",
-        f"| export | {ex['seconds']:.1f} | merge, q8_0 GGUF, parity {ex['parity']} |",
-        f"| evaluation | {ev['seconds']:.1f} | held-out safety suite, {ev['items']} prompts, {ev['reply_tokens']} reply tokens |",
-        f"| **the round** | **{r['round']['total_s']:.0f}** | target: under 180 s on one H100/H200-class GPU |",
-    ])
+    s = r["round"].get("stages", {})
+    what = {
+        "generation": lambda g: f"{g['candidates']} candidates from {g['prompts']} few-shot prompts, {g['parallel']} "
+                                f"sequences at a time (`parallel = \"auto\"`); {g['read']} tokens read, {g['written']} written",
+        "training": lambda t: f"{t['samples']} samples x {t['epochs']} epochs, {t['steps']} steps, "
+                              f"{t['tokens_per_s']:.0f} tokens/s",
+        "export": lambda e: f"merge, q8_0 GGUF, parity {e['parity']}",
+        "evaluation": lambda e: f"held-out safety suite, {e['items']} prompts, {e['reply_tokens']} reply tokens",
+    }
+    lines = [f"{runs_line(r)}; {machine_line(args)}. SmolLM2-135M's shape with random "
+             "weights: generation is a proxy of the default round's work (bench/bench_gpu.py says how), an upper bound.",
+             "", "| stage | seconds | what it did |", "|---|---:|---|"]
+    lines += [f"| {stage} | {s[stage]['seconds']:.1f} | {what[stage](s[stage])} |" if stage in s else
+              f"| {stage} | - | not reached |" for stage in ROUND_STAGES]
+    done = sum(stage["seconds"] for stage in s.values())
+    if all(stage in s for stage in ROUND_STAGES):
+        lines.append(f"| **the round** | **{done:.0f}** | target: under 180 s on one H100/H200-class GPU |")
+    else:
+        lines.append(f"| **the round** | - | {why_not(r['round'])}, after {done:.0f} s of the stages above; "
+                     "target: under 180 s on one H100/H200-class GPU |")
+    return "\n".join(lines)
 
 
 def update_docs(path: Path, markers: tuple[str, str], heading: str, body: str) -> None:
@@ -565,6 +630,8 @@ def parse_args(argv=None):
     ap.add_argument("--eval-limit", type=int, default=None, help="round: evaluate only the first N prompts")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads [every core]")
     ap.add_argument("--no-docs", action="store_true", help="print only; leave docs/ alone")
+    ap.add_argument("--budget", type=float, help="seconds this call may measure for, model building included: a worker "
+                                                 "still running then is stopped, what it finished (widths, stages) kept")
     ap.add_argument("--parts", help=f"what to measure, of {','.join(PARTS)} [train,gen; --round adds round; \"\": none]")
     ap.add_argument("--results", type=Path, help="a JSON file of results, read where it exists and written after each "
                                                  "measurement: a run in parts, the report from all of them")
@@ -581,6 +648,8 @@ def parse_args(argv=None):
     args.round_plan, args.round_epochs = json.dumps(DRY_ROUND if dry else ROUND), 1 if dry else 3
     parts = args.parts if args.parts is not None else "train,gen" + (",round" if args.round else "")
     args.parts = tuple(part for part in parts.split(",") if part)  # "": measure nothing, report --results
+    if args.budget is not None and args.budget <= 0:
+        ap.error(f"--budget wants a number of seconds above 0, got {args.budget:g}")
     unknown = sorted(set(args.parts) - set(PARTS))
     if unknown:
         ap.error(f"--parts: unknown {', '.join(unknown)} (known: {', '.join(PARTS)})")
@@ -619,9 +688,17 @@ def main(argv=None) -> None:
     command = shlex.join(["python", "bench/bench_gpu.py", *(sys.argv[1:] if argv is None else argv)])
     results.setdefault("runs", []).append({"command": command, "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
     llama = __import__("importlib.util").util.find_spec("llama_cpp") is not None
+    deadline = time.monotonic() + args.budget if args.budget else None
+    failed: list[str] = []
 
     def measure(key: str, kind: str, **overrides) -> None:
-        results[key] = run_worker(kind, args, **overrides)
+        left = deadline - time.monotonic() if deadline else None
+        if left is not None and left <= 0:
+            results[key] = {"skipped": f"out of time: this call's --budget of {args.budget:g} s was spent before it began"}
+        else:
+            results[key] = run_worker(kind, args, timeout=left, **overrides)
+        if "failed" in results[key]:
+            failed.append(f"worker {kind} failed ({results[key]['failed']}):\n{results[key]['stderr']}")
         if args.results:  # after each measurement: a later failure or time limit keeps what was measured
             atomic_write_text(args.results, json.dumps(results, indent=1) + "\n")
 
@@ -636,24 +713,27 @@ def main(argv=None) -> None:
             # The profiled runs need only reach their window: 8 samples a step, two steps past it.
             measure("ours_profile", "ours", profile=True, epochs=1, samples=8 * (last + 2))
             measure("hf_profile", "hf", profile=True, epochs=1, samples=8 * (last + 2))
-        if "gen" in args.parts:
-            if llama:
-                measure("gen", "gen")
-            else:
-                results.setdefault("gen", {"skipped": "llama-cpp-python is not installed"})
-        if "round" in args.parts and llama:
-            measure("round", "round")
+        for part in ("gen", "round"):
+            if part in args.parts:
+                if llama:
+                    measure(part, part)
+                else:
+                    results.setdefault(part, {"skipped": "llama-cpp-python is not installed"})
     text = report(args, results)
     print(text)
-    round_text = round_section(args, results) if results.get("round") else None
+    round_text = round_section(args, results) if results.get("round", {}).get("stages") else None
+    if "round" in results and not round_text:
+        print(f"round: {why_not(results['round'])}", file=sys.stderr)
     if round_text:
         print("\n" + round_text)
     if args.no_docs or args.device != "cuda":
         print("docs/ left alone" + (" (a dry run)" if args.device != "cuda" else ""), file=sys.stderr)
-        return
-    update_docs(DOCS_BENCH, MARKERS_BENCH, "## One GPU (bench/bench_gpu.py, issue 17)", text)
-    if round_text:
-        update_docs(DOCS_SCALING, MARKERS_ROUND, "### Measured: a 256-sample round on one GPU", round_text)
+    else:
+        update_docs(DOCS_BENCH, MARKERS_BENCH, "## One GPU (bench/bench_gpu.py, issue 17)", text)
+        if round_text:
+            update_docs(DOCS_SCALING, MARKERS_ROUND, "### Measured: a 256-sample round on one GPU", round_text)
+    if failed:  # after the report: what the other workers measured is printed and kept
+        sys.exit("bench_gpu: " + "\nbench_gpu: ".join(failed))
 
 
 if __name__ == "__main__":

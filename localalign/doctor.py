@@ -2,7 +2,8 @@
 
 One screen, one line per topic: the CPU and the flags llama.cpp's kernels use, the llama.cpp
 build (for which CPU, whether it offloads to a GPU), torch and the device training will use,
-whether the two can share a process where both use CUDA,
+where both use CUDA the CUDA libraries each loads (two copies of one is a problem) and whether
+the two can share a process,
 free memory, the models home and its free disk, and each registry model (materialized? copy
 check?). Every finding is "ok", a "note" (it works, but slower, or a step will take a minute),
 or a "problem" (something needed is missing or broken); each problem, and each note a command
@@ -29,9 +30,12 @@ from typing import Callable, Mapping
 
 from localalign.engine.build import (
     LLAMA_CPP_VERSION,
+    PlanError,
     build_spec,
     cpu_info,
     cpu_libraries,
+    cuda_libraries,
+    duplicate_copies,
     installed_record,
     llama_cpp_lib_dir,
     plan_gpu,
@@ -91,8 +95,8 @@ def check_llama_cpp(env: Mapping[str, str] = os.environ, probe: Callable[[], dic
         return [Finding("llama.cpp", "problem", "llama-cpp-python is not installed", setup_fix())]
     try:
         gpu = plan_gpu(env)
-    except ValueError as e:  # LLAMA_GPU set to something that cannot be
-        return [Finding("llama.cpp", "problem", str(e), setup_fix(" LLAMA_GPU=auto"))]
+    except PlanError as e:  # LLAMA_GPU set to something that cannot be, a GPU that does not say what it is
+        return [Finding("llama.cpp", "problem", str(e), setup_fix(f" {e.setting}"))]
     loaded = (probe or probe_llama_cpp)()
     if "error" in loaded:
         return [Finding("llama.cpp", "problem", f"llama_cpp does not load in this Python: {loaded['error']}", setup_fix())]
@@ -194,8 +198,11 @@ def load_beside_torch(gguf: Path, device: str = "cuda", layers: int = -1) -> str
                               capture_output=True, text=True, timeout=300)
     except subprocess.TimeoutExpired:
         return "loading took over 5 minutes"
-    if done.returncode == 0:
-        return None
+    return None if done.returncode == 0 else _why(done)
+
+
+def _why(done: subprocess.CompletedProcess) -> str:
+    """Why a child process failed: the signal that ended it, or its last error line."""
     if done.returncode < 0:
         return f"killed by {signal.Signals(-done.returncode).name}"
     return (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
@@ -223,6 +230,56 @@ def check_llama_beside_torch(llama_probe: Callable[[], dict] | None = None,
                     f"uses CUDA ({why}); align runs both in one process and would stop there (docs/benchmarks.md, "
                     "\"One GPU\"). Building llama.cpp for the CPU keeps training on the GPU",
                     setup_fix(" LLAMA_GPU=0"))]
+
+
+# Children of `check_cuda_copies`: each prints its /proc/self/maps once its CUDA libraries are in
+# (llama.cpp's backends register, and so load CUDA, when asked whether one offloads).
+MAPS_CHILDREN = {
+    "llama.cpp": "import localalign.engine.runtime as r; m = r.llama_cpp(); m.llama_supports_gpu_offload(); "
+                 "print(open('/proc/self/maps').read())",
+    "torch": "import torch; torch.cuda.init(); print(open('/proc/self/maps').read())",
+}
+
+
+def process_maps(side: str) -> str:
+    """/proc/self/maps of a child process that has loaded `side` (llama.cpp or torch); RuntimeError why not."""
+    try:
+        done = subprocess.run([sys.executable, "-c", MAPS_CHILDREN[side]], capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError("it took over 2 minutes to load") from None
+    if done.returncode != 0:
+        raise RuntimeError(_why(done))
+    return done.stdout
+
+
+def check_cuda_copies(llama_probe: Callable[[], dict] | None = None, torch_cuda: Callable[[], bool] | None = None,
+                      maps: Callable[[str], str] = process_maps) -> list[Finding]:
+    """Where llama.cpp offloads with CUDA: the CUDA libraries a process that loaded llama.cpp maps,
+    beside those torch maps once it started CUDA. Two different files of one library (the toolkit's
+    cuBLAS through llama.cpp's RPATH, the copy torch's pip wheels bring) are a problem: a process
+    holding both loads two copies, or gives one side the other's version, and a CUDA llama.cpp
+    segfaulted beside torch on an H200 (docs/benchmarks.md, "One GPU")."""
+    if not (llama_probe or probe_llama_cpp)().get("offload") or not sys.platform.startswith("linux"):
+        return []  # no GPU offload, or no /proc/self/maps to read
+    mapped = {}
+    for side in ["llama.cpp"] + (["torch"] if (torch_cuda or _torch_has_cuda)() else []):
+        try:
+            mapped[side] = cuda_libraries(maps(side))
+        except RuntimeError as e:
+            return [Finding("gpu", "note", f"the CUDA libraries {side} loads could not be listed: {e}")]
+    if not any(lib.family == "libggml-cuda" for lib in mapped["llama.cpp"]):
+        return []  # offloads through another backend (Metal, Vulkan): no CUDA library to share
+    listing = "; ".join(f"{side} maps " + (", ".join(lib.name for lib in libs) or "none") for side, libs in mapped.items())
+    twice = duplicate_copies(*mapped.values())
+    if not twice:
+        return [Finding("gpu", "ok", f"one copy of each CUDA library: {listing}")]
+    detail = "; ".join(f"{family} from " + " and ".join(
+        f"{path} ({', '.join(side for side, libs in mapped.items() if path in {lib.path for lib in libs})})"
+        for path in paths) for family, paths in twice.items())
+    return [Finding("gpu", "problem", f"two copies of a CUDA library: {detail}; one process holding both can crash "
+                    "(a CUDA llama.cpp segfaulted beside torch on an H200). Build llama.cpp for the CPU, or where both "
+                    "must share a process call localalign.engine.build.preload_torch_cuda_libraries() before llama_cpp "
+                    f"is imported. {listing}", setup_fix(" LLAMA_GPU=0"))]
 
 
 def _torch_has_cuda() -> bool:
@@ -309,7 +366,8 @@ def _generator_finding(entry, src: Path | None, needed: bool) -> Finding:
 
 # --------------------------------------------------------------------------- the report
 
-CHECKS = (check_cpu, check_llama_cpp, check_torch, check_llama_beside_torch, check_memory, check_home, check_models)
+CHECKS = (check_cpu, check_llama_cpp, check_torch, check_cuda_copies, check_llama_beside_torch, check_memory, check_home,
+          check_models)
 
 
 def run_checks(checks=None) -> list[Finding]:

@@ -152,3 +152,72 @@ def test_the_child_loads_beside_torch_and_names_what_stopped_it(tiny_gguf, tmp_p
 
     monkeypatch.setattr(doctor.subprocess, "run", lambda *a, **k: Killed())
     assert doctor.load_beside_torch(tiny_gguf) == "killed by SIGSEGV"
+
+
+# --------------------------------------------------------------------------- the CUDA libraries each side loads
+
+TOOLKIT = "/usr/local/cuda-13.0/targets/x86_64-linux/lib"
+TORCH_LIBS = "/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib"
+DRIVER = "/usr/lib/x86_64-linux-gnu/libcuda.so.580.159.04"
+
+
+def maps_of(*paths: str) -> str:
+    return "".join(f"7f{i:010x}-7f{i + 1:010x} r-xp 00000000 fd:01 {i} {p}\n" for i, p in enumerate(paths))
+
+
+LLAMA_MAPS = maps_of(f"{TOOLKIT}/libcublas.so.13.0.2.14", f"{TOOLKIT}/libcudart.so.13.0.96", DRIVER,
+                     "/venv/lib/python3.12/site-packages/llama_cpp/lib/libggml-cuda.so")
+
+
+def test_one_copy_of_each_cuda_library_is_ok_and_names_them():
+    offloads = {**LOADED, "offload": True}
+    torch_maps = maps_of(f"{TOOLKIT}/libcublas.so.13.0.2.14", DRIVER)
+    (f,) = doctor.check_cuda_copies(lambda: offloads, lambda: True, {"llama.cpp": LLAMA_MAPS, "torch": torch_maps}.get)
+    assert f.status == "ok" and f.topic == "gpu"
+    assert "llama.cpp maps libcublas.so.13.0.2.14, libcuda.so.580.159.04, libcudart.so.13.0.96, libggml-cuda.so" in f.text
+    assert "torch maps libcublas.so.13.0.2.14, libcuda.so.580.159.04" in f.text
+
+
+def test_two_copies_of_a_cuda_library_are_a_problem_naming_both_files_and_their_sides():
+    offloads = {**LOADED, "offload": True}
+    torch_maps = maps_of(f"{TORCH_LIBS}/libcublas.so.13", f"{TORCH_LIBS}/libcudart.so.13", DRIVER)
+    (f,) = doctor.check_cuda_copies(lambda: offloads, lambda: True, {"llama.cpp": LLAMA_MAPS, "torch": torch_maps}.get)
+    assert f.status == "problem" and "LLAMA_GPU=0" in f.fix
+    assert (f"libcublas from {TORCH_LIBS}/libcublas.so.13 (torch) and {TOOLKIT}/libcublas.so.13.0.2.14 (llama.cpp)"
+            in f.text)
+    assert "libcudart from" in f.text and "libcuda from" not in f.text  # one driver, both sides
+    assert "preload_torch_cuda_libraries()" in f.text
+
+
+def test_cuda_copies_are_checked_only_where_llama_cpp_offloads_with_cuda():
+    def no_child(side):
+        raise AssertionError("no child process where llama.cpp does not offload")
+
+    assert doctor.check_cuda_copies(lambda: LOADED, lambda: True, no_child) == []
+    offloads = {**LOADED, "offload": True}
+    vulkan = maps_of("/venv/lib/python3.12/site-packages/llama_cpp/lib/libggml-vulkan.so")
+    assert doctor.check_cuda_copies(lambda: offloads, lambda: False, {"llama.cpp": vulkan}.get) == []
+    (f,) = doctor.check_cuda_copies(lambda: offloads, lambda: False, {"llama.cpp": LLAMA_MAPS}.get)
+    assert f.status == "ok" and "torch maps" not in f.text  # torch on the CPU: llama.cpp's side alone
+
+    def crashed(side):
+        raise RuntimeError("killed by SIGSEGV")
+
+    (f,) = doctor.check_cuda_copies(lambda: offloads, lambda: True, crashed)
+    assert f.status == "note" and "llama.cpp loads could not be listed: killed by SIGSEGV" in f.text
+
+
+def test_the_maps_child_reports_what_it_loaded():
+    text = doctor.process_maps("llama.cpp")
+    assert "llama_cpp/lib/libllama" in text or "llama_cpp/lib/libggml" in text
+
+
+def test_a_gpu_plan_that_cannot_be_made_names_its_own_fix(monkeypatch):
+    from localalign.engine.build import PlanError
+
+    def no_cap(env):
+        raise PlanError("nvidia-smi lists NVIDIA H200 without a compute capability (none)", "LLAMA_GPU=0")
+
+    monkeypatch.setattr(doctor, "plan_gpu", no_cap)
+    (f,) = doctor.check_llama_cpp(probe=lambda: LOADED)
+    assert f.status == "problem" and "without a compute capability" in f.text and f.fix == doctor.setup_fix(" LLAMA_GPU=0")

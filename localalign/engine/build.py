@@ -17,7 +17,11 @@ went wrong with that (docs/benchmarks.md, "llama.cpp build"):
   CUDA architecture. Another CPU gets another key, and its own build.
 
 Where `nvidia-smi` lists a GPU and a CUDA compiler is there (nvcc on PATH or under
-CUDA_HOME), the build adds CUDA (`-DGGML_CUDA=on`); `LLAMA_GPU=0` opts out.
+CUDA_HOME), the build adds CUDA (`-DGGML_CUDA=on`) for the GPUs' own compute capabilities, and
+runs without pip's isolated build environment, which a GPU machine without network cannot
+fill; `LLAMA_GPU=0` opts out. `cuda_libraries` names the CUDA libraries a process has mapped
+(doctor compares llama.cpp's with torch's: two copies of one in a process is a crash source);
+`preload_torch_cuda_libraries` is the fallback where both must share a process anyway.
 
 This module uses the standard library only: `make setup` runs it with the system Python
 before the venv has anything in it (`python3 -m localalign.engine.build install ...`).
@@ -27,6 +31,7 @@ before the venv has anything in it (`python3 -m localalign.engine.build install 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import hashlib
 import importlib.util
@@ -106,6 +111,17 @@ def find_nvcc(env: Mapping[str, str], which: Callable[[str], str | None] = shuti
     return None
 
 
+class PlanError(ValueError):
+    """A build plan that cannot be made; `setting` is the LLAMA_GPU value that gets past it."""
+
+    def __init__(self, message: str, setting: str):
+        super().__init__(message)
+        self.setting = setting
+
+
+GPU_QUERY = ["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader"]
+
+
 def plan_gpu(
     env: Mapping[str, str] = os.environ,
     which: Callable[[str], str | None] = shutil.which,
@@ -114,16 +130,15 @@ def plan_gpu(
     """CUDA where a GPU is seen and nvcc is there; LLAMA_GPU=0 opts out, LLAMA_GPU=1 insists."""
     wanted = env.get("LLAMA_GPU", "auto").strip().lower() or "auto"
     if wanted not in ("auto", "0", "1"):
-        raise ValueError(f"LLAMA_GPU must be auto, 0 or 1, got {wanted!r}")
+        raise PlanError(f"LLAMA_GPU must be auto, 0 or 1, got {wanted!r}", "LLAMA_GPU=auto")
     if wanted == "0":
         return GpuPlan(False, "LLAMA_GPU=0: llama.cpp is built for the CPU only")
-    listing = run(["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader"]) if which("nvidia-smi") else None
-    gpus = [line.split(",") for line in (listing or "").splitlines() if line.strip()]
+    gpus = list_gpus(run) if which("nvidia-smi") else []
     if not gpus:
         if wanted == "1":
-            raise ValueError("LLAMA_GPU=1, but nvidia-smi lists no GPU")
+            raise PlanError("LLAMA_GPU=1, but nvidia-smi lists no GPU", "LLAMA_GPU=auto")
         return GpuPlan(False, "no NVIDIA GPU seen (nvidia-smi): llama.cpp is built for the CPU")
-    name = gpus[0][0].strip()
+    name = " + ".join(dict.fromkeys(gpu for gpu, _ in gpus))
     nvcc = find_nvcc(env, which)
     if nvcc is None:
         message = (
@@ -132,27 +147,43 @@ def plan_gpu(
             "or set LLAMA_GPU=0 to build for the CPU without this note"
         )
         if wanted == "1":
-            raise ValueError(message)
+            raise PlanError(message, "LLAMA_GPU=0")
         return GpuPlan(False, message, gpu=name)
-    caps = sorted({g[1].strip().replace(".", "") for g in gpus if len(g) > 1 and g[1].strip()})
-    arch = cuda_architectures(run([nvcc, "--version"]) or "", cmake_version(run), caps)
+    arch = cuda_architectures(gpus)
     return GpuPlan(True, f"CUDA build for {name} (CMAKE_CUDA_ARCHITECTURES={arch}) with {nvcc}", arch, name)
+
+
+def list_gpus(run: Run = _run) -> list[tuple[str, str]]:
+    """(name, compute capability as nvidia-smi prints it, e.g. "9.0") of each GPU; a driver too old
+    for the compute_cap field still lists the names, with an empty capability."""
+    listing = run(GPU_QUERY)
+    if listing is None:
+        names = run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"]) or ""
+        return [(line.strip(), "") for line in names.splitlines() if line.strip()]
+    rows = [line.rsplit(",", 1) if "," in line else [line, ""] for line in listing.splitlines() if line.strip()]
+    return [(gpu.strip(), cap.strip()) for gpu, cap in rows]
+
+
+def cuda_architectures(gpus: Sequence[tuple[str, str]]) -> str:
+    """CMAKE_CUDA_ARCHITECTURES for these GPUs: each distinct compute capability as real machine
+    code ("90-real", "86-real;90-real"). Not "native": that asks CMake to detect the GPUs at
+    build time, which needs one visible to the build and a CMake that detects it; and no PTX
+    (plain "90"), which only a GPU newer than all of these would use."""
+    caps = set()
+    for gpu, cap in gpus:
+        if not re.fullmatch(r"\d+\.\d", cap):
+            raise PlanError(
+                f"nvidia-smi lists {gpu} without a compute capability ({cap or 'none'}), so the CUDA "
+                "architecture to build for is unknown: update the NVIDIA driver (newer ones report it), "
+                "or set LLAMA_GPU=0 to build llama.cpp for the CPU", "LLAMA_GPU=0")
+        caps.add(int(cap.replace(".", "")))
+    return ";".join(f"{cap}-real" for cap in sorted(caps))
 
 
 def cmake_version(run: Run = _run) -> tuple[int, ...]:
     out = run(["cmake", "--version"]) or ""
     m = re.search(r"version (\d+)\.(\d+)", out)
     return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
-
-
-def cuda_architectures(nvcc_version: str, cmake: tuple[int, ...], compute_caps: Sequence[str]) -> str:
-    """`native` where CMake (3.24+) and nvcc (11.6+) support it, else the GPUs' own compute
-    capabilities as nvidia-smi reports them (e.g. "90")."""
-    m = re.search(r"release (\d+)\.(\d+)", nvcc_version)
-    nvcc = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
-    if cmake >= (3, 24) and nvcc >= (11, 6):
-        return "native"
-    return ";".join(compute_caps) or "native"
 
 
 # --------------------------------------------------------------------------- the build
@@ -194,6 +225,11 @@ def build_spec(gpu: GpuPlan, python_tag: str, run: Run = _run, cpuinfo: str | No
     compiler = ((run(["cc", "--version"]) or "unknown").splitlines() or ["unknown"])[0]
     cmake_args = list(BASE_CMAKE_ARGS)
     if gpu.cuda:
+        # GGML_CUDA_FA (the flash-attention kernels, much of the CUDA compile time) stays at
+        # llama.cpp's default, built. On an H200 (2026-11-26) a plain CMake build with 90-real and
+        # those kernels built wrote 2108 tokens/s at 32 sequences, in a process without torch; the
+        # pip build with "native" that left them out segfaulted beside torch (docs/benchmarks.md,
+        # "One GPU"). Which difference mattered is not known: this keeps what the working one had.
         cmake_args += ["-DGGML_CUDA=on", f"-DCMAKE_CUDA_ARCHITECTURES={gpu.arch}"]
     return BuildSpec(
         version=LLAMA_CPP_VERSION,
@@ -229,13 +265,15 @@ def ensure_wheel(spec: BuildSpec, python: str, house: Path, log: Callable[[str],
     wheels = sorted(target.glob("llama_cpp_python-*.whl"))
     if wheels:
         return wheels[0]
+    if spec.kind == "cuda":
+        ensure_build_requirements(python, log=log)
     sdist = ensure_sdist(python, house, log)
     tmp = Path(tempfile.mkdtemp(prefix=f".{spec.dirname}-", dir=house))
     log(f"building {LLAMA_CPP_PYTHON}=={spec.version} from source ({spec.kind}, key {spec.key}); "
         "about 6 min on a quiet 2-core box, once per CPU type")
     t0 = time.monotonic()
     env = {**os.environ, **spec.environment()}
-    cmd = [python, "-m", "pip", "wheel", "--no-deps", "--no-cache-dir", str(sdist), "-w", str(tmp)]
+    cmd = wheel_command(spec, python, [str(sdist)], tmp)
     try:
         subprocess.run(cmd, env=env, check=True)
         record = {**dataclasses.asdict(spec), "kind": spec.kind, "key": spec.key, "build_seconds": round(time.monotonic() - t0, 1),
@@ -319,6 +357,93 @@ def ensure_converter(python: str, env: Mapping[str, str] = os.environ, log: Call
     path = extract_converter(ensure_sdist(python, wheelhouse(env), log), out)
     log(f"llama.cpp's converters ({LLAMA_CPP_VERSION}) in {path}")
     return path
+
+
+def wheel_command(spec: BuildSpec, python: str, source: Sequence[str], out: Path) -> list[str]:
+    """`pip wheel` of llama-cpp-python from `source` into `out`, pip's cache off. A CUDA build
+    runs without pip's isolated build environment: pip fills that from the package index
+    (scikit-build-core, and cmake whenever it judges the one on PATH unfit), which a GPU machine
+    without network does not reach (docs/scaling.md); `ensure_build_requirements` puts them in
+    the venv instead. The CPU build keeps its isolated environment: unchanged, it needs nothing
+    in the venv."""
+    isolation = ["--no-build-isolation"] if spec.kind == "cuda" else []
+    return [python, "-m", "pip", "wheel", "--no-deps", "--no-cache-dir", *isolation, *source, "-w", str(out)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Requirement:
+    name: str
+    minimum: tuple[int, ...]
+    pin: str  # what is installed where it is missing: the version an isolated build resolves to today
+
+    def __str__(self) -> str:
+        return f"{self.name}>={'.'.join(map(str, self.minimum))}"
+
+
+# What llama-cpp-python 0.3.36's build needs in the environment it runs in, once pip's isolated
+# one is off: its pyproject's build-system.requires (scikit-build-core>=0.9.2), scikit-build-core's
+# own requirements, and the cmake.minimum-version of its [tool.scikit-build] (3.21), on PATH or as
+# the `cmake` package in the venv. Ninja is optional (scikit-build-core falls back to make).
+BUILD_REQUIREMENTS = (
+    Requirement("scikit-build-core", (0, 9, 2), "scikit-build-core==1.1.2"),
+    Requirement("packaging", (23, 2), "packaging==26.4"),
+    Requirement("pathspec", (0, 12, 0), "pathspec==1.1.1"),
+)
+CMAKE = Requirement("cmake", (3, 21), "cmake==3.31.10")
+_VERSIONS_CHILD = (
+    "import importlib.metadata as m, json, sys\n"
+    "def v(name):\n"
+    "    try:\n"
+    "        return m.version(name)\n"
+    "    except m.PackageNotFoundError:\n"
+    "        return None\n"
+    "print(json.dumps({name: v(name) for name in sys.argv[1:]}))"
+)
+
+
+def _version_tuple(text: str | None) -> tuple[int, ...]:
+    m = re.match(r"(\d+(?:\.\d+)*)", text or "")
+    return tuple(int(x) for x in m.group(1).split(".")) if m else ()
+
+
+def missing_build_requirements(python: str, run: Run = _run) -> list[Requirement]:
+    """The BUILD_REQUIREMENTS that `python`'s environment lacks, and CMAKE where neither PATH
+    nor that environment has one recent enough."""
+    out = run([python, "-c", _VERSIONS_CHILD, *(r.name for r in (*BUILD_REQUIREMENTS, CMAKE))])
+    if out is None:
+        raise RuntimeError(f"{python} does not run")
+    found = json.loads(out.strip().splitlines()[-1])
+    missing = [r for r in BUILD_REQUIREMENTS if _version_tuple(found.get(r.name)) < r.minimum]
+    if max(cmake_version(run), _version_tuple(found.get(CMAKE.name))) < CMAKE.minimum:
+        missing.append(CMAKE)
+    return missing
+
+
+def ensure_build_requirements(python: str, run: Run = _run, install: Callable[[list[str]], str | None] | None = None,
+                              log: Callable[[str], None] = print) -> None:
+    """Install what a build without isolation needs into `python`'s environment from the package
+    index (or where PIP_INDEX_URL / PIP_FIND_LINKS point pip); one line naming what is missing
+    where pip cannot get it. `install(pins)` returns None, or why it failed."""
+    missing = missing_build_requirements(python, run)
+    if not missing:
+        return
+    pins = [r.pin for r in missing]
+    log(f"installing what the CUDA build needs into {python}'s environment: {' '.join(pins)}")
+    failed = (install or (lambda reqs: _pip_install(python, reqs)))(pins)
+    still = missing if failed else missing_build_requirements(python, run)
+    if still:
+        raise RuntimeError(
+            f"the CUDA build of {LLAMA_CPP_PYTHON} runs without pip's isolated build environment and needs "
+            f"{', '.join(map(str, still))} in {python}'s environment, which pip could not install "
+            f"({failed or 'still missing after pip install'}): offline, install them from wheels "
+            f"({python} -m pip install --no-index --find-links DIR {' '.join(r.pin for r in still)}) and run `make setup` again")
+
+
+def _pip_install(python: str, requirements: list[str]) -> str | None:
+    done = subprocess.run([python, "-m", "pip", "install", "-q", *requirements], capture_output=True, text=True)
+    if done.returncode == 0:
+        return None
+    return (done.stderr.strip().splitlines() or [f"pip exit code {done.returncode}"])[-1]
 
 
 def environment_prefix(python: str) -> Path:
@@ -436,6 +561,93 @@ def cpu_libraries(lib_dir: Path) -> list[Path]:
     return sorted(by_content.values())
 
 
+# The CUDA libraries llama.cpp and torch both load, and llama.cpp's own CUDA backend.
+CUDA_FAMILIES = ("libcuda", "libcudart", "libcublas", "libcublasLt", "libnvJitLink", "libnvrtc", "libggml-cuda")
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class MappedLibrary:
+    family: str  # e.g. libcublasLt
+    path: str
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).name
+
+
+def library_family(filename: str) -> str | None:
+    """"libcublasLt" of "libcublasLt.so.13.0.0.19" (and of auditwheel's "libcudart-1a2b3c4d.so.12");
+    None for a file that is no shared library."""
+    m = re.fullmatch(r"(lib[^.]+?)(?:-[0-9a-f]{8})?\.so(?:\.[0-9]+)*", filename)
+    return m.group(1) if m else None
+
+
+def cuda_libraries(maps: str) -> list[MappedLibrary]:
+    """The CUDA_FAMILIES libraries in a process's /proc/<pid>/maps text, one entry per file."""
+    found = set()
+    for line in maps.splitlines():
+        fields = line.split(None, 5)  # address perms offset dev inode path
+        if len(fields) < 6 or not fields[5].startswith("/"):
+            continue
+        path = fields[5].removesuffix(" (deleted)")
+        family = library_family(Path(path).name)
+        if family in CUDA_FAMILIES:
+            found.add(MappedLibrary(family, path))
+    return sorted(found)
+
+
+def duplicate_copies(*processes: Sequence[MappedLibrary]) -> dict[str, list[str]]:
+    """{family: its files} for each library family mapped from more than one file across these
+    processes: what one process holding all of them would load twice."""
+    paths: dict[str, set[str]] = {}
+    for library in (lib for process in processes for lib in process):
+        paths.setdefault(library.family, set()).add(library.path)
+    return {family: sorted(p) for family, p in sorted(paths.items()) if len(p) > 1}
+
+
+# The CUDA libraries llama.cpp's CUDA backend links, each after the ones it needs (cuBLAS needs
+# cuBLASLt; cuBLASLt may need nvJitLink): preloaded in this order, every one finds its
+# dependencies already loaded.
+TORCH_CUDA_PRELOAD = ("libnvJitLink", "libcudart", "libcublasLt", "libcublas")
+
+
+def torch_cuda_libraries(roots: Sequence[Path] | None = None) -> list[Path]:
+    """torch's pip-installed copies of TORCH_CUDA_PRELOAD (site-packages/nvidia/*/lib/, e.g.
+    nvidia/cu13/lib or nvidia/cublas/lib), in that order; where several versions of one are
+    there, the newest. `roots`: the `nvidia` folders, found without importing torch by default."""
+    if roots is None:
+        spec = importlib.util.find_spec("nvidia")
+        roots = [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
+    by_family: dict[str, list[Path]] = {}
+    for root in roots:
+        for path in sorted(Path(root).glob("*/lib/lib*.so*")):
+            family = library_family(path.name)
+            if family in TORCH_CUDA_PRELOAD and path.is_file():
+                by_family.setdefault(family, []).append(path)
+    newest = {f: max(paths, key=lambda p: (_version_tuple(p.name.partition(".so")[2].lstrip(".")), -len(p.name)))
+              for f, paths in by_family.items()}
+    return [newest[f] for f in TORCH_CUDA_PRELOAD if f in newest]
+
+
+def preload_torch_cuda_libraries(roots: Sequence[Path] | None = None,
+                                 load: Callable[..., object] | None = None) -> list[Path]:
+    """The fallback for a process that must hold llama.cpp and torch together: load torch's own
+    CUDA libraries (`torch_cuda_libraries`) with RTLD_GLOBAL before llama_cpp is imported, so
+    that llama.cpp's CUDA backend, whose DT_NEEDED names (libcublas.so.13 ...) the loader matches
+    against libraries already loaded, uses torch's copies instead of the toolkit's its RPATH
+    points to: one copy of each serves both. localalign's own path needs none of this: it keeps
+    llama.cpp and torch in separate processes (llama.cpp in the engine process). Returns what was
+    loaded, in order."""
+    if "llama_cpp" in sys.modules:
+        raise RuntimeError("preload_torch_cuda_libraries must run before llama_cpp is imported: "
+                           "its CUDA libraries are loaded by then")
+    load = load or ctypes.CDLL
+    libraries = torch_cuda_libraries(roots)
+    for path in libraries:
+        load(str(path), mode=ctypes.RTLD_GLOBAL)
+    return libraries
+
+
 def describe(python_record: dict | None = None) -> str:
     """Lines for a CI log: the CPU's vector flags, the build in use, llama.cpp's own feature list."""
     model, flags = cpu_info()
@@ -471,10 +683,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_install = sub.add_parser("install", help="build (once per CPU type) and install llama-cpp-python into a venv")
     p_install.add_argument("--python", required=True, help="the venv's python")
     sub.add_parser("describe", help="print the CPU flags and the llama.cpp build in use")
+    sub.add_parser("converter", help="put llama.cpp's converters beside the wheels (from the source distribution)")
     args = parser.parse_args(argv)
     try:
         if args.command == "install":
             install(args.python)
+        elif args.command == "converter":
+            print(ensure_converter(sys.executable))
         else:
             print(describe())
     except (ValueError, RuntimeError, subprocess.CalledProcessError) as e:
