@@ -11,7 +11,7 @@ time and its peak resident memory (VmHWM; children included, e.g. the converter)
 1. export      llama.cpp's converter to f16, then llama.cpp's quantizer to q8_0 (what a round does)
 2. generation  the q8_0 file with localalign's BatchGenerator at parallel = "auto" (32 on a CPU):
                32 prompts of ~140 tokens, 128 tokens each: prompt tokens/s and written tokens/s
-3. training    localalign's trainer (its defaults: LoRA r 16, bf16 on the CPU) on 16 of the safety
+3. training    localalign's trainer (its defaults: LoRA r 16; bf16 only on a CPU that has it natively) on 16 of the safety
                seeds for one epoch (2 optimizer steps): tokens/s and peak memory
 4. merge       the trained adapter folded in, exported to q8_0 and parity-checked (export_merged)
 
@@ -202,6 +202,22 @@ def round_minutes(row: dict, samples: int) -> float:
     return (generation + training + row["merge"]["seconds"] + evaluation) / 60
 
 
+def precision() -> str:
+    from localalign.train.model import cpu_has_native_bf16
+
+    return "bf16: this CPU has it natively" if cpu_has_native_bf16() else "fp32: this CPU has no native bf16"
+
+
+def fit_table(rows: dict[str, dict]) -> str:
+    """localalign/fit.py's MEASURED, from these rows."""
+    lines = ["MEASURED: tuple[tuple[float, float, float, float, float, float], ...] = ("]
+    for r in rows.values():
+        peak = max(r[s]["peak_mb"] for s in ("export", "generate", "train", "merge"))
+        lines.append(f"    ({r['params']}, {r['generate']['tokens_per_s']}, {r['generate']['written_per_s']}, "
+                     f"{r['train']['tokens_per_s']}, {r['merge']['seconds']}, {peak}e6),")
+    return "\n".join(lines + [")"])
+
+
 def report(rows: dict[str, dict]) -> list[str]:
     import platform
 
@@ -211,7 +227,7 @@ def report(rows: dict[str, dict]) -> list[str]:
         "`bench/bench_sizes.py`: random-weight models at the published shapes, SmolLM2's tokenizer padded to each",
         "model's vocabulary; every stage a fresh process (wall time, peak resident memory with its children).",
         "Generation: q8_0, `parallel = auto` (32 sequences on a CPU), 32 prompts x 128 tokens. Training:",
-        "localalign's defaults (LoRA r 16, bf16), 16 seeds, 1 epoch. Merge: adapter folded in, q8_0, parity checked.",
+        f"localalign's defaults (LoRA r 16, {precision()}), 16 seeds, 1 epoch. Merge: adapter folded in, q8_0, parity checked.",
         f"Projected round: the default model's measured tokens per round ({ROUND_TOKENS['written_per_sample']} written and",
         f"{ROUND_TOKENS['read_per_sample']} read per accepted sample, {ROUND_TOKENS['epochs']} epochs over the seeds, the samples",
         "and 32 rehearsal samples at ~160 tokens each, the safety + over-refusal evaluation), at each model's rates.",
@@ -263,6 +279,7 @@ def main() -> None:
             print(f"  export {row['export']}", flush=True)
             row["generate"] = run_stage("generate", d / "model.q8_0.gguf")
             print(f"  generate {row['generate']}", flush=True)
+            shutil.rmtree(d / "train", ignore_errors=True)  # a kept work folder's last run: train anew
             row["train"] = run_stage("train", hf, d / "train")
             print(f"  train {row['train']}", flush=True)
             row["merge"] = run_stage("merge", hf, d / "train" / "adapter", d / "merged.q8_0.gguf")
@@ -278,6 +295,7 @@ def main() -> None:
     from benchdoc import publish
 
     publish(DOCS, report(ordered), BEGIN, END, write=not args.no_docs)
+    print("\nfor localalign/fit.py:\n" + fit_table(ordered))
 
 
 if __name__ == "__main__":

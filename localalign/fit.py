@@ -26,8 +26,11 @@ from localalign.train.model import cpu_has_native_bf16
 # 32 sequences, of which written, training tokens/s, merge + export + parity s, peak bytes of
 # any stage). bench_sizes prints this tuple.
 MEASURED: tuple[tuple[float, float, float, float, float, float], ...] = (
-    (134515008, 103.5, 71.7, 47.5, 64.4, 3351e6),
-    (361821120, 29.0, 20.1, 24.8, 41.5, 5887e6),
+    (134515008, 140.9, 97.6, 91.6, 26.0, 3272e6),
+    (361821120, 74.9, 51.9, 37.2, 41.1, 5875e6),
+    (596049920, 55.0, 38.1, 28.9, 57.8, 8428e6),
+    (1235814400, 33.0, 22.8, 17.6, 98.5, 10699e6),
+    (1543714304, 31.0, 21.5, 13.3, 110.9, 16555e6),
 )
 PEAK_COLUMN = 5
 # What a round puts through the model, measured on the default model (bench_sizes.ROUND_TOKENS).
