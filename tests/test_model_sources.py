@@ -190,6 +190,7 @@ def test_a_base_gguf_without_template_borrows_its_familys(tmp_path):
     export_model(hf, gguf, out_type="f32", check=False)
     report = inspect_model("base", gguf, None)
     assert "the gemma3 family's" in report.template and "<end_of_turn>" in report.end_of_turn
+    assert "pretrained base model" in report.describe()  # warned before a run spends its time
 
 
 # ---------------------------------------------------------------------------- what fits

@@ -98,7 +98,11 @@ def inspect_gguf(name: str, path: Path) -> ModelReport:
         quant = LlamaFileType(int(meta.get("general.file_type", -1))).name.removeprefix("MOSTLY_").lower()
     except ValueError:
         quant = f"file type {meta.get('general.file_type')}"
-    return ModelReport(name, "GGUF", family, dims, template, eot, quant=quant)
+    notes = [] if meta.get("tokenizer.chat_template") else [
+        "a GGUF without a chat template is often a pretrained base model, whose turn tokens were never "
+        "trained: measured on gemma3-270m, it never ended a turn and no sample passed the filters "
+        "(docs/benchmarks.md); an instruction-tuned checkpoint aligns"]
+    return ModelReport(name, "GGUF", family, dims, template, eot, quant=quant, notes=notes)
 
 
 def _fallback(family: Family, where: Path) -> str:
