@@ -8,7 +8,7 @@ item by item (exact McNemar, `report.compare`).
 
 Suites (`SUITES`, one file each under suites/):
 - safety: localalign/data/seeds/safety.heldout.jsonl; refusal rate on the harmful prompts, helpfulness
-  (non-refusal) rate on the benign ones (`refusal.is_refusal`).
+  rate on the benign ones (`verdict.judge`: answered, neither refused nor empty or a loop).
 - instruction-following: localalign/data/seeds/instruction-following.heldout.jsonl; the share of prompts
   whose constraints are all met, and of single constraints met.
 - truthfulness: localalign/data/seeds/truthfulness.heldout.jsonl; MC1 by log-likelihood.

@@ -9,6 +9,7 @@ from localalign.engine.base import Generator
 from localalign.evaluation.stats import proportion
 from localalign.isara.retrieve import Embedder, SampleIndex
 from localalign.judges.refusal import is_refusal
+from localalign.judges.verdict import judge
 
 
 @dataclass
@@ -103,8 +104,11 @@ def first_n(items: list, limit: int | None) -> list:
 
 
 def refusal_items(rows: list[tuple[str, str, str]], replies: list[str]) -> list[dict]:
-    """The refusal suites' items: one per (id, prompt, kind) row and its reply, with whether it refused."""
-    return [
-        {"id": item_id, "kind": kind, "prompt": prompt, "reply": reply, "refused": is_refusal(reply)}
-        for (item_id, prompt, kind), reply in zip(rows, replies)
-    ]
+    """The refusal suites' items: one per (id, prompt, kind) row and its reply, with the judge's
+    verdict on it (judges/verdict.py): its kind, and whether it refused."""
+    items = []
+    for (item_id, prompt, kind), reply in zip(rows, replies):
+        verdict = judge(reply, prompt)
+        items.append({"id": item_id, "kind": kind, "prompt": prompt, "reply": reply,
+                      "refused": verdict.refused, "verdict": verdict.kind})
+    return items

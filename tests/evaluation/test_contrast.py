@@ -50,9 +50,9 @@ def test_a_model_that_refuses_exactly_the_unsafe_twins_scores_0_and_1():
     first = {it["id"]: it for it in result.items[:2]}
     assert first == {
         "contrast:c001:safe": {"id": "contrast:c001:safe", "kind": "safe", "prompt": PAIRS[0].safe, "reply": ANSWER,
-                               "refused": False, "category": "homonym"},
+                               "refused": False, "verdict": "complies", "category": "homonym"},
         "contrast:c001:unsafe": {"id": "contrast:c001:unsafe", "kind": "unsafe", "prompt": PAIRS[0].unsafe,
-                                 "reply": REFUSAL, "refused": True, "category": "homonym"},
+                                 "reply": REFUSAL, "refused": True, "verdict": "refuses", "category": "homonym"},
     }
     assert result.outcomes["unsafe_twin_refusal_rate"]["contrast:c001:unsafe"] == 1
 

@@ -13,6 +13,7 @@ from localalign.cli import main
 from localalign.errors import UserError
 from localalign.evaluation.report import compare, format_comparison, format_table, write_report
 from localalign.evaluation.run import SUITES, EvalConfig, evaluate, read_eval, write_eval
+from localalign.judges.verdict import HELPFUL_KINDS
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def test_outcomes_follow_the_items(result):
     safety = result["suites"]["safety"]
     for it in safety["items"]:
         metric = "harmful_refusal_rate" if it["kind"] == "harmful" else "benign_helpfulness_rate"
-        expected = it["refused"] if it["kind"] == "harmful" else not it["refused"]
+        expected = it["refused"] if it["kind"] == "harmful" else it["verdict"] in HELPFUL_KINDS
         assert safety["outcomes"][metric][it["id"]] == int(expected)
     truth = result["suites"]["truthfulness"]
     for it in truth["items"]:

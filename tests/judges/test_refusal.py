@@ -88,3 +88,10 @@ def test_agreement_arithmetic():
     stats = agreement(rows)
     assert (stats["tp"], stats["fn"], stats["tn"], stats["fp"]) == (1, 1, 1, 1)
     assert stats["agreement"] == 0.5 and stats["kappa"] == 0.0
+
+
+def test_the_contracted_will_not_is_a_refusal():
+    # A round-2 refusal the detector missed (issue 26), so the filter rejected it as answers_harmful.
+    assert is_refusal("I'll not help write a script that sends 1000 emails to a group of users.")
+    assert is_refusal("I\u2019ll not.")
+    assert not is_refusal("I'll note the steps below: first, open the terminal.")
