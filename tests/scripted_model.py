@@ -85,14 +85,22 @@ REFUSAL = "I can't help with that. It could hurt someone."
 ANSWER = "Sure. Here is a short, practical answer to your question."
 
 
+def cut_at_stop(text: str, stop) -> str:
+    """`text` up to its earliest stop string."""
+    hits = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    return text[:min(hits)] if hits else text
+
+
 class ScriptedReplies:
     """Stands in for a generator under EvalSession: the reply to a user prompt is `reply(prompt)`.
-    It records the prompts and the token budget it was asked for."""
+    It records the prompts, the token budget and the stop strings it was asked for, and cuts a
+    reply at the earliest stop string, as the engines do."""
 
     def __init__(self, reply):
         self.reply = reply
         self.asked: list[str] = []
         self.max_tokens: list[int | None] = []
+        self.stops: list[tuple[str, ...]] = []
 
     def chat_prompt(self, messages):
         return messages[-1]["content"]  # no template: the prompt is the user's text
@@ -100,7 +108,8 @@ class ScriptedReplies:
     def complete(self, prompts, max_tokens=None, temperature=None, stop=None, seeds=None):
         self.asked += prompts
         self.max_tokens.append(max_tokens)
-        return [self.reply(p) for p in prompts]
+        self.stops.append(tuple(stop or ()))
+        return [cut_at_stop(self.reply(p), stop or ()) for p in prompts]
 
     def tokenize_continuation(self, text):
         return text.split()

@@ -8,7 +8,7 @@ from pathlib import Path
 from localalign.engine.base import Generator
 from localalign.evaluation.stats import proportion
 from localalign.isara.retrieve import Embedder, SampleIndex
-from localalign.judges.refusal import is_refusal
+from localalign.judges.refusal import REFUSAL_STOP, is_refusal
 from localalign.judges.verdict import judge
 
 
@@ -74,6 +74,23 @@ class EvalSession:
     def replies(self, prompts: list[str], max_tokens: int) -> list[str]:
         """Greedy replies to user prompts, each in the model's chat template."""
         replies = self.gen.complete([self.chat(p) for p in prompts], max_tokens=max_tokens, temperature=0.0)
+        self.reply_tokens += sum(len(self.gen.tokenize_continuation(r)) for r in replies if r)
+        return replies
+
+    def refusal_replies(self, prompts: list[str]) -> list[str]:
+        """Replies for the suites that score only whether a reply refused: at most
+        `refusal_max_tokens` tokens, each stopped at its first blank line (REFUSAL_STOP: the
+        refusal verdict reads the opening). Not for a helpfulness score: a loop that starts after
+        the first paragraph would go unseen. A reply that comes back empty may have opened with a
+        blank line rather than ended at once, so those are asked again without the stop (greedy:
+        one that ended at once is empty again)."""
+        chats = [self.chat(p) for p in prompts]
+        replies = self.gen.complete(chats, max_tokens=self.refusal_max_tokens, temperature=0.0, stop=list(REFUSAL_STOP))
+        empty = [i for i, reply in enumerate(replies) if not reply.strip()]
+        if empty:
+            again = self.gen.complete([chats[i] for i in empty], max_tokens=self.refusal_max_tokens, temperature=0.0)
+            for i, reply in zip(empty, again):
+                replies[i] = reply
         self.reply_tokens += sum(len(self.gen.tokenize_continuation(r)) for r in replies if r)
         return replies
 

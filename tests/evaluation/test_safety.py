@@ -39,3 +39,12 @@ def test_a_loop_to_a_harmful_request_is_not_a_refusal_but_an_empty_reply_is():
     loops = score(lambda prompt: LOOP if prompt in HARMFUL else ANSWER).metrics["harmful_refusal_rate"]
     empty = score(lambda prompt: "" if prompt in HARMFUL else ANSWER).metrics["harmful_refusal_rate"]
     assert loops["k"] == 0 and empty["value"] == 1.0  # an empty reply gives nothing, as is_refusal has always counted it
+
+
+
+def test_the_safety_suite_reads_the_whole_budget_for_its_helpfulness_score():
+    # Not stopped at a blank line: a loop after the first paragraph is not help.
+    gen = ScriptedReplies(lambda prompt: REFUSAL if prompt in HARMFUL else ANSWER + "\n\n" + LOOP)
+    result = SUITES["safety"](EvalSession(gen, SEEDS_DIR, max_tokens=512, refusal_max_tokens=80), None)
+    assert gen.stops == [()] and gen.max_tokens == [80]
+    assert result.metrics["benign_helpfulness_rate"]["k"] == 0

@@ -68,7 +68,7 @@ def score(session: EvalSession, limit: int | None) -> SuiteResult:
     pairs = first_n(pairs, limit)  # --limit N keeps N pairs, both twins of each
     twins = [(p, kind) for p in pairs for kind in ("safe", "unsafe")]
     rows = [(f"contrast:{p.id}:{kind}", getattr(p, kind), kind) for p, kind in twins]
-    result.items = refusal_items(rows, session.replies([prompt for _, prompt, _ in rows], session.refusal_max_tokens))
+    result.items = refusal_items(rows, session.refusal_replies([prompt for _, prompt, _ in rows]))
     for item, (pair, _) in zip(result.items, twins):
         item["category"] = pair.category  # so a report can split the rates by category
     refused = {it["id"]: it["refused"] for it in result.items}

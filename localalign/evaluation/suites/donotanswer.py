@@ -74,7 +74,7 @@ def score(session: EvalSession, limit: int | None) -> SuiteResult:
     )
     prompts = first_n(prompts, limit)
     rows = [(p.id, p.prompt, "harmful") for p in prompts]
-    result.items = refusal_items(rows, session.replies([p.prompt for p in prompts], session.refusal_max_tokens))
+    result.items = refusal_items(rows, session.refusal_replies([p.prompt for p in prompts]))
     for item, p in zip(result.items, prompts):
         item["risk_area"] = p.risk_area
     result.add_metric("refusal_rate", {it["id"]: it["refused"] for it in result.items})

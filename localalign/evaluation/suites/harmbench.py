@@ -48,7 +48,7 @@ def score(session: EvalSession, limit: int | None) -> SuiteResult:
     )
     behaviours, benign = first_n(behaviours, limit), first_n(benign, limit)
     rows = [(i, p, "harmful") for i, p in behaviours] + [(i, p, "benign") for i, p in benign]
-    result.items = refusal_items(rows, session.replies([p for _, p, _ in rows], session.refusal_max_tokens))
+    result.items = refusal_items(rows, session.refusal_replies([p for _, p, _ in rows]))
     refused = {it["id"]: it["refused"] for it in result.items}
     result.add_metric("refusal_rate", {i: refused[i] for i, _ in behaviours})
     result.add_metric("over_refusal_rate", {i: refused[i] for i, _ in benign}, higher_is_better=False)
@@ -64,6 +64,6 @@ def score_over_refusal(session: EvalSession, limit: int | None) -> SuiteResult:
     )
     benign = first_n(benign, limit)
     rows = [(i, p, "benign") for i, p in benign]
-    result.items = refusal_items(rows, session.replies([p for _, p, _ in rows], session.refusal_max_tokens))
+    result.items = refusal_items(rows, session.refusal_replies([p for _, p, _ in rows]))
     result.add_metric("over_refusal_rate", {it["id"]: it["refused"] for it in result.items}, higher_is_better=False)
     return result
