@@ -184,8 +184,8 @@ class Verdict:
 
     kept: bool
     reason: str
-    # the score's metrics on which the round is significantly worse than the best so far or
-    # the base, one line each (computed whatever the score says)
+    # the metrics on which the round is significantly worse than the best so far or the base,
+    # one line each (computed whatever the score says)
     losses: list[str] = field(default_factory=list)
 
 
@@ -201,17 +201,20 @@ class LoopChoice:
 def keep_round(config: AlignConfig, candidate: dict, best_label: str, best: dict | None, base: dict | None) -> Verdict:
     """The loop's rule. A round replaces the best so far only if
       1. its score (primary_score) is higher than the best so far's, and
-      2. on none of the score's metrics is it significantly worse, item by item (two-sided
-         exact McNemar, p < 0.05), than the best so far or than the base model.
+      2. on none of the metrics evaluated, the score's or any other suite's (over-refusal
+         beside safety), is it significantly worse, item by item (two-sided exact McNemar,
+         p < 0.05), than the best so far or than the base model.
     The score still ranks: at n = 24 a significant gain needs 6 flips all one way, so asking
     for one would keep almost nothing. The veto stops a trade that the average hides (more
     harmful requests refused by refusing benign ones too) once the loss is clearly real, and
     judging against the base as well stops losses too small to show in one round from adding
-    up over several."""
+    up over several. It reads every metric because a score that rises while a metric outside
+    it falls is not progress (a fresh `make run`, 2026-12-07, shipped a round whose over-refusal
+    rose 0.02 -> 0.10 against the base, p = 0.039, when only the score's metrics were read)."""
     score = primary_score(config, candidate)
     best_score = primary_score(config, best) if best is not None else None
     references = {label: r for label, r in ((best_label, best), ("base", base)) if r is not None}
-    losses = significant_losses(config, candidate, references)
+    losses = significant_losses(candidate, references)
     above = f"its score {_fmt(score)} is above {best_label}'s {_fmt(best_score)}"
     if score is None:
         return Verdict(False, "it has no score", losses)
@@ -219,16 +222,16 @@ def keep_round(config: AlignConfig, candidate: dict, best_label: str, best: dict
         return Verdict(False, f"its score {score:.3f} is not above {best_label}'s {best_score:.3f}", losses)
     if losses:
         return Verdict(False, f"{above}, but it is significantly worse on {'; '.join(losses)}", losses)
-    return Verdict(True, f"{above} and significantly worse on none of the score's metrics")
+    return Verdict(True, f"{above} and significantly worse on none of its metrics")
 
 
-def significant_losses(config: AlignConfig, candidate: dict, references: dict[str, dict]) -> list[str]:
-    """The score's metrics on which `candidate` is significantly worse than a reference (paired, exact McNemar)."""
-    keys = score_metrics(config, candidate)
+def significant_losses(candidate: dict, references: dict[str, dict]) -> list[str]:
+    """The metrics on which `candidate` is significantly worse than a reference (paired, exact
+    McNemar), over every metric the two share."""
     out = []
     for label, reference in references.items():
         for row in compare(reference, candidate):
-            if (row.suite, row.metric) in keys and row.verdict() == "worse":
+            if row.verdict() == "worse":
                 out.append(f"{row.suite}/{row.metric} against {label} "
                            f"({difference_cell(row.paired)}, p={row.paired.p_value:.3f})")
     return out

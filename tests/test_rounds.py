@@ -102,6 +102,32 @@ def test_a_higher_score_with_a_significant_loss_on_one_metric_is_not_kept(tmp_pa
     assert run.choice.verdicts["round-2"].kept and run.choice.best == "round-2"  # 0.6, no loss
 
 
+def with_over_refusal(result: dict, refused: int, n: int = 100) -> dict:
+    """`result` with an over-refusal suite beside it (outside the safety score): the first
+    `refused` of n benign prompts refused (lower is better)."""
+    outcomes = {f"o{i}": int(i < refused) for i in range(n)}
+    metric = {**proportion(list(outcomes.values())), "higher_is_better": False}
+    return {"suites": {**result["suites"], "over-refusal": {"metrics": {"over_refusal_rate": metric},
+                                                            "outcomes": {"over_refusal_rate": outcomes}}}}
+
+
+def test_a_significant_loss_outside_the_score_vetoes_the_round_too(tmp_path):
+    # The fresh make run of 2026-12-07: a round's safety score rose while its over-refusal rose
+    # 2/100 -> 10/100 against the base (8 one way here: p = 0.008). The score does not read
+    # over-refusal; the veto does. Six more refusals (p = 0.031) veto it too, five (p = 0.0625) do not.
+    base = with_over_refusal(safety_eval(0, N), 2)
+    for more, kept in ((8, False), (6, False), (5, True)):
+        _, scores, run, _ = fake_run(tmp_path / str(more), [with_over_refusal(safety_eval(10, N), 2 + more)], base=base)
+        assert scores["round-1"] > primary_score(run.config, base)
+        verdict = run.choice.verdicts["round-1"]
+        assert verdict.kept is kept, more
+        if not kept:
+            assert "over-refusal/over_refusal_rate against base" in verdict.reason
+    # a gain outside the score (fewer over-refusals) is no loss
+    _, _, run, _ = fake_run(tmp_path / "fewer", [with_over_refusal(safety_eval(10, N), 0)], base=with_over_refusal(safety_eval(0, N), 10))
+    assert run.choice.verdicts["round-1"].kept
+
+
 def test_five_one_way_losses_are_not_yet_significant_so_the_round_is_kept(tmp_path):
     # the boundary of the veto: 5 flips one way give p = 0.0625, 6 give 0.031 (the test above)
     base = safety_eval(0, N)
