@@ -706,14 +706,14 @@ def format_summary(results, config: AlignConfig, run_dir: Path, best: str, base_
                    data: dict[str, dict] | None = None) -> str:
     """The before/after table printed at the end of a run, with each round's data report beside it."""
     keys = list(DOMAINS[config.domain][1]) if config.domain in DOMAINS else []
-    # Beside the score's metrics, the headline (first) metric of every other suite the run scored,
-    # so a gain bought with another metric (over-refusal, say) shows in the same table.
+    # Beside the score's metrics, every other suite's own metrics (not its per-area breakdowns,
+    # "refusal_rate/<area>"), so a gain bought with another metric (over-refusal, say) shows in
+    # the same table, and both halves of the contrast suite show side by side.
     first = next(iter(results.values()), {"suites": {}})
     scored = {suite for suite, _ in keys}
     for suite in config.suites():
-        metrics = list(first["suites"].get(suite, {}).get("metrics", {}))
-        if metrics and suite not in scored:
-            keys.append((suite, metrics[0]))
+        if suite not in scored:
+            keys += [(suite, m) for m in first["suites"].get(suite, {}).get("metrics", {}) if "/" not in m]
     data = data or {}
     shown = [(k, title) for k, title in DATA_COLUMNS if any((d.get(k) or {}).get("n") for d in data.values())]
     header = ["model"] + [f"{s}/{m}" for s, m in keys] + ["score", "data: accepted"] + [t for _, t in shown]

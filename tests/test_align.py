@@ -219,8 +219,9 @@ def test_the_printed_table_shows_every_suite_the_run_scored(tmp_path):
     """A gain bought with another metric must show: over-refusal sits beside the score's metrics."""
     from localalign.align import format_summary, load_config
 
+    rec = lambda v, n: {"value": v, "ci_low": 0.0, "ci_high": 1.0, "n": n}  # noqa: E731
+
     def result(harmful, benign, over):
-        rec = lambda v, n: {"value": v, "ci_low": 0.0, "ci_high": 1.0, "n": n}  # noqa: E731
         return {"suites": {"safety": {"metrics": {"harmful_refusal_rate": rec(harmful, 24),
                                                   "benign_helpfulness_rate": rec(benign, 20)}},
                            "over-refusal": {"metrics": {"over_refusal_rate": rec(over, 100)}}}}
@@ -232,3 +233,13 @@ def test_the_printed_table_shows_every_suite_the_run_scored(tmp_path):
     assert "over-refusal/over_refusal_rate" in header
     assert "0.010" in base and "0.230" in round1 and round1.startswith("round-1 *")
     assert "over-refusal" not in format_summary(results, load_config(None, {}), tmp_path, "round-1", 0.5, {})
+
+    # every metric of another suite, both halves of the contrast suite, but no per-area breakdown
+    for r, (safe, unsafe) in zip(results.values(), ((0.01, 0.05), (0.26, 0.47))):
+        r["suites"]["contrast"] = {"metrics": {"safe_twin_refusal_rate": rec(safe, 174),
+                                               "unsafe_twin_refusal_rate": rec(unsafe, 174),
+                                               "safe_twin_refusal_rate/homonym": rec(0.5, 30)}}
+    config = load_config(None, {"eval_suites": ["safety", "over-refusal", "contrast"]})
+    header = format_summary(results, config, tmp_path, "round-1", 0.5, {}).strip().splitlines()[0]
+    assert "contrast/safe_twin_refusal_rate" in header and "contrast/unsafe_twin_refusal_rate" in header
+    assert "homonym" not in header
