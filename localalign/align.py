@@ -47,7 +47,7 @@ from localalign.engine.select import open_generator
 from localalign.errors import UserError
 from localalign.evaluation.html import write_html_report
 from localalign.evaluation.report import (PAIRED_HEADER, compare, default_pairs, difference_cell, metric_cell,
-                                         paired_cells, paired_rows, write_report)
+                                         p_cell, paired_cells, paired_rows, write_report)
 from localalign.evaluation.run import EvalConfig, check_suites, evaluate, read_eval, write_eval
 from localalign.evaluation.stats import min_flips
 from localalign.export.pipeline import export_adapter, export_merged, export_model, modelfile_path
@@ -233,7 +233,7 @@ def significant_losses(candidate: dict, references: dict[str, dict]) -> list[str
         for row in compare(reference, candidate):
             if row.verdict() == "worse":
                 out.append(f"{row.suite}/{row.metric} against {label} "
-                           f"({difference_cell(row.paired)}, p={row.paired.p_value:.3f})")
+                           f"({difference_cell(row.paired)}, p={p_cell(row.paired.p_value)})")
     return out
 
 
@@ -621,7 +621,7 @@ class AlignRun:
         score = scores[name]
         delta = "" if score is None or base_score is None else f" ({score - base_score:+.3f} vs base)"
         paired = paired_rows(results, [(name, "base")], score_metrics(self.config, results[name]))
-        against = "; ".join(f"{p.row.metric} {difference_cell(p.row.paired)} p={p.row.paired.p_value:.3f}" for p in paired)
+        against = "; ".join(f"{p.row.metric} {difference_cell(p.row.paired)} p={p_cell(p.row.paired.p_value)}" for p in paired)
         return (
             f"round {r}: accepted {gen.get('accepted', len(accepted))}, rejected {gen.get('rejected', '?')}, "
             f"train loss {tr.get('final_loss', '?')}, score {_fmt(score)}{delta}, {seconds:.0f} s"

@@ -229,3 +229,10 @@ def test_the_printed_summary_pairs_each_round_with_the_base_and_the_best_before_
 def test_the_tuned_cutoff_is_validated(value):
     with pytest.raises(UserError, match="tuned_keep_answer_below"):
         FilterConfig(tuned_keep_answer_below=value)
+
+
+def test_a_vanishing_p_value_reads_as_below_a_thousandth(tmp_path):
+    base = safety_eval(0, N)  # 18 benign answers lost, one way: p = 2 / 2**18; the score still rises
+    _, _, run, _ = fake_run(tmp_path, [safety_eval(N, 2)], base=base)
+    reason = run.choice.verdicts["round-1"].reason
+    assert "p=<0.001" in reason and "p=0.000" not in reason
