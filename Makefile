@@ -57,7 +57,7 @@ models: setup
 # The demo: the default model aligned for safety, 2 rounds, 24 samples each, scored on our held-out
 # safety prompts, on over-refusal (HarmBench's 100 benign prompts) and on the contrast suite (174
 # safe requests with harmful-sounding words and their unsafe twins: the test of judgement, paired
-# n = 174); about 30 minutes on 2 cores after set-up (docs/benchmarks.md).
+# n = 174); about 25 minutes on 2 cores after set-up (docs/benchmarks.md).
 # Re-running it resumes (finished stages are verified and skipped) and prints the table again.
 DEMO_DIR := runs/demo
 run: setup models

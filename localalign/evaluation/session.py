@@ -71,9 +71,10 @@ class EvalSession:
         messages = self.icl.turns(prompt) if self.icl is not None else []
         return self.gen.chat_prompt(messages + [{"role": "user", "content": prompt}])
 
-    def replies(self, prompts: list[str], max_tokens: int) -> list[str]:
+    def replies(self, prompts: list[str], max_tokens: int, stop: tuple[str, ...] = ()) -> list[str]:
         """Greedy replies to user prompts, each in the model's chat template."""
-        replies = self.gen.complete([self.chat(p) for p in prompts], max_tokens=max_tokens, temperature=0.0)
+        replies = self.gen.complete([self.chat(p) for p in prompts], max_tokens=max_tokens, temperature=0.0,
+                                    stop=list(stop) or None)
         self.reply_tokens += sum(len(self.gen.tokenize_continuation(r)) for r in replies if r)
         return replies
 
@@ -84,14 +85,11 @@ class EvalSession:
         the first paragraph would go unseen. A reply that comes back empty may have opened with a
         blank line rather than ended at once, so those are asked again without the stop (greedy:
         one that ended at once is empty again)."""
-        chats = [self.chat(p) for p in prompts]
-        replies = self.gen.complete(chats, max_tokens=self.refusal_max_tokens, temperature=0.0, stop=list(REFUSAL_STOP))
+        replies = self.replies(prompts, self.refusal_max_tokens, REFUSAL_STOP)
         empty = [i for i, reply in enumerate(replies) if not reply.strip()]
         if empty:
-            again = self.gen.complete([chats[i] for i in empty], max_tokens=self.refusal_max_tokens, temperature=0.0)
-            for i, reply in zip(empty, again):
+            for i, reply in zip(empty, self.replies([prompts[i] for i in empty], self.refusal_max_tokens)):
                 replies[i] = reply
-        self.reply_tokens += sum(len(self.gen.tokenize_continuation(r)) for r in replies if r)
         return replies
 
     def close(self) -> None:

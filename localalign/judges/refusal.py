@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 
 # The detector reads this much of a reply; evaluation therefore decodes at most
-# REFUSAL_MAX_TOKENS tokens for refusal suites (about 4 characters per token in English) ...
+# REFUSAL_MAX_TOKENS tokens for refusal suites (about 4 characters per token in English).
 OPENING_CHARS = 240
 OPENING_SENTENCES = 2
 REFUSAL_MAX_TOKENS = 80
