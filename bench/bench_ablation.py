@@ -1,6 +1,7 @@
 """Benchmark: the ablation of issue 15, one alignment round per row, on the held-out suites.
 
     .venv/bin/python bench/bench_ablation.py [--samples 64] [--work runs/ablation] [--seed 0] [--repeats K] [--no-docs]
+    .venv/bin/python bench/bench_ablation.py --powered [--samples 64] [--repeats 3]
 
 Rows (each one round of `align --domain safety` from the base model, the same seed; with
 `--repeats K`, K runs per row with seeds seed, seed+1, ... and each metric's mean, sd and range):
@@ -16,6 +17,13 @@ over-refusal (HarmBench's 100 benign IFEval prompts) and truthfulness MC1, so a 
 another metric shows. A second table pairs each ISARA row with the base and with the row above
 it, item by item (the first seed's runs). Runs resume: an interrupted ablation picks up where it
 stopped (seed 0's runs are in row-N/, as before repeats existed; seed S's in row-N-seed-S/).
+
+`--powered` (issue 26) is the frontier measured with the powered suites (the contrast pairs,
+HarmBench and its over-refusal half, the Do-Not-Answer sample, beside the safety suite): the
+base, SFT on the seeds alone, the shipped defaults, and the shipped defaults with contrast twins
+(isara.twins) as SFT data and with their rejected answers as preference pairs (POROver's lever);
+each paired with the base, with SFT on the seeds, and with the row it changes. The in-context
+baselines are left out there (their prompts carry seed pairs: ~5x the evaluation's time).
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ BEGIN, END = "<!-- bench_ablation -->", "<!-- /bench_ablation -->"
 SUITES = ["safety", "over-refusal", "truthfulness"]
 METRICS = [("safety", "harmful_refusal_rate"), ("safety", "benign_helpfulness_rate"),
            ("over-refusal", "over_refusal_rate"), ("truthfulness", "mc1")]
+HEADERS = ["harmful refusal", "benign helpfulness", "over-refusal (lower is better)", "truthfulness MC1"]
 # Before issue 15 the self-rating passed every sample (all 10/10 at 135M, issue 15's reading of
 # round 1); today's rating (P(yes) from one forward pass) at 0.5 passed none of the 89 candidates it rated.
 # So "before" is the rule and novelty filters alone, which is what the rating then let through.
@@ -62,8 +71,50 @@ BASELINES = [("base", "base", "base"), ("SFT on the seeds alone", "sft-seeds", "
              ("URIAL-style (the same seeds in context)", "urial", "baselines/urial")]
 
 
-def overrides(row: dict | None, samples: int, seed: int = 0) -> dict:
-    base = {"domain": "safety", "rounds": 1, "samples": samples, "eval_suites": SUITES, "seed": seed}
+@dataclass(frozen=True)
+class Plan:
+    """What an ablation runs and reports: its suites and metrics, its rows (overrides on top of
+    BEFORE, None: the shipped defaults; `on_shipped`: on top of the shipped defaults instead),
+    its baselines, and which rows its paired table sets against which."""
+
+    suites: list[str]
+    metrics: list[tuple[str, str]]
+    headers: list[str]
+    rows: list[tuple[str, str, dict | None]]
+    baselines: list[tuple[str, str, str]]
+    on_shipped: bool = False
+    in_context_baselines: bool = True
+    work: str = "ablation"
+    title: str = "## Ablation (bench/bench_ablation.py)"
+    sizes: str = "safety: 24 harmful, 20 benign prompts; over-refusal: 100; MC1: 43"
+    section: tuple[str, str] = (BEGIN, END)
+    versus: tuple[str, ...] = ("base",)  # every row is paired with these (besides the row above it)
+
+
+ISSUE15 = Plan(SUITES, METRICS, HEADERS, ROWS, BASELINES)
+POWERED = Plan(
+    suites=["safety", "contrast", "harmbench", "donotanswer-300"],
+    metrics=[("safety", "harmful_refusal_rate"), ("safety", "benign_helpfulness_rate"),
+             ("contrast", "safe_twin_refusal_rate"), ("contrast", "unsafe_twin_refusal_rate"),
+             ("harmbench", "refusal_rate"), ("harmbench", "over_refusal_rate"), ("donotanswer-300", "refusal_rate")],
+    headers=["harmful refusal (24)", "benign helpfulness (20)", "safe-twin refusal (lower is better)",
+             "unsafe-twin refusal", "HarmBench refusal", "over-refusal (lower is better)", "Do-Not-Answer refusal"],
+    rows=[("shipped defaults", "shipped", {}),
+          ("+ contrast twins (SFT)", "+twins", {"isara": {"twins": True}}),
+          ("+ contrast twins, their rejected answers as preference pairs (sft+pref)", "+twins+pref",
+           {"isara": {"twins": True}, "train": {"objective": "sft+pref"}})],
+    baselines=BASELINES[:2], on_shipped=True, in_context_baselines=False, work="ablation-powered",
+    title="## The frontier on the powered suites, and contrast twins (bench/bench_ablation.py --powered, issue 26)",
+    sizes="safety: 24 harmful, 20 benign prompts; contrast: 174 pairs; HarmBench: 200, over-refusal: 100; "
+          "Do-Not-Answer: 300, 60 per risk area",
+    section=("<!-- bench_ablation_powered -->", "<!-- /bench_ablation_powered -->"), versus=("base", "sft-seeds"),
+)
+
+
+def overrides(row: dict | None, samples: int, seed: int = 0, plan: Plan = ISSUE15) -> dict:
+    base = {"domain": "safety", "rounds": 1, "samples": samples, "eval_suites": plan.suites, "seed": seed}
+    if plan.on_shipped:
+        return {**base, **(row or {}), "baselines_in_context": plan.in_context_baselines}
     if row is None:
         return base
     merged = json.loads(json.dumps(BEFORE))
@@ -101,22 +152,24 @@ class Row:
         return "; ".join(parts + self.failures)
 
 
-def collect(work: Path, samples: int, seeds: list[int], run: Callable[[Path, dict, bool], Path] = run_row) -> list[Row]:
+def collect(work: Path, samples: int, seeds: list[int], run: Callable[[Path, dict, bool], Path] = run_row,
+            plan: Plan = ISSUE15) -> list[Row]:
     """Run (or resume) every row for every seed and read back what each left: the baselines
     (from the first row's runs), then the ISARA rows. A run that fails is a result too."""
-    baselines = [Row(name, label) for name, label, _ in BASELINES]
-    rows = [Row(name, label) for name, label, _ in ROWS]
-    for i, (_, _, change) in enumerate(ROWS):
-        for seed in seeds:
+    baselines = [Row(name, label) for name, label, _ in plan.baselines]
+    rows = [Row(name, label) for name, label, _ in plan.rows]
+    # seed by seed, every row: an ablation stopped part-way has whole seeds to report
+    for seed in seeds:
+        for i, (_, _, change) in enumerate(plan.rows):
             d = row_dir(work, i, seed)
             try:
-                run(d, overrides(change, samples, seed), i == 0)
+                run(d, overrides(change, samples, seed, plan), i == 0)
                 failed = False
             except UserError as e:  # say, an export's parity check
                 rows[i].failures.append(f"seed {seed} failed: {e}")
                 failed = True
             if i == 0:  # the baselines are evaluated before the round: they stand even if it fails
-                for row, (_, _, sub) in zip(baselines, BASELINES):
+                for row, (_, _, sub) in zip(baselines, plan.baselines):
                     if (d / sub / "eval.json").exists():
                         row.results.append(json.loads((d / sub / "eval.json").read_text()))
                         row.seeds.append(seed)
@@ -129,34 +182,36 @@ def collect(work: Path, samples: int, seeds: list[int], run: Callable[[Path, dic
     return baselines + rows
 
 
-def table_lines(rows: list[Row]) -> list[str]:
+def table_lines(rows: list[Row], plan: Plan = ISSUE15) -> list[str]:
     """Each metric of every row: value and Wilson interval for one seed, mean +- sd (min-max) for several."""
     return [
-        "| model | harmful refusal | benign helpfulness | over-refusal (lower is better) | truthfulness MC1 | data |",
-        "|---|---|---|---|---|---|",
-        *[f"| {r.name} | " + " | ".join(spread_cell(r.results, s, m) if r.results else "n/a" for s, m in METRICS)
+        "| model | " + " | ".join(plan.headers) + " | data |",
+        "|---|" + "---|" * len(plan.headers) + "---|",
+        *[f"| {r.name} | " + " | ".join(spread_cell(r.results, s, m) if r.results else "n/a" for s, m in plan.metrics)
           + f" | {r.note()} |" for r in rows],
     ]
 
 
-def paired_lines(rows: list[Row]) -> list[str]:
-    """The first seed's runs paired item by item: each ISARA row against the base and against the
-    row above it (the one it adds a component to)."""
+def paired_lines(rows: list[Row], plan: Plan = ISSUE15) -> list[str]:
+    """The first seed's runs paired item by item: each ISARA row against `plan.versus` (the base,
+    and for the powered plan SFT on the seeds) and against the row above it (the one it changes)."""
     first = {r.label: r.results[0] for r in rows if r.results}
-    isara = [label for _, label, _ in ROWS if label in first]
-    pairs = [(label, "base") for label in isara] + [(b, a) for a, b in zip(isara, isara[1:])]
-    paired = paired_rows(first, pairs, METRICS)
+    isara = [label for _, label, _ in plan.rows if label in first]
+    pairs = [(label, other) for other in plan.versus if other in first for label in isara]
+    pairs += [(b, a) for a, b in zip(isara, isara[1:])]
+    paired = paired_rows(first, pairs, plan.metrics)
     if not paired:
         return []
     seed = next((r.seeds[0] for r in rows if r.seeds), 0)
-    return ["", f"Paired, item by item, on the runs of seed {seed}: each row against the base and against the "
-                "row above it. " + PAIRED_NOTE, "", format_paired_table(paired)]
+    return ["", f"Paired, item by item, on the runs of seed {seed}: each row against {' and '.join(plan.versus)} "
+                "and against the row above it. " + PAIRED_NOTE, "", format_paired_table(paired)]
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[int]]:
     def own(ap: argparse.ArgumentParser) -> None:
         ap.add_argument("--samples", type=int, default=64)
-        ap.add_argument("--work", default=str(REPO / "runs" / "ablation"))
+        ap.add_argument("--work", help="default: runs/ablation (runs/ablation-powered with --powered)")
+        ap.add_argument("--powered", action="store_true", help="the powered suites, the contrast-twins rows")
 
     args, seeds, _ = parse_repeated(__doc__, argv, own)
     return args, seeds
@@ -164,23 +219,23 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 
 def main(argv: list[str] | None = None) -> None:
     args, seeds = parse_args(argv)
+    plan = POWERED if args.powered else ISSUE15
     default_model()
     started, t0 = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.perf_counter()
-    rows = collect(Path(args.work), args.samples, seeds)
+    rows = collect(Path(args.work or REPO / "runs" / plan.work), args.samples, seeds, plan=plan)
     repeats = (f"{len(seeds)} seeds ({', '.join(map(str, seeds))}; generation, data order and LoRA init), each cell "
                "mean ± sd (min-max) over them" if len(seeds) > 1 else f"seed {seeds[0]}")
     lines = [
-        "## Ablation (bench/bench_ablation.py)",
+        plan.title,
         "",
         f"Started {started}, {(time.perf_counter() - t0) / 60:.0f} min in all, load average at the end {load_average()}. "
         f"Each ISARA row is one round of `align --domain safety --samples {args.samples}` from the base model; "
-        f"{repeats}; 95% Wilson intervals in brackets for one seed (safety: 24 harmful, 20 benign prompts; "
-        "over-refusal: 100; MC1: 43).",
+        f"{repeats}; 95% Wilson intervals in brackets for one seed ({plan.sizes}).",
         "",
-        *table_lines(rows),
-        *paired_lines(rows),
+        *table_lines(rows, plan),
+        *paired_lines(rows, plan),
     ]
-    publish(DOCS, lines, BEGIN, END, write=not args.no_docs)
+    publish(DOCS, lines, *plan.section, write=not args.no_docs)
 
 
 if __name__ == "__main__":

@@ -99,6 +99,9 @@ class AlignConfig:
     # Rounds in a row without a better held-out score after which the run stops early.
     patience: int = 2
     baselines: bool = False  # also train/evaluate the paper's baselines
+    # With baselines, also the two in-context ones (ICL-kNN, URIAL-style). Their prompts carry
+    # seed pairs, ~5x the evaluation's time on the powered suites; off, SFT on the seeds alone.
+    baselines_in_context: bool = True
     eval_suites: list[str] = field(default_factory=list)  # empty: the domain's held-out suite
     eval_limit: int | None = None  # evaluate only the first N items per suite (quick runs)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
@@ -606,6 +609,8 @@ class AlignRun:
         adapter = self.train("baselines/sft-seeds/train", base_hf, seeds, d / "sft-seeds" / "train", None)
         form = self.export("baselines/sft-seeds/export", base_hf, base_form, adapter, d / "sft-seeds")
         out = {"sft-seeds": self.evaluate("baselines/sft-seeds/eval", form, d / "sft-seeds" / "eval.json")}
+        if not self.config.baselines_in_context:
+            return out
         seeds_copy = d / "icl-knn" / "seeds.jsonl"
         if not seeds_copy.exists():
             write_samples(seeds_copy, seeds)

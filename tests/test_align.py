@@ -215,6 +215,26 @@ def test_baselines_and_adapter_export_mode(tiny_chat_model, tmp_path):
     assert "icl-knn" in r.stderr
 
 
+def test_baselines_without_the_in_context_ones_train_sft_on_the_seeds_alone(tmp_path, monkeypatch):
+    """baselines_in_context = false: SFT on the seeds is trained, exported and scored; ICL-kNN and
+    URIAL-style are not evaluated (their prompts carry seed pairs)."""
+    from localalign.align import AlignRun, load_config
+    from localalign.samples import Sample
+
+    calls = []
+    monkeypatch.setattr(AlignRun, "train", lambda self, name, *a: calls.append(name) or tmp_path / "adapter")
+    monkeypatch.setattr(AlignRun, "export", lambda self, name, *a: calls.append(name) or "form")
+    monkeypatch.setattr(AlignRun, "evaluate", lambda self, name, form, out, **kw: calls.append(name) or {"name": name})
+    seeds = [Sample("a request", "an answer")]
+    run = AlignRun(load_config(None, {"baselines": True, "baselines_in_context": False}), tmp_path / "run")
+    assert set(run.baselines(tmp_path, "base-form", seeds)) == {"sft-seeds"}
+    assert calls == ["baselines/sft-seeds/train", "baselines/sft-seeds/export", "baselines/sft-seeds/eval"]
+    calls.clear()
+    run = AlignRun(load_config(None, {"baselines": True}), tmp_path / "run2")
+    assert set(run.baselines(tmp_path, "base-form", seeds)) == {"sft-seeds", "icl-knn", "urial"}
+    assert calls[-2:] == ["baselines/icl-knn/eval", "baselines/urial/eval"]
+
+
 def test_the_printed_table_shows_every_suite_the_run_scored(tmp_path):
     """A gain bought with another metric must show: over-refusal sits beside the score's metrics."""
     from localalign.align import format_summary, load_config

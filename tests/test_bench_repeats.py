@@ -129,6 +129,24 @@ def test_ablation_collects_every_seed_and_reports_mean_spread_and_pairs(monkeypa
     assert "| before | base | over-refusal/over_refusal_rate |" in paired
 
 
+def test_powered_ablation_runs_twins_on_the_shipped_defaults_and_pairs_them_with_sft_on_the_seeds(monkeypatch, tmp_path):
+    ablation = load("bench_ablation", monkeypatch)
+    plan = ablation.POWERED
+    twins = ablation.overrides(plan.rows[1][2], 64, seed=1, plan=plan)
+    assert twins["isara"] == {"twins": True} and twins["baselines_in_context"] is False
+    assert "filters" not in twins and "contrast" in twins["eval_suites"] and "donotanswer-300" in twins["eval_suites"]
+    assert ablation.overrides(plan.rows[0][2], 64, plan=plan).get("isara") is None  # the shipped defaults as they are
+    scores = {(i, s): 4 + 2 * i for i in range(len(plan.rows)) for s in (0,)}
+    rows = ablation.collect(tmp_path, 64, [0], run=fake_ablation_run(scores, set(), []), plan=plan)
+    assert [r.label for r in rows] == ["base", "sft-seeds", "shipped", "+twins", "+twins+pref"]
+    table = ablation.table_lines(rows, plan)
+    assert "safe-twin refusal (lower is better)" in table[0] and all(line.count("|") == 10 for line in table)
+    paired = "\n".join(ablation.paired_lines(rows, plan))
+    assert "against base and sft-seeds" in paired
+    assert "| +twins | sft-seeds | safety/harmful_refusal_rate |" in paired
+    assert "| +twins+pref | +twins | safety/harmful_refusal_rate |" in paired
+
+
 def test_round_bench_takes_repeats_and_refuses_a_used_run_dir(monkeypatch, tmp_path, capsys):
     bench = load("bench_round", monkeypatch)
     run_dir = tmp_path / "round"

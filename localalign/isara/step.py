@@ -46,6 +46,7 @@ from localalign.isara.filters import FilterConfig, check_novelty, check_rating, 
 from localalign.isara.prompts import Parsed, build_isara_prompt, chat_markers, cut_to_sentence, parse_generation, shuffled
 from localalign.isara.rating import rate_samples
 from localalign.isara.retrieve import Embedder, SampleIndex
+from localalign.judges.refusal import is_refusal
 from localalign.samples import Sample
 
 QUERY_FROM = ("seeds", "all")
@@ -72,6 +73,13 @@ class IsaraConfig:
     # 256-sample round's writing on answers then rejected as cut off (docs/benchmarks.md).
     max_response_tokens: int = 256
     max_candidates_factor: float = 6.0  # give up after n * this many candidates
+    # Contrast twins (issue 26): every second job takes the query of the job before it and, as
+    # its examples, the query's nearest pool samples of the *other* kind (answered for a
+    # refused query, refused for an answered one), so the model writes an ordinary request
+    # where it just wrote a harmful one, and the reverse: the same topic, the other lesson.
+    # Jobs 0, 2, 4, ... are those of a run without twins. Off by default; measured in
+    # docs/benchmarks.md ("The frontier on the powered suites").
+    twins: bool = False
 
     def __post_init__(self) -> None:
         if self.k < 0:
@@ -244,13 +252,27 @@ class _Step:
             return [], generator.tokenize(build_isara_prompt(generator.chat_prompt, []))
         rng = random.Random(f"{generator.config.seed}:{job}")
         query = rng.randrange(len(self.pool))
-        near = [s for s, _ in self.pool.search(self.pool.vector(query), self.isara.k)]
+        if self.is_twin(job):
+            query = random.Random(f"{generator.config.seed}:{job - 1}").randrange(len(self.pool))  # the job before's
+            near = self.twin_examples(query)
+        else:
+            near = [s for s, _ in self.pool.search(self.pool.vector(query), self.isara.k)]
         while near:
             tokens = generator.tokenize(build_isara_prompt(generator.chat_prompt, shuffled(near, rng)))
             if len(tokens) <= self.room:
                 return near, tokens
             near = near[:-1]  # drop the farthest neighbour until the prompt fits
         raise UserError(f"a single seed example does not fit n_ctx {generator.n_ctx_seq}; raise n_ctx")
+
+    def is_twin(self, job: int) -> bool:
+        return self.isara.twins and job % 2 == 1
+
+    def twin_examples(self, query: int) -> list[Sample]:
+        """The query's k nearest pool samples of the other kind (refused / answered); its plain
+        neighbours where the pool holds only one kind."""
+        ranked = [s for s, _ in self.pool.search(self.pool.vector(query), len(self.pool))]
+        other = [s for s in ranked if is_refusal(s.response) != is_refusal(self.pool.samples[query].response)]
+        return (other or ranked)[: self.isara.k]
 
     def finish(self, leaf: Leaf, completion: Completion, n: int) -> None:
         index = self.stream_jobs[leaf.job] * self.isara.branches + leaf.branch
@@ -322,6 +344,8 @@ class _Step:
                     why[m] = (check_kind(vote, p.response, self.filters.keep_refusal_from, self.filters.keep_answer_below)
                               or check_stated_constraints(prompt, p.response))
         meta = {"index": c.index, "examples": [_example_ref(e) for e in c.examples]}
+        if self.is_twin(c.index // self.isara.branches):
+            meta["twin"] = True
         passing = [m for m, r in enumerate(why) if r is None]
         if not passing:
             return Sample(prompt, answers[0].response, "generated", self.round_no, meta=meta), why[0]

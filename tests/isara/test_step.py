@@ -149,3 +149,27 @@ def test_pipeline_on_the_tiny_model(tiny_chat_gguf, embedder, tmp_path):
     assert len(acc) == 3 or len(indices) >= 12
     assert all(s.reject_reason in REASONS for s in rej)
     assert text == once(tmp_path / "b")[2]
+
+
+def test_contrast_twins_ask_the_other_kind_on_the_same_topic(embedder):
+    """With twins, every second job's examples are the nearest seeds of the other kind to the
+    query of the job before; the other jobs are those of a run without twins."""
+    import random
+
+    from localalign.judges.refusal import is_refusal
+
+    def examples_in(prompt):
+        return [s for s in SEEDS if s.prompt in prompt]
+
+    plain, twins = ScriptedGenerator(distinct), ScriptedGenerator(distinct)
+    generate_samples(plain, embedder, SEEDS, n=8, isara=IsaraConfig(k=2, branches=2))
+    acc, _, _ = generate_samples(twins, embedder, SEEDS, n=8, isara=IsaraConfig(k=2, branches=2, twins=True))
+    assert twins.prompts_seen[0::2] == plain.prompts_seen[0::2]
+    for job in (1, 3):
+        query = SEEDS[random.Random(f"0:{job - 1}").randrange(len(SEEDS))]
+        shown = examples_in(twins.prompts_seen[job])
+        assert len(shown) == 2 and all(is_refusal(s.response) != is_refusal(query.response) for s in shown)
+        assert twins.prompts_seen[job] != plain.prompts_seen[job]
+    assert [bool(s.meta.get("twin")) for s in acc] == [(s.meta["index"] // 2) % 2 == 1 for s in acc]
+    assert any(s.meta.get("twin") for s in acc) and not any("twin" in s.meta for s in generate_samples(
+        ScriptedGenerator(distinct), embedder, SEEDS, n=4, isara=IsaraConfig(k=2, branches=2))[0])
