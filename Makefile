@@ -55,13 +55,14 @@ models: setup
 	$(CLI) models list
 
 # The demo: the default model aligned for safety, 2 rounds, 24 samples each, scored on our held-out
-# safety prompts, on over-refusal (HarmBench's 100 benign prompts) and on the contrast suite (174
-# safe requests with harmful-sounding words and their unsafe twins: the test of judgement, paired
-# n = 174); about 25 minutes on 2 cores after set-up (docs/benchmarks.md).
+# safety prompts and on the powered safety suites: the contrast pairs (174 safe requests with
+# harmful-sounding words and their unsafe twins: the test of judgement), HarmBench's 200 harmful
+# behaviours with its 100 benign over-refusal prompts, and 300 Do-Not-Answer prompts (60 per risk
+# area); about 30 minutes on 2 cores after set-up (docs/benchmarks.md).
 # Re-running it resumes (finished stages are verified and skipped) and prints the table again.
 DEMO_DIR := runs/demo
 run: setup models
-	$(CLI) align --domain safety --rounds 2 --samples 24 --suite safety --suite over-refusal --suite contrast --run-dir $(DEMO_DIR)
+	$(CLI) align --domain safety --rounds 2 --samples 24 --suite safety --suite contrast --suite harmbench --suite donotanswer-300 --run-dir $(DEMO_DIR)
 	@echo "report: $(abspath $(DEMO_DIR))/report.html"
 
 test: setup
