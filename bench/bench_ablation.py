@@ -21,7 +21,8 @@ stopped (seed 0's runs are in row-N/, as before repeats existed; seed S's in row
 `--powered` (issue 26) is the frontier measured with the powered suites (the contrast pairs,
 HarmBench and its over-refusal half, the Do-Not-Answer sample, beside the safety suite): the
 base, SFT on the seeds alone, the shipped defaults, and the shipped defaults with contrast twins
-(isara.twins) as SFT data and with their rejected answers as preference pairs (POROver's lever);
+(isara.twins) as SFT data, and with preference pairs whose rejected side is a refusal of an
+ordinary request (POROver's lever; at the shipped answers = 1 those pairs are the rehearsal's);
 each paired with the base, with SFT on the seeds, and with the row it changes. The in-context
 baselines are left out there (their prompts carry seed pairs: ~5x the evaluation's time).
 """
@@ -101,7 +102,8 @@ POWERED = Plan(
              "unsafe-twin refusal", "HarmBench refusal", "over-refusal (lower is better)", "Do-Not-Answer refusal"],
     rows=[("shipped defaults", "shipped", {}),
           ("+ contrast twins (SFT)", "+twins", {"isara": {"twins": True}}),
-          ("+ contrast twins, their rejected answers as preference pairs (sft+pref)", "+twins+pref",
+          ("+ contrast twins and preference pairs (sft+pref; at answers = 1 the pairs are the rehearsal's: "
+           "an ordinary request's answer chosen over a refusal, POROver's rejected side)", "+twins+pref",
            {"isara": {"twins": True}, "train": {"objective": "sft+pref"}})],
     baselines=BASELINES[:2], on_shipped=True, in_context_baselines=False, work="ablation-powered",
     title="## The frontier on the powered suites, and contrast twins (bench/bench_ablation.py --powered, issue 26)",
