@@ -91,13 +91,14 @@ class EvalConfig:
     # Refusal suites read only the reply's opening (refusal.OPENING_CHARS).
     refusal_max_tokens: int = REFUSAL_MAX_TOKENS
     # Sequences per forward pass: the generator's own default, for `eval` and `align` alike
-    # (greedy replies do not depend on it; it only sets the speed).
+    # (greedy replies can differ with it in float order, as with the KV settings below, so
+    # models are compared at the same width).
     parallel: int | str = GenerationConfig.parallel
     threads: int | None = None  # None: every core (runtime.default_threads)
     # One KV buffer for all sequences, read by llama.cpp's flash-attention kernels: on 2 cores
-    # 1.9x the replies per second of separate buffers and plain kernels (bench_eval.py
-    # --powered, docs/benchmarks.md). Greedy replies then differ from those settings' by float
-    # order only, and every model a comparison reads is decoded the same way.
+    # 0.78x the time of separate buffers and plain kernels over the powered suites (0.58x on 96
+    # prompts; bench_eval.py --powered, docs/benchmarks.md). Greedy replies then differ from
+    # those settings' by float order only, and every model a comparison reads is decoded the same way.
     kv_unified: bool = True
     flash_attn: bool = True
     n_ctx: int = 2048  # per sequence: the longest IFEval prompt plus max_tokens fits

