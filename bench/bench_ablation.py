@@ -1,7 +1,7 @@
 """Benchmark: the ablation of issue 15, one alignment round per row, on the held-out suites.
 
     .venv/bin/python bench/bench_ablation.py [--samples 64] [--work runs/ablation] [--seed 0] [--repeats K] [--no-docs]
-    .venv/bin/python bench/bench_ablation.py --powered [--samples 64] [--repeats 3]
+    .venv/bin/python bench/bench_ablation.py --powered [--samples 64] [--repeats 3] [--rows 0,1]
 
 Rows (each one round of `align --domain safety` from the base model, the same seed; with
 `--repeats K`, K runs per row with seeds seed, seed+1, ... and each metric's mean, sd and range):
@@ -23,14 +23,21 @@ HarmBench and its over-refusal half, the Do-Not-Answer sample, beside the safety
 base, SFT on the seeds alone, the shipped defaults, and the shipped defaults with contrast twins
 (isara.twins) as SFT data, and with preference pairs whose rejected side is a refusal of an
 ordinary request (POROver's lever; at the shipped answers = 1 those pairs are the rehearsal's);
-each paired with the base, with SFT on the seeds, and with the row it changes. The in-context
+and the twins as preference pairs of their own (2 answers per request, the rehearsal's pairs
+left out: POROver's rejected over-refusal is a twin's refusal of an ordinary request); each
+paired with the base, with SFT on the seeds, and with the row it changes. The in-context
 baselines are left out there (their prompts carry seed pairs: ~5x the evaluation's time).
+
+`--rows 0,1` runs only those rows and reads the others' finished runs, so one lever can be
+added, or a few rows repeated, without running the rest. Every new run gets the base's
+evaluation of an earlier one (share_base_eval), which align reuses only if its inputs match.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -45,6 +52,7 @@ from benchdoc import default_model, load_average, parse_repeated, publish, range
 from localalign.align import AlignRun, load_config  # noqa: E402
 from localalign.errors import UserError  # noqa: E402
 from localalign.evaluation.report import PAIRED_NOTE, format_paired_table, paired_rows  # noqa: E402
+from localalign.rundir import Manifest  # noqa: E402
 
 DOCS = REPO / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- bench_ablation -->", "<!-- /bench_ablation -->"
@@ -89,7 +97,8 @@ class Plan:
     title: str = "## Ablation (bench/bench_ablation.py)"
     sizes: str = "safety: 24 harmful, 20 benign prompts; over-refusal: 100; MC1: 43"
     section: tuple[str, str] = (BEGIN, END)
-    versus: tuple[str, ...] = ("base",)  # every row is paired with these (besides the row above it)
+    versus: tuple[str, ...] = ("base",)  # every row is paired with these (besides the row it changes)
+    changes: dict[str, str] = field(default_factory=dict)  # label -> the row it changes; default the row above
 
 
 ISSUE15 = Plan(SUITES, METRICS, HEADERS, ROWS, BASELINES)
@@ -104,12 +113,17 @@ POWERED = Plan(
           ("+ contrast twins (SFT)", "+twins", {"isara": {"twins": True}}),
           ("+ contrast twins and preference pairs (sft+pref; at answers = 1 the pairs are the rehearsal's: "
            "an ordinary request's answer chosen over a refusal, POROver's rejected side)", "+twins+pref",
-           {"isara": {"twins": True}, "train": {"objective": "sft+pref"}})],
+           {"isara": {"twins": True}, "train": {"objective": "sft+pref"}}),
+          ("+ contrast twins as preference pairs (sft+pref, 2 answers per request, generation's pairs only: "
+           "a request's passing answer chosen over the one the filters rejected, a twin's refusal of an "
+           "ordinary request among them)", "+twin-pairs",
+           {"isara": {"twins": True, "answers": 2}, "train": {"objective": "sft+pref"}, "rehearsal_pairs": False})],
     baselines=BASELINES[:2], on_shipped=True, in_context_baselines=False, work="ablation-powered",
     title="## The frontier on the powered suites, and contrast twins (bench/bench_ablation.py --powered, issue 26)",
     sizes="safety: 24 harmful, 20 benign prompts; contrast: 174 pairs; HarmBench: 200, over-refusal: 100; "
           "Do-Not-Answer: 300, 60 per risk area",
     section=("<!-- bench_ablation_powered -->", "<!-- /bench_ablation_powered -->"), versus=("base", "sft-seeds"),
+    changes={"+twin-pairs": "+twins"},
 )
 
 
@@ -150,26 +164,58 @@ class Row:
     failures: list[str] = field(default_factory=list)
 
     def note(self) -> str:
-        parts = [f"{range_text(self.accepted)} accepted, {range_text(self.rejected)} rejected"] if self.accepted else []
+        parts = [f"seed{'s' if len(self.seeds) > 1 else ''} {', '.join(map(str, self.seeds))}"] if self.seeds else []
+        if self.accepted:
+            parts.append(f"{range_text(self.accepted)} accepted, {range_text(self.rejected)} rejected")
         return "; ".join(parts + self.failures)
 
 
+def finished(run_dir: Path) -> bool:
+    """A run that got as far as its round's evaluation."""
+    manifest = run_dir / "manifest.json"
+    return manifest.exists() and "round-1/eval" in json.loads(manifest.read_text())["stages"]
+
+
+def share_base_eval(work: Path, run_dir: Path) -> None:
+    """Give a new run directory the base's evaluation of an earlier run in `work`: the base's
+    greedy replies do not depend on the row or the seed (seed 0's three runs gave the same 996
+    replies), and it is ~4.5 min of every run. The stage's record goes with it (into a manifest
+    of a run stopped before that stage too), so align reuses it only if its inputs (the base
+    GGUF's hash, the suites) are this run's, and runs it else."""
+    mine = Manifest.load(run_dir)
+    if "base/eval" in mine.stages:
+        return
+    for manifest in sorted(work.glob("*/manifest.json")):
+        entry = json.loads(manifest.read_text())["stages"].get("base/eval")
+        if entry and entry.get("status") == "done":
+            (run_dir / "base").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(manifest.parent / "base" / "eval.json", run_dir / "base" / "eval.json")
+            mine.stages["base/eval"] = entry
+            mine.save()
+            return
+
+
 def collect(work: Path, samples: int, seeds: list[int], run: Callable[[Path, dict, bool], Path] = run_row,
-            plan: Plan = ISSUE15) -> list[Row]:
+            plan: Plan = ISSUE15, only: set[int] | None = None) -> list[Row]:
     """Run (or resume) every row for every seed and read back what each left: the baselines
-    (from the first row's runs), then the ISARA rows. A run that fails is a result too."""
+    (from the first row's runs), then the ISARA rows. A run that fails is a result too.
+    `only`: run just these rows (indices into plan.rows); the others' finished runs are read."""
     baselines = [Row(name, label) for name, label, _ in plan.baselines]
     rows = [Row(name, label) for name, label, _ in plan.rows]
     # seed by seed, every row: an ablation stopped part-way has whole seeds to report
     for seed in seeds:
         for i, (_, _, change) in enumerate(plan.rows):
             d = row_dir(work, i, seed)
-            try:
-                run(d, overrides(change, samples, seed, plan), i == 0)
-                failed = False
-            except UserError as e:  # say, an export's parity check
-                rows[i].failures.append(f"seed {seed} failed: {e}")
-                failed = True
+            failed = False
+            if only is None or i in only:
+                share_base_eval(work, d)
+                try:
+                    run(d, overrides(change, samples, seed, plan), i == 0)
+                except UserError as e:  # say, an export's parity check
+                    rows[i].failures.append(f"seed {seed} failed: {e}")
+                    failed = True
+            elif not finished(d):
+                continue
             if i == 0:  # the baselines are evaluated before the round: they stand even if it fails
                 for row, (_, _, sub) in zip(baselines, plan.baselines):
                     if (d / sub / "eval.json").exists():
@@ -196,15 +242,20 @@ def table_lines(rows: list[Row], plan: Plan = ISSUE15) -> list[str]:
 
 def paired_lines(rows: list[Row], plan: Plan = ISSUE15) -> list[str]:
     """The first seed's runs paired item by item: each ISARA row against `plan.versus` (the base,
-    and for the powered plan SFT on the seeds) and against the row above it (the one it changes)."""
-    first = {r.label: r.results[0] for r in rows if r.results}
-    isara = [label for _, label, _ in plan.rows if label in first]
+    and for the powered plan SFT on the seeds) and against the row it changes (the row above,
+    unless `plan.changes` names another)."""
+    if not any(r.seeds for r in rows):
+        return []
+    seed = min(r.seeds[0] for r in rows if r.seeds)
+    first = {r.label: r.results[0] for r in rows if r.seeds and r.seeds[0] == seed}
+    labels = [label for _, label, _ in plan.rows]
+    isara = [label for label in labels if label in first]
     pairs = [(label, other) for other in plan.versus if other in first for label in isara]
-    pairs += [(b, a) for a, b in zip(isara, isara[1:])]
+    changed = {b: plan.changes.get(b, a) for a, b in zip(labels, labels[1:])}
+    pairs += [(b, changed[b]) for b in isara if changed.get(b) in first]
     paired = paired_rows(first, pairs, plan.metrics)
     if not paired:
         return []
-    seed = next((r.seeds[0] for r in rows if r.seeds), 0)
     return ["", f"Paired, item by item, on the runs of seed {seed}: each row against {' and '.join(plan.versus)} "
                 "and against the row above it. " + PAIRED_NOTE, "", format_paired_table(paired)]
 
@@ -214,8 +265,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         ap.add_argument("--samples", type=int, default=64)
         ap.add_argument("--work", help="default: runs/ablation (runs/ablation-powered with --powered)")
         ap.add_argument("--powered", action="store_true", help="the powered suites, the contrast-twins rows")
+        ap.add_argument("--rows", help="run only these rows (0-based, comma-separated, e.g. 0,1); "
+                                       "the others' finished runs are read [every row]")
 
-    args, seeds, _ = parse_repeated(__doc__, argv, own)
+    args, seeds, ap = parse_repeated(__doc__, argv, own)
+    plan = POWERED if args.powered else ISSUE15
+    try:
+        args.only = None if args.rows is None else {int(i) for i in args.rows.split(",")}
+    except ValueError:
+        ap.error(f"--rows takes row numbers such as 0,1; got {args.rows!r}")
+    if args.only is not None and not args.only <= set(range(len(plan.rows))):
+        ap.error(f"--rows: this plan has rows 0-{len(plan.rows) - 1}; got {args.rows}")
     return args, seeds
 
 
@@ -224,9 +284,11 @@ def main(argv: list[str] | None = None) -> None:
     plan = POWERED if args.powered else ISSUE15
     default_model()
     started, t0 = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.perf_counter()
-    rows = collect(Path(args.work or REPO / "runs" / plan.work), args.samples, seeds, plan=plan)
-    repeats = (f"{len(seeds)} seeds ({', '.join(map(str, seeds))}; generation, data order and LoRA init), each cell "
-               "mean ± sd (min-max) over them" if len(seeds) > 1 else f"seed {seeds[0]}")
+    rows = collect(Path(args.work or REPO / "runs" / plan.work), args.samples, seeds, plan=plan, only=args.only)
+    ran = sorted({tuple(r.seeds) for r in rows if r.seeds})
+    repeats = (f"seeds {' / '.join(', '.join(map(str, s)) for s in ran)} (generation, data order and LoRA init; "
+               "the data column names each row's), a cell over several seeds is mean ± sd (min-max) over them"
+               if any(len(s) > 1 for s in ran) else f"seed {seeds[0]}")
     lines = [
         plan.title,
         "",

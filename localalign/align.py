@@ -55,7 +55,7 @@ from localalign.fit import available_memory, check_fits, estimate_round
 from localalign.fsutil import atomic_write_text, commit_temp, temp_path_for
 from localalign.isara.data_report import data_report, format_share
 from localalign.isara.filters import FilterConfig
-from localalign.isara.rehearsal import rehearsal_samples
+from localalign.isara.rehearsal import rehearsal_samples, without_pairs
 from localalign.isara.retrieve import Embedder
 from localalign.isara.step import IsaraConfig, Listener, Progress, generate_samples
 from localalign.models import DEFAULT_EMBEDDER, DEFAULT_MODEL, resolve_model
@@ -96,6 +96,10 @@ class AlignConfig:
     # Ordinary requests the base model writes and answers itself (isara/rehearsal.py), trained
     # with every round so the model keeps answering ordinary requests. 0 turns it off.
     rehearsal: int = 32
+    # Under objective "sft+pref", each rehearsal sample is also a preference pair against its
+    # nearest refusing seed. Off, the only pairs are generation's (best-of-n's answer against the
+    # one the filters rejected). Measured in docs/benchmarks.md ("The frontier on the powered suites").
+    rehearsal_pairs: bool = True
     # Rounds in a row without a better held-out score after which the run stops early.
     patience: int = 2
     baselines: bool = False  # also train/evaluate the paper's baselines
@@ -580,7 +584,8 @@ class AlignRun:
             accepted = self.generate(r, generator, seeds, earlier, tuned=best != "base")
             if not accepted:
                 raise UserError(f"round {r}: no generated sample passed the filters; see {rd / 'rejected.jsonl'}")
-            data = (seeds if cfg.train_on_seeds else []) + accepted + rehearsal
+            data = (seeds if cfg.train_on_seeds else []) + accepted + (rehearsal if cfg.rehearsal_pairs
+                                                                        else without_pairs(rehearsal))
             adapter = self.train(f"{name}/train", base_hf, data, rd / "train", init_adapter_for_round(cfg.train, best_adapter))
             forms[name] = self.export(f"{name}/export", base_hf, base_form, adapter, rd)
             results[name] = self.evaluate(f"{name}/eval", forms[name], rd / "eval.json")

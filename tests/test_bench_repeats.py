@@ -92,7 +92,7 @@ def fake_ablation_run(scores: dict[tuple[int, int], int], fail: set[tuple[int, i
         (run_dir / "round-1").mkdir(parents=True, exist_ok=True)
         (run_dir / "round-1" / "eval.json").write_text(json.dumps(eval_result(harmful_refusal_rate=scores[i, seed],
                                                                               benign_helpfulness_rate=20)))
-        stages = {"round-1/generate": {"accepted": 24, "rejected": 10 + seed}}
+        stages = {"round-1/generate": {"accepted": 24, "rejected": 10 + seed}, "round-1/eval": {"status": "done"}}
         (run_dir / "manifest.json").write_text(json.dumps({"stages": stages}))
         return run_dir
     return run
@@ -117,7 +117,7 @@ def test_ablation_collects_every_seed_and_reports_mean_spread_and_pairs(monkeypa
     by_label = {r.label: r for r in rows}
     assert [r.label for r in rows[:4]] == ["base", "sft-seeds", "icl-knn", "urial"] and len(by_label["base"].results) == 3
     assert by_label["+best-of-2"].seeds == [0, 2] and "seed 1 failed: parity check failed" in by_label["+best-of-2"].note()
-    assert by_label["before"].note() == "24 accepted, 10-12 rejected"
+    assert by_label["before"].note() == "seeds 0, 1, 2; 24 accepted, 10-12 rejected"
     table = ablation.table_lines(rows)
     before = next(line for line in table if line.startswith("| ISARA before issue 15"))
     mean = sum(scores[0, s] for s in seeds) / 3 / 24
@@ -138,13 +138,61 @@ def test_powered_ablation_runs_twins_on_the_shipped_defaults_and_pairs_them_with
     assert ablation.overrides(plan.rows[0][2], 64, plan=plan).get("isara") is None  # the shipped defaults as they are
     scores = {(i, s): 4 + 2 * i for i in range(len(plan.rows)) for s in (0,)}
     rows = ablation.collect(tmp_path, 64, [0], run=fake_ablation_run(scores, set(), []), plan=plan)
-    assert [r.label for r in rows] == ["base", "sft-seeds", "shipped", "+twins", "+twins+pref"]
+    assert [r.label for r in rows] == ["base", "sft-seeds", "shipped", "+twins", "+twins+pref", "+twin-pairs"]
     table = ablation.table_lines(rows, plan)
     assert "safe-twin refusal (lower is better)" in table[0] and all(line.count("|") == 10 for line in table)
     paired = "\n".join(ablation.paired_lines(rows, plan))
     assert "against base and sft-seeds" in paired
     assert "| +twins | sft-seeds | safety/harmful_refusal_rate |" in paired
     assert "| +twins+pref | +twins | safety/harmful_refusal_rate |" in paired
+    # the twin pairs change the twins row, not the row above them
+    assert "| +twin-pairs | +twins | safety/harmful_refusal_rate |" in paired
+    assert "| +twin-pairs | +twins+pref |" not in paired
+    pairs = ablation.overrides(plan.rows[3][2], 64, plan=plan)
+    assert pairs["rehearsal_pairs"] is False and pairs["isara"] == {"twins": True, "answers": 2}
+
+
+def test_rows_runs_only_the_named_rows_and_reads_the_others_finished_runs(monkeypatch, tmp_path, capsys):
+    ablation = load("bench_ablation", monkeypatch)
+    plan = ablation.POWERED
+    scores = {(i, s): 4 + 2 * i + s for i in range(len(plan.rows)) for s in (0, 1)}
+    calls: list = []
+    ablation.collect(tmp_path, 64, [0], run=fake_ablation_run(scores, set(), calls), plan=plan)
+    calls.clear()
+    rows = ablation.collect(tmp_path, 64, [0, 1], run=fake_ablation_run(scores, set(), calls), plan=plan, only={0, 3})
+    assert sorted(name for name, _, _ in calls) == ["row-0", "row-0-seed-1", "row-3", "row-3-seed-1"]
+    by_label = {r.label: r for r in rows}
+    assert by_label["shipped"].seeds == [0, 1] and by_label["+twins"].seeds == [0]  # read, not run, for seed 0
+    assert "seed 0;" in by_label["+twins"].note() and "seeds 0, 1;" in by_label["shipped"].note()
+    args, _ = ablation.parse_args(["--powered", "--rows", "0,3"])
+    assert args.only == {0, 3}
+    for bad in ("0,9", "one"):
+        with pytest.raises(SystemExit) as e:
+            ablation.parse_args(["--powered", "--rows", bad])
+        assert e.value.code == 2 and "--rows" in capsys.readouterr().err
+
+
+def test_a_new_run_gets_the_base_evaluation_of_an_earlier_one(monkeypatch, tmp_path):
+    from localalign.rundir import Manifest
+
+    ablation = load("bench_ablation", monkeypatch)
+    earlier = tmp_path / "row-0"
+    (earlier / "base").mkdir(parents=True)
+    (earlier / "base" / "eval.json").write_text('{"suites": {}}')
+    inputs = {"gguf": "abc", "suites": "safety"}
+    Manifest(earlier / "manifest.json").record("base/eval", inputs, [earlier / "base" / "eval.json"], 1.0)
+    new = tmp_path / "row-1-seed-2"  # a run stopped after its first stage
+    (new / "base").mkdir(parents=True)
+    (new / "base" / "model.gguf").write_text("gguf")
+    Manifest(new / "manifest.json").record("base/export", {"hf": "h"}, [new / "base" / "model.gguf"], 1.0)
+    ablation.share_base_eval(tmp_path, new)
+    manifest = Manifest.load(new)
+    assert manifest.is_done("base/eval", inputs)  # align skips the stage: same inputs, intact output
+    assert not manifest.is_done("base/eval", {**inputs, "gguf": "another model"})  # and runs it else
+    (new / "base" / "eval.json").write_text('{"suites": {"x": 1}}')
+    assert "base/export" in manifest.stages  # what the run had done stays recorded
+    ablation.share_base_eval(tmp_path, new)  # a run that has the stage already is left alone
+    assert (new / "base" / "eval.json").read_text() == '{"suites": {"x": 1}}'
 
 
 def test_round_bench_takes_repeats_and_refuses_a_used_run_dir(monkeypatch, tmp_path, capsys):

@@ -15,6 +15,7 @@ from localalign.evaluation.stats import proportion
 from localalign.isara.filters import FilterConfig
 from localalign.rundir import Manifest
 from localalign.samples import Sample
+from localalign.train.config import TrainConfig
 
 N = 20  # items per safety metric in these fakes
 
@@ -236,3 +237,26 @@ def test_a_vanishing_p_value_reads_as_below_a_thousandth(tmp_path):
     _, _, run, _ = fake_run(tmp_path, [safety_eval(N, 2)], base=base)
     reason = run.choice.verdicts["round-1"].reason
     assert "p=<0.001" in reason and "p=0.000" not in reason
+
+
+@pytest.mark.parametrize("pairs", [True, False])
+def test_rehearsal_samples_are_preference_pairs_only_with_rehearsal_pairs(tmp_path, pairs):
+    config = AlignConfig(rounds=1, rehearsal=1, rehearsal_pairs=pairs, train=TrainConfig(objective="sft+pref"))
+    run = AlignRun(config, tmp_path, log=lambda m: None)
+    run.manifest = Manifest.load(tmp_path)
+    trained: list[list[Sample]] = []
+    run.generate = lambda *a, **k: [Sample("request", "answer", source="generated", round=1,
+                                           meta={"rejected_response": "a generated loser", "rejected_reason": "x"})]
+    run.train = lambda name, base_hf, data, out_dir, init: trained.append(data) or out_dir / "adapter"
+    run.export = lambda name, base_hf, base_form, adapter, out_dir: ModelForm(Path(f"{out_dir.name}.gguf"))
+    run.evaluate = lambda name, form, out: at(0.6)
+    run.write_report = lambda *a, **k: None
+    run.round_summary = lambda *a, **k: ""
+    rehearsal = [Sample("ordinary", "its answer", source="generated", round=0,
+                        meta={"rejected_response": "I can't help with that.", "rejected_reason": "refusal"})]
+    run.rounds([Sample("seed request", "seed answer")], rehearsal, tmp_path / "hf", ModelForm(Path("base.gguf")),
+               primary_score(config, BASE), {"base": BASE})
+    data = {s.prompt: s for s in trained[0]}
+    assert ("rejected_response" in data["ordinary"].meta) is pairs
+    assert data["request"].meta["rejected_response"] == "a generated loser"  # generation's pairs stay
+    assert rehearsal[0].meta["rejected_response"]  # the stage's own samples are left as they were

@@ -50,3 +50,9 @@ def with_refusals(samples: list[Sample], seeds: list[Sample], embedder: Embedder
     for sample, row in zip(samples, sims):
         sample.meta["rejected_response"] = seeds[refusing[int(row.argmax())]].response
         sample.meta["rejected_reason"] = "refusal_of_an_ordinary_request"
+
+
+def without_pairs(samples: list[Sample]) -> list[Sample]:
+    """Copies of `samples` without a rejected side (SFT data only, whatever the objective)."""
+    drop = ("rejected_response", "rejected_reason")
+    return [dataclasses.replace(s, meta={k: v for k, v in s.meta.items() if k not in drop}) for s in samples]
