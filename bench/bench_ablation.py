@@ -260,6 +260,38 @@ def paired_lines(rows: list[Row], plan: Plan = ISSUE15) -> list[str]:
                 "and against the row above it. " + PAIRED_NOTE, "", format_paired_table(paired)]
 
 
+def seed_lines(rows: list[Row], plan: Plan = ISSUE15) -> list[str]:
+    """Where rows ran on several seeds: each ISARA row against the last of `plan.versus` (SFT on
+    the seeds in the powered plan) and against the row it changes, paired within each seed, one
+    cell per metric with every seed's difference and exact McNemar p (* where p < 0.05)."""
+    by_seed = {(r.label, seed): result for r in rows for seed, result in zip(r.seeds, r.results)}
+    seeds = sorted({seed for r in rows for seed in r.seeds})
+    if len(seeds) < 2:
+        return []
+    labels = [label for _, label, _ in plan.rows]
+    changed = {b: plan.changes.get(b, a) for a, b in zip(labels, labels[1:])}
+    pairs = [(label, plan.versus[-1]) for label in labels] + [(b, changed[b]) for b in labels[1:]]
+    lines = ["", f"Paired within each seed (seeds {', '.join(map(str, seeds))}, in that order; a seed missing from either "
+                 "row is left out): difference (exact McNemar p), * where p < 0.05; a lever is seen where its "
+                 "differences agree in sign and are significant seed after seed.", "",
+             "| model | vs | " + " | ".join(plan.headers) + " |", "|---|---|" + "---|" * len(plan.headers)]
+    for label, reference in pairs:
+        common = [seed for seed in seeds if (label, seed) in by_seed and (reference, seed) in by_seed]
+        if len(common) < 2:
+            continue
+        cells = []
+        for suite, metric in plan.metrics:
+            parts = []
+            for seed in common:
+                row = next((r.row for r in paired_rows({"m": by_seed[label, seed], "ref": by_seed[reference, seed]},
+                                                       [("m", "ref")], [(suite, metric)])), None)
+                parts.append("n/a" if row is None else
+                             f"{row.paired.diff:+.3f} ({row.paired.p_value:.2g}){'*' if row.paired.significant() else ''}")
+            cells.append(" / ".join(parts))
+        lines.append(f"| {label} | {reference} | " + " | ".join(cells) + " |")
+    return lines if len(lines) > 5 else []
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[int]]:
     def own(ap: argparse.ArgumentParser) -> None:
         ap.add_argument("--samples", type=int, default=64)
@@ -298,6 +330,7 @@ def main(argv: list[str] | None = None) -> None:
         "",
         *table_lines(rows, plan),
         *paired_lines(rows, plan),
+        *seed_lines(rows, plan),
     ]
     publish(DOCS, lines, *plan.section, write=not args.no_docs)
 

@@ -164,6 +164,11 @@ def test_rows_runs_only_the_named_rows_and_reads_the_others_finished_runs(monkey
     by_label = {r.label: r for r in rows}
     assert by_label["shipped"].seeds == [0, 1] and by_label["+twins"].seeds == [0]  # read, not run, for seed 0
     assert "seed 0;" in by_label["+twins"].note() and "seeds 0, 1;" in by_label["shipped"].note()
+    seeded = "\n".join(ablation.seed_lines(rows, plan))
+    # shipped: 4 + 0 + s refusals of 24, twins 6 (seed 0 only: not paired over seeds), twin pairs 10 + s
+    assert "| shipped | sft-seeds | +0.125 (" in seeded and "| +twin-pairs | +twins |" not in seeded
+    assert "| +twin-pairs | shipped |" not in seeded  # it changes the twins row, which has one seed here
+    assert "| +twin-pairs | sft-seeds | +0.375 (0.0039)* / +0.375 (" in seeded
     args, _ = ablation.parse_args(["--powered", "--rows", "0,3"])
     assert args.only == {0, 3}
     for bad in ("0,9", "one"):
