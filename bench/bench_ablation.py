@@ -257,7 +257,7 @@ def paired_lines(rows: list[Row], plan: Plan = ISSUE15) -> list[str]:
     if not paired:
         return []
     return ["", f"Paired, item by item, on the runs of seed {seed}: each row against {' and '.join(plan.versus)} "
-                "and against the row above it. " + PAIRED_NOTE, "", format_paired_table(paired)]
+                "and against the row it changes (the row above unless the vs column names another). " + PAIRED_NOTE, "", format_paired_table(paired)]
 
 
 def seed_lines(rows: list[Row], plan: Plan = ISSUE15) -> list[str]:
