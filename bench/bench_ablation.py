@@ -240,6 +240,12 @@ def table_lines(rows: list[Row], plan: Plan = ISSUE15) -> list[str]:
     ]
 
 
+def changed_rows(plan: Plan) -> dict[str, str]:
+    """Each ISARA row's label -> the label of the row it changes (the row above, unless `plan.changes` names another)."""
+    labels = [label for _, label, _ in plan.rows]
+    return {b: plan.changes.get(b, a) for a, b in zip(labels, labels[1:])}
+
+
 def paired_lines(rows: list[Row], plan: Plan = ISSUE15) -> list[str]:
     """The first seed's runs paired item by item: each ISARA row against `plan.versus` (the base,
     and for the powered plan SFT on the seeds) and against the row it changes (the row above,
@@ -248,10 +254,9 @@ def paired_lines(rows: list[Row], plan: Plan = ISSUE15) -> list[str]:
         return []
     seed = min(r.seeds[0] for r in rows if r.seeds)
     first = {r.label: r.results[0] for r in rows if r.seeds and r.seeds[0] == seed}
-    labels = [label for _, label, _ in plan.rows]
-    isara = [label for label in labels if label in first]
+    isara = [label for _, label, _ in plan.rows if label in first]
     pairs = [(label, other) for other in plan.versus if other in first for label in isara]
-    changed = {b: plan.changes.get(b, a) for a, b in zip(labels, labels[1:])}
+    changed = changed_rows(plan)
     pairs += [(b, changed[b]) for b in isara if changed.get(b) in first]
     paired = paired_rows(first, pairs, plan.metrics)
     if not paired:
@@ -268,9 +273,7 @@ def seed_lines(rows: list[Row], plan: Plan = ISSUE15) -> list[str]:
     seeds = sorted({seed for r in rows for seed in r.seeds})
     if len(seeds) < 2:
         return []
-    labels = [label for _, label, _ in plan.rows]
-    changed = {b: plan.changes.get(b, a) for a, b in zip(labels, labels[1:])}
-    pairs = [(label, plan.versus[-1]) for label in labels] + [(b, changed[b]) for b in labels[1:]]
+    pairs = [(label, plan.versus[-1]) for _, label, _ in plan.rows] + list(changed_rows(plan).items())
     lines = ["", f"Paired within each seed (seeds {', '.join(map(str, seeds))}, in that order; a seed missing from either "
                  "row is left out): difference (exact McNemar p), * where p < 0.05; a lever is seen where its "
                  "differences agree in sign and are significant seed after seed.", "",
@@ -279,15 +282,11 @@ def seed_lines(rows: list[Row], plan: Plan = ISSUE15) -> list[str]:
         common = [seed for seed in seeds if (label, seed) in by_seed and (reference, seed) in by_seed]
         if len(common) < 2:
             continue
-        cells = []
-        for suite, metric in plan.metrics:
-            parts = []
-            for seed in common:
-                row = next((r.row for r in paired_rows({"m": by_seed[label, seed], "ref": by_seed[reference, seed]},
-                                                       [("m", "ref")], [(suite, metric)])), None)
-                parts.append("n/a" if row is None else
-                             f"{row.paired.diff:+.3f} ({row.paired.p_value:.2g}){'*' if row.paired.significant() else ''}")
-            cells.append(" / ".join(parts))
+        per_seed = [{(r.row.suite, r.row.metric): r.row.paired for r in paired_rows(
+            {"m": by_seed[label, seed], "ref": by_seed[reference, seed]}, [("m", "ref")], plan.metrics)} for seed in common]
+        cells = [" / ".join("n/a" if (c := compared.get(key)) is None else
+                            f"{c.diff:+.3f} ({c.p_value:.2g}){'*' if c.significant() else ''}" for compared in per_seed)
+                 for key in plan.metrics]
         lines.append(f"| {label} | {reference} | " + " | ".join(cells) + " |")
     return lines if len(lines) > 5 else []
 
